@@ -1,0 +1,209 @@
+//! Map keys, values and constants shared by Palisade's kernel programs and ztunnel.
+//!
+//! Every type is `#[repr(C)]` with explicit padding so that the kernel and user space agree
+//! byte for byte. Addresses are stored as IPv6 (IPv4 mapped as `::ffff:a.b.c.d`) in four
+//! 32-bit words whose *memory* order is network byte order: the same bytes the kernel hands
+//! the programs in `user_ip6` / `local_ip6`, so LPM prefix matching works on them directly.
+#![no_std]
+
+/// ztunnel's outbound listener inside every enrolled pod (`127.0.0.1` / `::1`).
+pub const OUTBOUND_PORT: u16 = 15001;
+/// ztunnel's inbound plaintext listener inside every enrolled pod.
+pub const INBOUND_PORT: u16 = 15006;
+/// HBONE (mTLS HTTP/2 CONNECT) listener; inbound steering never touches it.
+pub const HBONE_PORT: u16 = 15008;
+
+/// Identity of addresses outside the mesh (no workload, no CIDR identity).
+pub const IDENTITY_WORLD: u32 = 2;
+/// Wildcard identity in a [`PolicyKey`] (any source).
+pub const IDENTITY_ANY: u32 = 0;
+/// Wildcard port in a [`PolicyKey`].
+pub const PORT_ANY: u16 = 0;
+
+pub const PROTO_TCP: u8 = 6;
+
+/// [`PolicyValue::action`]: the rule allows.
+pub const ACTION_ALLOW: u32 = 1;
+/// [`PolicyValue::action`]: the rule denies (beats any allow).
+pub const ACTION_DENY: u32 = 2;
+
+/// [`IdentityValue::flags`]: traffic to this identity that no rule allows is denied.
+pub const IDENTITY_DEFAULT_DENY: u32 = 1;
+
+/// Rule numbers at or above this value name a default verdict, not a policy rule.
+pub const RULE_DEFAULT_ALLOW: u32 = u32::MAX - 1;
+pub const RULE_DEFAULT_DENY: u32 = u32::MAX;
+
+/// Flow event kinds written to the `EVENTS` ring buffer.
+pub const EVENT_CONNECT_ALLOW: u32 = 1;
+pub const EVENT_CONNECT_DENY: u32 = 2;
+pub const EVENT_INBOUND_ALLOW: u32 = 3;
+pub const EVENT_INBOUND_DENY: u32 = 4;
+
+/// Address families as the kernel numbers them.
+pub const AF_INET: u32 = 2;
+pub const AF_INET6: u32 = 10;
+
+/// An address as four words in network byte order (IPv4 mapped into IPv6).
+pub type Addr = [u32; 4];
+
+/// The third word of an IPv4-mapped IPv6 address (`::ffff:0:0/96`), in memory order.
+pub const V4_MAPPED_WORD: u32 = u32::from_ne_bytes([0, 0, 0xff, 0xff]);
+
+/// Maps an IPv4 address (a `u32` holding network-order bytes, as the kernel gives it).
+#[inline(always)]
+pub const fn v4_mapped(ip4: u32) -> Addr {
+    [0, 0, V4_MAPPED_WORD, ip4]
+}
+
+/// Global settings, `CONFIG[0]`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Config {
+    /// Generation of the policy maps that programs must read. Flipped atomically by ztunnel
+    /// after a complete new generation has been written, so a reload has no gap.
+    pub generation: u32,
+    pub _pad: u32,
+}
+
+/// LPM key data for `IDENTITIES`: prefix length = 32 (generation) + address prefix bits.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct IpKey {
+    pub generation: u32,
+    pub addr: Addr,
+}
+
+/// Identity of an address prefix.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct IdentityValue {
+    pub identity: u32,
+    /// `IDENTITY_*` flags of the identity.
+    pub flags: u32,
+}
+
+/// Key of `POLICY`: one (source, destination, port) cell of the compiled policy.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct PolicyKey {
+    pub generation: u32,
+    /// Source identity or `IDENTITY_ANY`.
+    pub src: u32,
+    /// Destination identity (never a wildcard: every rule selects its destinations).
+    pub dst: u32,
+    /// Destination port or `PORT_ANY`.
+    pub port: u16,
+    pub proto: u8,
+    pub _pad: u8,
+}
+
+/// The strongest rule of one cell: `ACTION_DENY` wins over `ACTION_ALLOW` when compiled.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PolicyValue {
+    pub action: u32,
+    /// Rule number, resolved to a policy name by ztunnel.
+    pub rule: u32,
+}
+
+/// An enrolled pod, keyed by its network namespace cookie in `PODS`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PodValue {
+    /// The pod's primary address, used to find its identity.
+    pub addr: Addr,
+    /// Slot of the pod's inbound listener in `INBOUND_SOCKETS`.
+    pub index: u32,
+    pub _pad: u32,
+}
+
+/// The original destination of a captured connection and the verdict that let it through.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct OrigDst {
+    pub addr: Addr,
+    /// Destination port, host byte order.
+    pub port: u16,
+    pub _pad: u16,
+    pub family: u32,
+    pub src_identity: u32,
+    pub dst_identity: u32,
+    pub rule: u32,
+    pub _pad2: u32,
+}
+
+/// Key of `ORIG_DST`: the client side of a captured connection, as ztunnel sees its peer.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct SockKey {
+    /// Network namespace cookie of the pod.
+    pub netns_cookie: u64,
+    /// The client's local (ephemeral) port, host byte order.
+    pub port: u32,
+    pub _pad: u32,
+}
+
+/// A verdict taken in the kernel, sent to ztunnel through the `EVENTS` ring buffer.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FlowEventRaw {
+    /// `EVENT_*`.
+    pub kind: u32,
+    pub family: u32,
+    pub src_addr: Addr,
+    pub dst_addr: Addr,
+    /// Host byte order; 0 when not yet chosen (outbound connect).
+    pub src_port: u16,
+    pub dst_port: u16,
+    pub src_identity: u32,
+    pub dst_identity: u32,
+    pub rule: u32,
+    pub netns_cookie: u64,
+    pub socket_cookie: u64,
+    /// `bpf_ktime_get_ns` at the verdict.
+    pub ktime_ns: u64,
+}
+
+#[cfg(feature = "user")]
+mod user {
+    use super::*;
+    // SAFETY: all types are repr(C), Copy, without implicit padding.
+    unsafe impl aya::Pod for Config {}
+    unsafe impl aya::Pod for IpKey {}
+    unsafe impl aya::Pod for IdentityValue {}
+    unsafe impl aya::Pod for PolicyKey {}
+    unsafe impl aya::Pod for PolicyValue {}
+    unsafe impl aya::Pod for PodValue {}
+    unsafe impl aya::Pod for OrigDst {}
+    unsafe impl aya::Pod for SockKey {}
+    unsafe impl aya::Pod for FlowEventRaw {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use core::mem::size_of;
+
+    #[test]
+    fn layouts_have_no_implicit_padding() {
+        assert_eq!(size_of::<Config>(), 8);
+        assert_eq!(size_of::<IpKey>(), 20);
+        assert_eq!(size_of::<PolicyKey>(), 16);
+        assert_eq!(size_of::<PodValue>(), 24);
+        assert_eq!(size_of::<OrigDst>(), 40);
+        assert_eq!(size_of::<SockKey>(), 16);
+        assert_eq!(size_of::<FlowEventRaw>(), 80);
+    }
+
+    #[test]
+    fn v4_mapped_bytes_are_network_order() {
+        let ip = u32::from_ne_bytes([10, 244, 1, 10]);
+        let words = v4_mapped(ip);
+        let mut bytes = [0u8; 16];
+        for (i, w) in words.iter().enumerate() {
+            bytes[i * 4..i * 4 + 4].copy_from_slice(&w.to_ne_bytes());
+        }
+        assert_eq!(bytes, [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, 10, 244, 1, 10]);
+    }
+}

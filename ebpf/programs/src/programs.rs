@@ -1,0 +1,264 @@
+use aya_ebpf::{
+    EbpfContext,
+    bindings::{BPF_F_NO_PREALLOC, BPF_SOCK_OPS_TCP_CONNECT_CB, sk_action},
+    helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_ktime_get_ns},
+    macros::{cgroup_sock_addr, map, sk_lookup, sock_ops},
+    maps::{Array, HashMap, LruHashMap, LpmTrie, RingBuf, SockMap, lpm_trie::Key},
+    programs::{SkLookupContext, SockAddrContext, SockOpsContext},
+};
+use palisade_ebpf_common::*;
+
+/// Capacity of the per-generation tables; doubled because two generations coexist during a
+/// reload.
+const MAX_WORKLOAD_PREFIXES: u32 = 2 * 65_536;
+const MAX_POLICY_CELLS: u32 = 2 * 524_288;
+const MAX_PODS: u32 = 1_024;
+const MAX_INFLIGHT: u32 = 65_536;
+
+const SOCK_STREAM: u32 = 1;
+const LOOPBACK_IFINDEX: u32 = 1;
+
+#[map]
+static CONFIG: Array<Config> = Array::with_max_entries(1, 0);
+#[map]
+static IDENTITIES: LpmTrie<IpKey, IdentityValue> =
+    LpmTrie::with_max_entries(MAX_WORKLOAD_PREFIXES, BPF_F_NO_PREALLOC);
+#[map]
+static POLICY: HashMap<PolicyKey, PolicyValue> =
+    HashMap::with_max_entries(MAX_POLICY_CELLS, BPF_F_NO_PREALLOC);
+#[map]
+static PODS: HashMap<u64, PodValue> = HashMap::with_max_entries(MAX_PODS, 0);
+#[map]
+static INBOUND_ADDRS: HashMap<Addr, u32> = HashMap::with_max_entries(MAX_PODS, 0);
+#[map]
+static INBOUND_SOCKETS: SockMap = SockMap::with_max_entries(MAX_PODS, 0);
+#[map]
+static ORIG_BY_COOKIE: LruHashMap<u64, OrigDst> = LruHashMap::with_max_entries(MAX_INFLIGHT, 0);
+#[map]
+static ORIG_DST: LruHashMap<SockKey, OrigDst> = LruHashMap::with_max_entries(MAX_INFLIGHT, 0);
+#[map]
+static EVENTS: RingBuf = RingBuf::with_byte_size(1 << 20, 0);
+
+struct Verdict {
+    action: u32,
+    rule: u32,
+    src_identity: u32,
+    dst_identity: u32,
+}
+
+#[inline(always)]
+fn generation() -> u32 {
+    CONFIG.get(0).map(|c| c.generation).unwrap_or(0)
+}
+
+#[inline(always)]
+fn identity(generation: u32, addr: Addr) -> IdentityValue {
+    let key = Key::new(160, IpKey { generation, addr });
+    match IDENTITIES.get(&key) {
+        Some(v) => *v,
+        None => IdentityValue { identity: IDENTITY_WORLD, flags: 0 },
+    }
+}
+
+#[inline(always)]
+fn cell(generation: u32, src: u32, dst: u32, port: u16) -> Option<PolicyValue> {
+    let key = PolicyKey { generation, src, dst, port, proto: PROTO_TCP, _pad: 0 };
+    POLICY.get_ptr(&key).map(|p| unsafe { *p })
+}
+
+/// Deny beats allow; with neither, the destination's default decides.
+#[inline(always)]
+fn decide(src: Addr, dst: Addr, port: u16) -> Verdict {
+    let generation = generation();
+    let s = identity(generation, src);
+    let d = identity(generation, dst);
+    let cells = [
+        cell(generation, s.identity, d.identity, port),
+        cell(generation, s.identity, d.identity, PORT_ANY),
+        cell(generation, IDENTITY_ANY, d.identity, port),
+        cell(generation, IDENTITY_ANY, d.identity, PORT_ANY),
+    ];
+    let mut allow = None;
+    for c in cells.iter().flatten() {
+        if c.action == ACTION_DENY {
+            return Verdict {
+                action: ACTION_DENY,
+                rule: c.rule,
+                src_identity: s.identity,
+                dst_identity: d.identity,
+            };
+        }
+        if allow.is_none() {
+            allow = Some(c.rule);
+        }
+    }
+    let (action, rule) = match allow {
+        Some(rule) => (ACTION_ALLOW, rule),
+        None if d.flags & IDENTITY_DEFAULT_DENY != 0 => (ACTION_DENY, RULE_DEFAULT_DENY),
+        None => (ACTION_ALLOW, RULE_DEFAULT_ALLOW),
+    };
+    Verdict { action, rule, src_identity: s.identity, dst_identity: d.identity }
+}
+
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+fn emit(
+    kind: u32,
+    family: u32,
+    src: (Addr, u16),
+    dst: (Addr, u16),
+    v: &Verdict,
+    netns_cookie: u64,
+    socket_cookie: u64,
+) {
+    let event = FlowEventRaw {
+        kind,
+        family,
+        src_addr: src.0,
+        dst_addr: dst.0,
+        src_port: src.1,
+        dst_port: dst.1,
+        src_identity: v.src_identity,
+        dst_identity: v.dst_identity,
+        rule: v.rule,
+        netns_cookie,
+        socket_cookie,
+        ktime_ns: unsafe { bpf_ktime_get_ns() },
+    };
+    // A full ring drops the event, never the connection; ztunnel counts what it receives.
+    let _ = EVENTS.output::<FlowEventRaw>(&event, 0);
+}
+
+#[inline(always)]
+fn is_loopback(addr: &Addr) -> bool {
+    let v4_loopback = addr[0] == 0
+        && addr[1] == 0
+        && addr[2] == V4_MAPPED_WORD
+        && addr[3].to_ne_bytes()[0] == 127;
+    let v6_loopback = addr[0] == 0 && addr[1] == 0 && addr[2] == 0 && addr[3] == u32::from_ne_bytes([0, 0, 0, 1]);
+    v4_loopback || v6_loopback
+}
+
+/// Shared body of connect4/connect6: returns 1 to let the connect proceed, 0 for EPERM.
+#[inline(always)]
+fn capture_connect(ctx: &SockAddrContext, dst: Addr, family: u32) -> i32 {
+    let sa = unsafe { &mut *ctx.sock_addr };
+    if sa.type_ != SOCK_STREAM || sa.protocol != PROTO_TCP as u32 {
+        return 1;
+    }
+    let netns_cookie = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
+    let pod = match PODS.get_ptr(&netns_cookie) {
+        Some(p) => unsafe { *p },
+        None => return 1,
+    };
+    if is_loopback(&dst) || dst == pod.addr {
+        return 1;
+    }
+    let port = u16::from_be(sa.user_port as u16);
+    let verdict = decide(pod.addr, dst, port);
+    let socket_cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    if verdict.action == ACTION_DENY {
+        emit(EVENT_CONNECT_DENY, family, (pod.addr, 0), (dst, port), &verdict, netns_cookie, socket_cookie);
+        return 0;
+    }
+    let orig = OrigDst {
+        addr: dst,
+        port,
+        _pad: 0,
+        family,
+        src_identity: verdict.src_identity,
+        dst_identity: verdict.dst_identity,
+        rule: verdict.rule,
+        _pad2: 0,
+    };
+    if ORIG_BY_COOKIE.insert(&socket_cookie, &orig, 0).is_err() {
+        // Without a record ztunnel could not find the destination: fail closed.
+        return 0;
+    }
+    emit(EVENT_CONNECT_ALLOW, family, (pod.addr, 0), (dst, port), &verdict, netns_cookie, socket_cookie);
+    let listener_port = (OUTBOUND_PORT.to_be()) as u32;
+    if family == AF_INET {
+        sa.user_ip4 = u32::from_ne_bytes([127, 0, 0, 1]);
+    } else if dst[2] == V4_MAPPED_WORD && dst[0] == 0 && dst[1] == 0 {
+        sa.user_ip6 = v4_mapped(u32::from_ne_bytes([127, 0, 0, 1]));
+    } else {
+        sa.user_ip6 = [0, 0, 0, u32::from_ne_bytes([0, 0, 0, 1])];
+    }
+    sa.user_port = listener_port;
+    1
+}
+
+#[cgroup_sock_addr(connect4)]
+pub fn pl_connect4(ctx: SockAddrContext) -> i32 {
+    let ip4 = unsafe { (*ctx.sock_addr).user_ip4 };
+    capture_connect(&ctx, v4_mapped(ip4), AF_INET)
+}
+
+#[cgroup_sock_addr(connect6)]
+pub fn pl_connect6(ctx: SockAddrContext) -> i32 {
+    let sa = unsafe { &*ctx.sock_addr };
+    let dst = [sa.user_ip6[0], sa.user_ip6[1], sa.user_ip6[2], sa.user_ip6[3]];
+    capture_connect(&ctx, dst, AF_INET6)
+}
+
+#[sock_ops]
+pub fn pl_sockops(ctx: SockOpsContext) -> u32 {
+    if ctx.op() != BPF_SOCK_OPS_TCP_CONNECT_CB {
+        return 1;
+    }
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    let orig = match ORIG_BY_COOKIE.get_ptr(&cookie) {
+        Some(p) => unsafe { *p },
+        None => return 1,
+    };
+    let key = SockKey {
+        netns_cookie: unsafe { bpf_get_netns_cookie(ctx.as_ptr()) },
+        port: ctx.local_port(),
+        _pad: 0,
+    };
+    let _ = ORIG_DST.insert(&key, &orig, 0);
+    let _ = ORIG_BY_COOKIE.remove(&cookie);
+    1
+}
+
+#[sk_lookup]
+pub fn pl_inbound(ctx: SkLookupContext) -> u32 {
+    let l = unsafe { &*ctx.lookup };
+    if l.protocol != PROTO_TCP as u32 || l.ingress_ifindex == LOOPBACK_IFINDEX {
+        return sk_action::SK_PASS;
+    }
+    let port = l.local_port as u16;
+    if port == HBONE_PORT {
+        return sk_action::SK_PASS;
+    }
+    let (src, dst) = if l.family == AF_INET {
+        (v4_mapped(l.remote_ip4), v4_mapped(l.local_ip4))
+    } else {
+        (
+            [l.remote_ip6[0], l.remote_ip6[1], l.remote_ip6[2], l.remote_ip6[3]],
+            [l.local_ip6[0], l.local_ip6[1], l.local_ip6[2], l.local_ip6[3]],
+        )
+    };
+    let index = match INBOUND_ADDRS.get_ptr(&dst) {
+        Some(i) => unsafe { *i },
+        None => return sk_action::SK_PASS,
+    };
+    let src_port = u16::from_be(l.remote_port);
+    let verdict = decide(src, dst, port);
+    if verdict.action == ACTION_DENY {
+        emit(EVENT_INBOUND_DENY, l.family, (src, src_port), (dst, port), &verdict, 0, 0);
+        // SK_DROP on a TCP lookup answers the SYN with a reset: the client sees a refusal.
+        return sk_action::SK_DROP;
+    }
+    emit(EVENT_INBOUND_ALLOW, l.family, (src, src_port), (dst, port), &verdict, 0, 0);
+    match INBOUND_SOCKETS.redirect_sk_lookup(&ctx, index, 0) {
+        Ok(()) => sk_action::SK_PASS,
+        // No listener (ztunnel restarting): refuse rather than bypass the proxy.
+        Err(_) => sk_action::SK_DROP,
+    }
+}
+
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}

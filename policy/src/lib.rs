@@ -1,0 +1,28 @@
+//! Palisade's policy model: resources (YAML), validation, and compilation to snapshots that
+//! ztunnel loads into the kernel. The verdict algorithm lives here once ([`Snapshot::verdict`])
+//! and is used by ztunnel, by tests and by `palisade explain`.
+pub mod compile;
+pub mod load;
+pub mod resource;
+pub mod validate;
+
+use std::path::PathBuf;
+
+pub use compile::{Snapshot, Verdict, compile};
+pub use resource::Action;
+
+/// Everything that can go wrong turning files into a snapshot.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error(transparent)]
+    Load(#[from] load::LoadError),
+    #[error(transparent)]
+    Invalid(#[from] validate::Invalid),
+}
+
+/// Loads, validates and compiles the resources in `paths` (files or directories).
+pub fn load_snapshot(paths: &[PathBuf]) -> Result<Snapshot, ConfigError> {
+    let resources = load::load_paths(paths)?;
+    validate::validate(&resources)?;
+    Ok(compile(&resources))
+}
