@@ -56,6 +56,29 @@ pub const fn v4_mapped(ip4: u32) -> Addr {
     [0, 0, V4_MAPPED_WORD, ip4]
 }
 
+/// The words of an address as user space holds it (IPv4 becomes IPv4-mapped IPv6).
+pub fn addr_from_ip(ip: core::net::IpAddr) -> Addr {
+    let octets = match ip {
+        core::net::IpAddr::V4(v4) => v4.to_ipv6_mapped().octets(),
+        core::net::IpAddr::V6(v6) => v6.octets(),
+    };
+    let word = |i: usize| u32::from_ne_bytes([octets[i], octets[i + 1], octets[i + 2], octets[i + 3]]);
+    [word(0), word(4), word(8), word(12)]
+}
+
+/// The inverse of [`addr_from_ip`]; IPv4-mapped addresses come back as IPv4.
+pub fn ip_from_addr(addr: Addr) -> core::net::IpAddr {
+    let mut octets = [0u8; 16];
+    for (i, w) in addr.iter().enumerate() {
+        octets[i * 4..i * 4 + 4].copy_from_slice(&w.to_ne_bytes());
+    }
+    let v6 = core::net::Ipv6Addr::from(octets);
+    match v6.to_ipv4_mapped() {
+        Some(v4) => core::net::IpAddr::V4(v4),
+        None => core::net::IpAddr::V6(v6),
+    }
+}
+
 /// Global settings, `CONFIG[0]`.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -194,6 +217,15 @@ mod tests {
         assert_eq!(size_of::<OrigDst>(), 40);
         assert_eq!(size_of::<SockKey>(), 16);
         assert_eq!(size_of::<FlowEventRaw>(), 80);
+    }
+
+    #[test]
+    fn addresses_round_trip_and_match_the_kernel_form() {
+        let v4: core::net::IpAddr = core::net::Ipv4Addr::new(10, 244, 1, 10).into();
+        assert_eq!(addr_from_ip(v4), v4_mapped(u32::from_ne_bytes([10, 244, 1, 10])));
+        assert_eq!(ip_from_addr(addr_from_ip(v4)), v4);
+        let v6: core::net::IpAddr = core::net::Ipv6Addr::new(0xfd00, 0, 0, 0, 0, 0, 0, 7).into();
+        assert_eq!(ip_from_addr(addr_from_ip(v6)), v6);
     }
 
     #[test]

@@ -1,0 +1,115 @@
+//! The admin API (15000), metrics (15020) and readiness (15021): one small HTTP/1.1 service
+//! on three listeners.
+//!
+//! - `GET /flows` — recent flow events as a JSON array; `/flows?follow=1` streams new events
+//!   live, one JSON object per line.
+//! - `GET /config_dump` — configuration, policy in force, enrolled pods.
+//! - `GET /metrics` — Prometheus text format.
+//! - `GET /healthz/ready` — 200 once ztunnel serves.
+use std::convert::Infallible;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full, combinators::BoxBody};
+use hyper::body::{Body, Frame, Incoming};
+use hyper::{Request, Response, StatusCode, service::service_fn};
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpListener;
+use tokio::sync::{broadcast, mpsc, watch};
+
+use crate::config::Config;
+use crate::flows::FlowHub;
+use crate::metrics::Metrics;
+use crate::pods::Pods;
+
+pub struct AdminState {
+    pub config: Config,
+    pub hub: Arc<FlowHub>,
+    pub metrics: Arc<Metrics>,
+    pub pods: Arc<Pods>,
+    pub snapshot: watch::Receiver<Arc<palisade_policy::Snapshot>>,
+}
+
+type RespBody = BoxBody<Bytes, Infallible>;
+
+pub async fn serve(listener: TcpListener, state: Arc<AdminState>) {
+    loop {
+        let Ok((stream, _)) = listener.accept().await else { continue };
+        let state = state.clone();
+        tokio::spawn(async move {
+            let svc = service_fn(move |req| {
+                let state = state.clone();
+                async move { Ok::<_, Infallible>(route(&state, req)) }
+            });
+            let _ = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), svc).await;
+        });
+    }
+}
+
+fn full(status: StatusCode, content_type: &str, body: impl Into<Bytes>) -> Response<RespBody> {
+    Response::builder()
+        .status(status)
+        .header("content-type", content_type)
+        .body(Full::new(body.into()).boxed())
+        .expect("static response parts")
+}
+
+fn json(value: &impl serde::Serialize) -> Response<RespBody> {
+    let mut body = serde_json::to_vec_pretty(value).expect("serializable");
+    body.push(b'\n');
+    full(StatusCode::OK, "application/json", body)
+}
+
+fn route(state: &AdminState, req: Request<Incoming>) -> Response<RespBody> {
+    let follow = req.uri().query().is_some_and(|q| q.split('&').any(|kv| kv == "follow=1" || kv == "follow=true"));
+    match req.uri().path() {
+        "/flows" if follow => live_flows(state.hub.subscribe()),
+        "/flows" => json(&state.hub.recent()),
+        "/config_dump" => {
+            let snapshot = state.snapshot.borrow().clone();
+            json(&serde_json::json!({
+                "config": state.config,
+                "policy_generation": state.metrics.policy_generation.load(std::sync::atomic::Ordering::Relaxed),
+                "policy": &*snapshot,
+                "pods": state.pods.list(),
+            }))
+        }
+        "/metrics" => full(StatusCode::OK, "text/plain; version=0.0.4", state.metrics.render()),
+        "/healthz/ready" => full(StatusCode::OK, "text/plain", "ready\n"),
+        other => full(StatusCode::NOT_FOUND, "text/plain", format!("no such endpoint: {other}\n")),
+    }
+}
+
+/// Streams flow events as JSON lines until the client goes away.
+fn live_flows(mut events: broadcast::Receiver<Arc<crate::flows::FlowEvent>>) -> Response<RespBody> {
+    let (tx, rx) = mpsc::channel::<Bytes>(64);
+    tokio::spawn(async move {
+        loop {
+            let line = match events.recv().await {
+                Ok(e) => serde_json::to_string(&*e).expect("flow serializes"),
+                Err(broadcast::error::RecvError::Lagged(n)) => format!("{{\"lagged\":{n}}}"),
+                Err(broadcast::error::RecvError::Closed) => return,
+            };
+            if tx.send(Bytes::from(line + "\n")).await.is_err() {
+                return;
+            }
+        }
+    });
+    Response::builder()
+        .header("content-type", "application/x-ndjson")
+        .body(ChannelBody(rx).boxed())
+        .expect("static response parts")
+}
+
+struct ChannelBody(mpsc::Receiver<Bytes>);
+
+impl Body for ChannelBody {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+        self.0.poll_recv(cx).map(|chunk| chunk.map(|b| Ok(Frame::data(b))))
+    }
+}

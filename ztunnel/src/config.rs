@@ -1,0 +1,36 @@
+//! ztunnel's configuration: flags or environment, one typed struct, logged at start-up and
+//! served by `/config_dump`.
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use clap::Parser;
+use serde::Serialize;
+
+#[derive(Clone, Debug, Parser, Serialize)]
+#[command(name = "ztunnel", about = "Palisade node agent: eBPF capture, in-kernel L4 policy, mesh proxies")]
+pub struct Config {
+    /// Name of the node this ztunnel serves.
+    #[arg(long, env = "PALISADE_NODE")]
+    pub node: String,
+    /// Policy and workload resources (YAML files or directories), reloaded on change.
+    #[arg(long = "policy", env = "PALISADE_POLICY", value_delimiter = ',')]
+    pub policy: Vec<PathBuf>,
+    /// Unix socket of the enrollment API.
+    #[arg(long, env = "PALISADE_ENROLL_SOCKET", default_value = "/var/run/palisade/ztunnel.sock")]
+    pub enroll_socket: PathBuf,
+    /// Admin API (flows, config dump).
+    #[arg(long, env = "PALISADE_ADMIN_ADDR", default_value = "127.0.0.1:15000")]
+    pub admin_addr: SocketAddr,
+    /// Prometheus metrics.
+    #[arg(long, env = "PALISADE_METRICS_ADDR", default_value = "0.0.0.0:15020")]
+    pub metrics_addr: SocketAddr,
+    /// Readiness probe.
+    #[arg(long, env = "PALISADE_READY_ADDR", default_value = "0.0.0.0:15021")]
+    pub ready_addr: SocketAddr,
+    /// How often the policy files are checked for changes, in milliseconds.
+    #[arg(long, env = "PALISADE_POLICY_POLL_MS", default_value_t = 200)]
+    pub policy_poll_ms: u64,
+    /// Log as JSON lines instead of text.
+    #[arg(long, env = "PALISADE_LOG_JSON")]
+    pub log_json: bool,
+}

@@ -1,0 +1,14 @@
+//! Palisade's node agent. See ARCHITECTURE.md for how the parts fit.
+pub mod admin;
+pub mod config;
+pub mod datapath;
+pub mod enroll;
+pub mod flows;
+pub mod metrics;
+pub mod netns;
+pub mod pods;
+pub mod policy_source;
+pub mod proxy;
+
+mod app;
+pub use app::run;

@@ -1,0 +1,151 @@
+//! ztunnel's Prometheus metrics: a fixed set of atomic counters, rendered in the text format.
+//! The label sets are small and known in advance, so no registry is needed.
+use std::fmt::Write;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering::Relaxed};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Direction {
+    Outbound,
+    Inbound,
+}
+
+impl Direction {
+    fn index(self) -> usize {
+        self as usize
+    }
+    fn label(i: usize) -> &'static str {
+        ["outbound", "inbound"][i]
+    }
+}
+
+#[derive(Default)]
+pub struct Metrics {
+    /// [direction][allow=0, deny=1]: verdicts taken in the kernel.
+    verdicts: [[AtomicU64; 2]; 2],
+    proxied: [AtomicU64; 2],
+    proxy_errors: [AtomicU64; 2],
+    active: [AtomicI64; 2],
+    /// [direction][sent=0, received=1], seen from the client of the connection.
+    bytes: [[AtomicU64; 2]; 2],
+    missing_orig_dst: AtomicU64,
+    pub enrolled_pods: AtomicI64,
+    pub policy_generation: AtomicU64,
+    policy_reloads_ok: AtomicU64,
+    policy_reloads_failed: AtomicU64,
+    flow_events: AtomicU64,
+}
+
+impl Metrics {
+    pub fn verdict(&self, direction: Direction, denied: bool) {
+        self.verdicts[direction.index()][denied as usize].fetch_add(1, Relaxed);
+    }
+    pub fn connection_opened(&self, direction: Direction) {
+        self.proxied[direction.index()].fetch_add(1, Relaxed);
+        self.active[direction.index()].fetch_add(1, Relaxed);
+    }
+    pub fn connection_closed(&self, direction: Direction, sent: u64, received: u64) {
+        let d = direction.index();
+        self.active[d].fetch_sub(1, Relaxed);
+        self.bytes[d][0].fetch_add(sent, Relaxed);
+        self.bytes[d][1].fetch_add(received, Relaxed);
+    }
+    pub fn proxy_error(&self, direction: Direction) {
+        self.proxy_errors[direction.index()].fetch_add(1, Relaxed);
+    }
+    pub fn missing_orig_dst(&self) {
+        self.missing_orig_dst.fetch_add(1, Relaxed);
+    }
+    pub fn policy_reload(&self, ok: bool) {
+        if ok { &self.policy_reloads_ok } else { &self.policy_reloads_failed }.fetch_add(1, Relaxed);
+    }
+    pub fn flow_event(&self) {
+        self.flow_events.fetch_add(1, Relaxed);
+    }
+
+    /// Prometheus text exposition format.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        let mut family = |name: &str, kind: &str, help: &str, samples: &[(String, i128)]| {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+            for (labels, v) in samples {
+                let _ = writeln!(out, "{name}{labels} {v}");
+            }
+        };
+        let per_direction = |values: &[AtomicU64; 2]| -> Vec<(String, i128)> {
+            (0..2).map(|d| (format!("{{direction=\"{}\"}}", Direction::label(d)), values[d].load(Relaxed).into())).collect()
+        };
+        let two_way = |values: &[[AtomicU64; 2]; 2], key: &str, names: [&str; 2]| -> Vec<(String, i128)> {
+            let mut v = Vec::new();
+            for d in 0..2 {
+                for (i, name) in names.iter().enumerate() {
+                    let labels = format!("{{direction=\"{}\",{key}=\"{name}\"}}", Direction::label(d));
+                    v.push((labels, values[d][i].load(Relaxed).into()));
+                }
+            }
+            v
+        };
+        let single = |v: i128| vec![(String::new(), v)];
+        family(
+            "palisade_verdicts_total",
+            "counter",
+            "L4 verdicts taken in the kernel.",
+            &two_way(&self.verdicts, "verdict", ["allow", "deny"]),
+        );
+        family("palisade_proxied_connections_total", "counter", "Connections carried by ztunnel.", &per_direction(&self.proxied));
+        family("palisade_proxy_errors_total", "counter", "Connections ztunnel could not carry.", &per_direction(&self.proxy_errors));
+        let active: Vec<(String, i128)> = (0..2)
+            .map(|d| (format!("{{direction=\"{}\"}}", Direction::label(d)), self.active[d].load(Relaxed).into()))
+            .collect();
+        family("palisade_active_connections", "gauge", "Connections ztunnel carries now.", &active);
+        family(
+            "palisade_proxied_bytes_total",
+            "counter",
+            "Bytes carried, as the connection's client sees them.",
+            &two_way(&self.bytes, "way", ["sent", "received"]),
+        );
+        family(
+            "palisade_missing_original_destination_total",
+            "counter",
+            "Captured connections closed because their original destination was not found.",
+            &single(self.missing_orig_dst.load(Relaxed).into()),
+        );
+        family("palisade_enrolled_pods", "gauge", "Pods captured by this ztunnel.", &single(self.enrolled_pods.load(Relaxed).into()));
+        family(
+            "palisade_policy_generation",
+            "gauge",
+            "Generation of the policy in force in the kernel.",
+            &single(self.policy_generation.load(Relaxed).into()),
+        );
+        family(
+            "palisade_policy_reloads_total",
+            "counter",
+            "Policy reloads by result.",
+            &[
+                ("{result=\"ok\"}".into(), self.policy_reloads_ok.load(Relaxed).into()),
+                ("{result=\"rejected\"}".into(), self.policy_reloads_failed.load(Relaxed).into()),
+            ],
+        );
+        family("palisade_flow_events_total", "counter", "Flow events recorded.", &single(self.flow_events.load(Relaxed).into()));
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_each_sample_under_its_family() {
+        let m = Metrics::default();
+        m.verdict(Direction::Outbound, true);
+        m.connection_opened(Direction::Inbound);
+        m.connection_closed(Direction::Inbound, 10, 20);
+        let text = m.render();
+        let deny = text.find("palisade_verdicts_total{direction=\"outbound\",verdict=\"deny\"} 1").unwrap();
+        let header = text.find("# TYPE palisade_verdicts_total counter").unwrap();
+        assert!(header < deny, "{text}");
+        assert!(text.contains("palisade_proxied_bytes_total{direction=\"inbound\",way=\"received\"} 20"), "{text}");
+        assert!(text.contains("palisade_active_connections{direction=\"inbound\"} 0"), "{text}");
+    }
+}

@@ -1,0 +1,91 @@
+//! The policy in force comes from YAML files (the control plane replaces the source, not the
+//! model). The files are polled; a changed file is loaded, validated and compiled, and only a
+//! complete, valid snapshot reaches the kernel. A bad file is reported and the last good
+//! policy stays in force.
+use std::collections::hash_map::DefaultHasher;
+use std::hash::{Hash, Hasher};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use palisade_policy::Snapshot;
+use tokio::sync::watch;
+
+use crate::datapath::{ApplyStats, PolicyMaps};
+use crate::metrics::Metrics;
+
+pub struct PolicySource {
+    paths: Vec<PathBuf>,
+    maps: Option<PolicyMaps>,
+    digest: Option<u64>,
+    metrics: Arc<Metrics>,
+    publish: watch::Sender<Arc<Snapshot>>,
+}
+
+/// Hash of every file's name and content (directories: their YAML files).
+fn digest(paths: &[PathBuf]) -> std::io::Result<u64> {
+    let mut h = DefaultHasher::new();
+    for p in paths {
+        let mut files = vec![p.clone()];
+        if p.is_dir() {
+            files = std::fs::read_dir(p)?.filter_map(|e| e.ok().map(|e| e.path())).collect();
+            files.sort();
+        }
+        for f in files {
+            f.hash(&mut h);
+            std::fs::read(&f)?.hash(&mut h);
+        }
+    }
+    Ok(h.finish())
+}
+
+impl PolicySource {
+    pub fn new(paths: Vec<PathBuf>, maps: PolicyMaps, metrics: Arc<Metrics>) -> (Self, watch::Receiver<Arc<Snapshot>>) {
+        let (publish, rx) = watch::channel(Arc::new(Snapshot::default()));
+        (PolicySource { paths, maps: Some(maps), digest: None, metrics, publish }, rx)
+    }
+
+    /// Loads the files and puts the result in force. Errors leave the last good policy.
+    pub async fn reload(&mut self) -> anyhow::Result<Option<ApplyStats>> {
+        let digest = digest(&self.paths)?;
+        if self.digest == Some(digest) {
+            return Ok(None);
+        }
+        self.digest = Some(digest);
+        let paths = self.paths.clone();
+        let mut maps = self.maps.take().expect("policy maps are owned between reloads");
+        let (maps, result) = tokio::task::spawn_blocking(move || {
+            let result = palisade_policy::load_snapshot(&paths)
+                .map_err(anyhow::Error::from)
+                .and_then(|snap| maps.apply(&snap).map(|stats| (snap, stats)).map_err(anyhow::Error::from));
+            (maps, result)
+        })
+        .await?;
+        let generation = maps.generation();
+        self.maps = Some(maps);
+        self.metrics.policy_reload(result.is_ok());
+        let (snapshot, stats) = result?;
+        self.metrics.policy_generation.store(generation.into(), Ordering::Relaxed);
+        self.publish.send_replace(Arc::new(snapshot));
+        Ok(Some(stats))
+    }
+
+    /// Polls for changes forever.
+    pub async fn watch(mut self, every: Duration) {
+        loop {
+            tokio::time::sleep(every).await;
+            match self.reload().await {
+                Ok(Some(stats)) => tracing::info!(
+                    generation = stats.generation,
+                    identities = stats.identities,
+                    cells = stats.cells,
+                    elapsed_ms = stats.elapsed_ms,
+                    "policy reloaded"
+                ),
+                Ok(None) => {}
+                Err(e) => tracing::error!(error = %format!("{e:#}"), "policy rejected; the previous policy stays in force"),
+            }
+        }
+    }
+}

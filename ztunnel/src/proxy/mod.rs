@@ -1,0 +1,127 @@
+//! The L4 proxies that carry captured connections. In this stage both directions carry
+//! plaintext; HBONE (mTLS) replaces the hop between ztunnels in the identity issue.
+//!
+//! Both proxies create their upstream sockets inside the pod's network namespace, so the
+//! destination sees the pod's address, exactly as without the mesh.
+pub mod inbound;
+pub mod outbound;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::net::TcpStream;
+
+use crate::datapath::OrigDstTable;
+use crate::flows::{FlowEvent, FlowHub, Observer, Verdict};
+use crate::metrics::{Direction, Metrics};
+use crate::netns::Netns;
+
+/// Bound on establishing an upstream connection.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// Copy buffers: large enough that one stream reaches memory bandwidth on loopback/veth.
+const COPY_BUFFER: usize = 64 * 1024;
+
+/// What every proxy task needs, shared by all pods of the node.
+pub struct ProxyCtx {
+    pub hub: Arc<FlowHub>,
+    pub metrics: Arc<Metrics>,
+    pub orig_dst: OrigDstTable,
+}
+
+/// One enrolled pod as the proxies see it.
+pub struct PodNet {
+    pub name: String,
+    pub netns: Netns,
+}
+
+/// Connects to `dst` from inside the pod's network namespace.
+async fn connect_from(pod: &PodNet, dst: SocketAddr) -> std::io::Result<TcpStream> {
+    let socket = pod.netns.tcp_socket(&dst)?;
+    let stream = tokio::time::timeout(CONNECT_TIMEOUT, socket.connect(dst))
+        .await
+        .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "upstream connect timed out"))??;
+    stream.set_nodelay(true)?;
+    Ok(stream)
+}
+
+/// The identities and rule of a connection, named for its flow event.
+struct Decided {
+    src_identity: u32,
+    dst_identity: u32,
+    rule: u32,
+}
+
+/// Connects upstream, copies both ways until both sides are done (half-close is passed on),
+/// and records one flow event for the whole connection.
+async fn carry(
+    ctx: &ProxyCtx,
+    pod: &PodNet,
+    direction: Direction,
+    mut client: TcpStream,
+    client_addr: SocketAddr,
+    dst: SocketAddr,
+    decided: Decided,
+) {
+    let start = Instant::now();
+    ctx.metrics.connection_opened(direction);
+    let _ = client.set_nodelay(true);
+    let mut src = client_addr;
+    let (sent, received, error) = match connect_from(pod, dst).await {
+        Err(e) => {
+            ctx.metrics.proxy_error(direction);
+            // Reset, so the client sees a refusal rather than an orderly empty stream.
+            let _ = socket_reset(&client);
+            (0, 0, Some(format!("connect {dst}: {e}")))
+        }
+        Ok(mut upstream) => {
+            if direction == Direction::Outbound {
+                src = upstream.local_addr().unwrap_or(src);
+            }
+            match tokio::io::copy_bidirectional_with_sizes(&mut client, &mut upstream, COPY_BUFFER, COPY_BUFFER)
+                .await
+            {
+                Ok((sent, received)) => (sent, received, None),
+                Err(e) => {
+                    ctx.metrics.proxy_error(direction);
+                    (0, 0, Some(format!("copy: {e}")))
+                }
+            }
+        }
+    };
+    ctx.metrics.connection_closed(direction, sent, received);
+    let (src_identity, dst_identity, policy) = ctx.hub.describe(decided.src_identity, decided.dst_identity, decided.rule);
+    ctx.hub.record(FlowEvent {
+        time_unix_ms: crate::flows::now_unix_ms(),
+        node: ctx.hub.node().to_string(),
+        observer: Observer::Proxy,
+        direction,
+        verdict: Verdict::Allow,
+        policy,
+        src,
+        dst,
+        src_identity,
+        dst_identity,
+        bytes_sent: sent,
+        bytes_received: received,
+        duration_ms: start.elapsed().as_secs_f64() * 1e3,
+        error,
+    });
+}
+
+/// Sets SO_LINGER to zero so that closing sends a reset.
+fn socket_reset(stream: &TcpStream) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let linger = libc::linger { l_onoff: 1, l_linger: 0 };
+    // SAFETY: valid socket fd and a correctly sized option value.
+    let rc = unsafe {
+        libc::setsockopt(
+            stream.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_LINGER,
+            (&linger as *const libc::linger).cast(),
+            std::mem::size_of::<libc::linger>() as libc::socklen_t,
+        )
+    };
+    if rc == 0 { Ok(()) } else { Err(std::io::Error::last_os_error()) }
+}

@@ -1,0 +1,34 @@
+//! Outbound: connections of a pod's applications, redirected by `connect4`/`connect6` to
+//! 127.0.0.1:15001 (or [::1]:15001) inside the pod. The original destination comes from the
+//! `ORIG_DST` map, keyed by the pod's netns cookie and the client's port.
+use std::sync::Arc;
+
+use tokio::net::TcpListener;
+
+use super::{Decided, PodNet, ProxyCtx, carry};
+use crate::datapath::orig_dst_addr;
+use crate::metrics::Direction;
+
+pub async fn serve(listener: TcpListener, pod: Arc<PodNet>, ctx: Arc<ProxyCtx>) {
+    loop {
+        let (client, peer) = match listener.accept().await {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!(pod = %pod.name, error = %e, "outbound accept failed");
+                tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+                continue;
+            }
+        };
+        let Some(orig) = ctx.orig_dst.get(pod.netns.cookie(), peer.port()) else {
+            // Not captured by our programs (someone dialled 15001 directly): refuse.
+            ctx.metrics.missing_orig_dst();
+            tracing::warn!(pod = %pod.name, %peer, "no original destination for outbound connection; closing");
+            continue;
+        };
+        let (pod, ctx) = (pod.clone(), ctx.clone());
+        tokio::spawn(async move {
+            let decided = Decided { src_identity: orig.src_identity, dst_identity: orig.dst_identity, rule: orig.rule };
+            carry(&ctx, &pod, Direction::Outbound, client, peer, orig_dst_addr(&orig), decided).await;
+        });
+    }
+}
