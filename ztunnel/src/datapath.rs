@@ -73,6 +73,10 @@ fn prog_err(what: impl Into<String>) -> impl FnOnce(aya::programs::ProgramError)
     move |source| KernelError::Program { what, source }
 }
 
+/// Link-based cgroup attachments (bpf_link_create) always coexist with other programs in the
+/// same cgroup; the kernel rejects the legacy ALLOW_MULTI flag on them, so pass no flag.
+const LINK_MODE: CgroupAttachMode = CgroupAttachMode::Single;
+
 /// Must match `MAX_PODS` in the kernel programs.
 const MAX_PODS: u32 = 1_024;
 
@@ -230,11 +234,11 @@ impl Capture {
             source,
         })?;
         let p: &mut CgroupSockAddr = program(&mut self.ebpf, "pl_connect4")?;
-        att.connect4 = Some(p.attach(&cgroup, CgroupAttachMode::AllowMultiple).map_err(prog_err("attach connect4"))?);
+        att.connect4 = Some(p.attach(&cgroup, LINK_MODE).map_err(prog_err("attach connect4"))?);
         let p: &mut CgroupSockAddr = program(&mut self.ebpf, "pl_connect6")?;
-        att.connect6 = Some(p.attach(&cgroup, CgroupAttachMode::AllowMultiple).map_err(prog_err("attach connect6"))?);
+        att.connect6 = Some(p.attach(&cgroup, LINK_MODE).map_err(prog_err("attach connect6"))?);
         let p: &mut SockOps = program(&mut self.ebpf, "pl_sockops")?;
-        att.sockops = Some(p.attach(&cgroup, CgroupAttachMode::AllowMultiple).map_err(prog_err("attach sockops"))?);
+        att.sockops = Some(p.attach(&cgroup, LINK_MODE).map_err(prog_err("attach sockops"))?);
         let p: &mut SkLookup = program(&mut self.ebpf, "pl_inbound")?;
         att.inbound = Some(p.attach(pod.netns).map_err(prog_err("attach sk_lookup"))?);
         Ok(())

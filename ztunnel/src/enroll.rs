@@ -68,8 +68,9 @@ async fn handle(stream: UnixStream, pods: Arc<Pods>) {
             Ok(Request::Enroll { pod }) => match pods.enroll(pod) {
                 Ok(()) => Reply { ok: true, ..Default::default() },
                 Err(e) => {
-                    tracing::warn!(error = %e, "enrollment failed");
-                    Reply { error: Some(e.to_string()), ..Default::default() }
+                    let message = error_chain(&e);
+                    tracing::warn!(error = %message, "enrollment failed");
+                    Reply { error: Some(message), ..Default::default() }
                 }
             },
             Ok(Request::Remove { uid }) => {
@@ -87,4 +88,16 @@ async fn handle(stream: UnixStream, pods: Arc<Pods>) {
             return;
         }
     }
+}
+
+/// An error and all its sources, on one line.
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        out.push_str(": ");
+        out.push_str(&s.to_string());
+        source = s.source();
+    }
+    out
 }

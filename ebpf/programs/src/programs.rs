@@ -16,7 +16,6 @@ const MAX_PODS: u32 = 1_024;
 const MAX_INFLIGHT: u32 = 65_536;
 
 const SOCK_STREAM: u32 = 1;
-const LOOPBACK_IFINDEX: u32 = 1;
 
 #[map]
 static CONFIG: Array<Config> = Array::with_max_entries(1, 0);
@@ -39,6 +38,15 @@ static ORIG_DST: LruHashMap<SockKey, OrigDst> = LruHashMap::with_max_entries(MAX
 #[map]
 static EVENTS: RingBuf = RingBuf::with_byte_size(1 << 20, 0);
 
+/// Reads a context field with a constant offset. The verifier rejects context accesses
+/// through computed pointers, which LLVM produces when it merges field reads of different
+/// branches; a volatile read per field keeps each access separate.
+macro_rules! ctx_read {
+    ($ptr:expr, $($field:tt)+) => {
+        unsafe { core::ptr::read_volatile(core::ptr::addr_of!((*$ptr).$($field)+)) }
+    };
+}
+
 struct Verdict {
     action: u32,
     rule: u32,
@@ -60,10 +68,16 @@ fn identity(generation: u32, addr: Addr) -> IdentityValue {
     }
 }
 
+/// (action, rule) of one policy cell; action 0 when absent. Plain integers rather than an
+/// `Option<PolicyValue>`: LLVM may leave an absent option's payload in a register the
+/// verifier considers uninitialised.
 #[inline(always)]
-fn cell(generation: u32, src: u32, dst: u32, port: u16) -> Option<PolicyValue> {
+fn cell(generation: u32, src: u32, dst: u32, port: u16) -> (u32, u32) {
     let key = PolicyKey { generation, src, dst, port, proto: PROTO_TCP, _pad: 0 };
-    POLICY.get_ptr(&key).map(|p| unsafe { *p })
+    match POLICY.get_ptr(&key) {
+        Some(p) => unsafe { ((*p).action, (*p).rule) },
+        None => (0, 0),
+    }
 }
 
 /// Deny beats allow; with neither, the destination's default decides.
@@ -72,30 +86,25 @@ fn decide(src: Addr, dst: Addr, port: u16) -> Verdict {
     let generation = generation();
     let s = identity(generation, src);
     let d = identity(generation, dst);
-    let cells = [
-        cell(generation, s.identity, d.identity, port),
-        cell(generation, s.identity, d.identity, PORT_ANY),
-        cell(generation, IDENTITY_ANY, d.identity, port),
-        cell(generation, IDENTITY_ANY, d.identity, PORT_ANY),
-    ];
-    let mut allow = None;
-    for c in cells.iter().flatten() {
-        if c.action == ACTION_DENY {
-            return Verdict {
-                action: ACTION_DENY,
-                rule: c.rule,
-                src_identity: s.identity,
-                dst_identity: d.identity,
-            };
+    let probes = [(s.identity, port), (s.identity, PORT_ANY), (IDENTITY_ANY, port), (IDENTITY_ANY, PORT_ANY)];
+    let mut allowed = false;
+    let mut allow_rule = 0;
+    for (src_identity, port) in probes {
+        let (action, rule) = cell(generation, src_identity, d.identity, port);
+        if action == ACTION_DENY {
+            return Verdict { action, rule, src_identity: s.identity, dst_identity: d.identity };
         }
-        if allow.is_none() {
-            allow = Some(c.rule);
+        if action == ACTION_ALLOW && !allowed {
+            allowed = true;
+            allow_rule = rule;
         }
     }
-    let (action, rule) = match allow {
-        Some(rule) => (ACTION_ALLOW, rule),
-        None if d.flags & IDENTITY_DEFAULT_DENY != 0 => (ACTION_DENY, RULE_DEFAULT_DENY),
-        None => (ACTION_ALLOW, RULE_DEFAULT_ALLOW),
+    let (action, rule) = if allowed {
+        (ACTION_ALLOW, allow_rule)
+    } else if d.flags & IDENTITY_DEFAULT_DENY != 0 {
+        (ACTION_DENY, RULE_DEFAULT_DENY)
+    } else {
+        (ACTION_ALLOW, RULE_DEFAULT_ALLOW)
     };
     Verdict { action, rule, src_identity: s.identity, dst_identity: d.identity }
 }
@@ -142,8 +151,8 @@ fn is_loopback(addr: &Addr) -> bool {
 /// Shared body of connect4/connect6: returns 1 to let the connect proceed, 0 for EPERM.
 #[inline(always)]
 fn capture_connect(ctx: &SockAddrContext, dst: Addr, family: u32) -> i32 {
-    let sa = unsafe { &mut *ctx.sock_addr };
-    if sa.type_ != SOCK_STREAM || sa.protocol != PROTO_TCP as u32 {
+    let sa = ctx.sock_addr;
+    if ctx_read!(sa, type_) != SOCK_STREAM || ctx_read!(sa, protocol) != PROTO_TCP as u32 {
         return 1;
     }
     let netns_cookie = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
@@ -154,7 +163,7 @@ fn capture_connect(ctx: &SockAddrContext, dst: Addr, family: u32) -> i32 {
     if is_loopback(&dst) || dst == pod.addr {
         return 1;
     }
-    let port = u16::from_be(sa.user_port as u16);
+    let port = u16::from_be(ctx_read!(sa, user_port) as u16);
     let verdict = decide(pod.addr, dst, port);
     let socket_cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     if verdict.action == ACTION_DENY {
@@ -177,27 +186,37 @@ fn capture_connect(ctx: &SockAddrContext, dst: Addr, family: u32) -> i32 {
     }
     emit(EVENT_CONNECT_ALLOW, family, (pod.addr, 0), (dst, port), &verdict, netns_cookie, socket_cookie);
     let listener_port = (OUTBOUND_PORT.to_be()) as u32;
-    if family == AF_INET {
-        sa.user_ip4 = u32::from_ne_bytes([127, 0, 0, 1]);
-    } else if dst[2] == V4_MAPPED_WORD && dst[0] == 0 && dst[1] == 0 {
-        sa.user_ip6 = v4_mapped(u32::from_ne_bytes([127, 0, 0, 1]));
-    } else {
-        sa.user_ip6 = [0, 0, 0, u32::from_ne_bytes([0, 0, 0, 1])];
+    // SAFETY: the context is writable for these fields in connect4/connect6; each write has a
+    // constant offset.
+    unsafe {
+        if family == AF_INET {
+            (*sa).user_ip4 = u32::from_ne_bytes([127, 0, 0, 1]);
+        } else {
+            let loopback = if dst[2] == V4_MAPPED_WORD && dst[0] == 0 && dst[1] == 0 {
+                v4_mapped(u32::from_ne_bytes([127, 0, 0, 1]))
+            } else {
+                [0, 0, 0, u32::from_ne_bytes([0, 0, 0, 1])]
+            };
+            (*sa).user_ip6[0] = loopback[0];
+            (*sa).user_ip6[1] = loopback[1];
+            (*sa).user_ip6[2] = loopback[2];
+            (*sa).user_ip6[3] = loopback[3];
+        }
+        (*sa).user_port = listener_port;
     }
-    sa.user_port = listener_port;
     1
 }
 
 #[cgroup_sock_addr(connect4)]
 pub fn pl_connect4(ctx: SockAddrContext) -> i32 {
-    let ip4 = unsafe { (*ctx.sock_addr).user_ip4 };
+    let ip4 = ctx_read!(ctx.sock_addr, user_ip4);
     capture_connect(&ctx, v4_mapped(ip4), AF_INET)
 }
 
 #[cgroup_sock_addr(connect6)]
 pub fn pl_connect6(ctx: SockAddrContext) -> i32 {
-    let sa = unsafe { &*ctx.sock_addr };
-    let dst = [sa.user_ip6[0], sa.user_ip6[1], sa.user_ip6[2], sa.user_ip6[3]];
+    let sa = ctx.sock_addr;
+    let dst = [ctx_read!(sa, user_ip6[0]), ctx_read!(sa, user_ip6[1]), ctx_read!(sa, user_ip6[2]), ctx_read!(sa, user_ip6[3])];
     capture_connect(&ctx, dst, AF_INET6)
 }
 
@@ -223,34 +242,39 @@ pub fn pl_sockops(ctx: SockOpsContext) -> u32 {
 
 #[sk_lookup]
 pub fn pl_inbound(ctx: SkLookupContext) -> u32 {
-    let l = unsafe { &*ctx.lookup };
-    if l.protocol != PROTO_TCP as u32 || l.ingress_ifindex == LOOPBACK_IFINDEX {
+    let l = ctx.lookup;
+    if ctx_read!(l, protocol) != PROTO_TCP as u32 {
         return sk_action::SK_PASS;
     }
-    let port = l.local_port as u16;
+    let port = ctx_read!(l, local_port) as u16;
     if port == HBONE_PORT {
         return sk_action::SK_PASS;
     }
-    let (src, dst) = if l.family == AF_INET {
-        (v4_mapped(l.remote_ip4), v4_mapped(l.local_ip4))
-    } else {
-        (
-            [l.remote_ip6[0], l.remote_ip6[1], l.remote_ip6[2], l.remote_ip6[3]],
-            [l.local_ip6[0], l.local_ip6[1], l.local_ip6[2], l.local_ip6[3]],
-        )
-    };
+    // Read every address field first, each at its constant offset, then choose by family.
+    let family = ctx_read!(l, family);
+    let (remote4, local4) = (ctx_read!(l, remote_ip4), ctx_read!(l, local_ip4));
+    let remote6 = [ctx_read!(l, remote_ip6[0]), ctx_read!(l, remote_ip6[1]), ctx_read!(l, remote_ip6[2]), ctx_read!(l, remote_ip6[3])];
+    let local6 = [ctx_read!(l, local_ip6[0]), ctx_read!(l, local_ip6[1]), ctx_read!(l, local_ip6[2]), ctx_read!(l, local_ip6[3])];
+    let (src, dst) = if family == AF_INET { (v4_mapped(remote4), v4_mapped(local4)) } else { (remote6, local6) };
+    // Traffic from the pod to itself (the application's own, and ztunnel delivering an
+    // inbound connection over the pod's loopback) is local. Locally routed packets report the
+    // address owner's ifindex, not lo's, so the test is on the addresses; a packet from outside
+    // cannot carry a local source (the kernel drops it as martian).
+    if src == dst || is_loopback(&src) {
+        return sk_action::SK_PASS;
+    }
     let index = match INBOUND_ADDRS.get_ptr(&dst) {
         Some(i) => unsafe { *i },
         None => return sk_action::SK_PASS,
     };
-    let src_port = u16::from_be(l.remote_port);
+    let src_port = u16::from_be(ctx_read!(l, remote_port));
     let verdict = decide(src, dst, port);
     if verdict.action == ACTION_DENY {
-        emit(EVENT_INBOUND_DENY, l.family, (src, src_port), (dst, port), &verdict, 0, 0);
+        emit(EVENT_INBOUND_DENY, family, (src, src_port), (dst, port), &verdict, 0, 0);
         // SK_DROP on a TCP lookup answers the SYN with a reset: the client sees a refusal.
         return sk_action::SK_DROP;
     }
-    emit(EVENT_INBOUND_ALLOW, l.family, (src, src_port), (dst, port), &verdict, 0, 0);
+    emit(EVENT_INBOUND_ALLOW, family, (src, src_port), (dst, port), &verdict, 0, 0);
     match INBOUND_SOCKETS.redirect_sk_lookup(&ctx, index, 0) {
         Ok(()) => sk_action::SK_PASS,
         // No listener (ztunnel restarting): refuse rather than bypass the proxy.

@@ -1,0 +1,139 @@
+//! `palisade-probe`: a tiny real TCP client and server for the sandbox, run inside pods by
+//! tests, the demo and benchmarks. Every result is one JSON line on stdout.
+//!
+//! ```text
+//! palisade-probe serve --port 8080 [--log FILE]      echo server; logs each connection
+//! palisade-probe connect --to IP:PORT [--bytes N] [--timeout-ms T]
+//! ```
+//! `connect` sends N bytes of a deterministic pattern, half-closes, reads the echo to EOF and
+//! checks it byte for byte.
+use std::io::{Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+
+fn pattern(i: u64) -> u8 {
+    (i.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 56) as u8
+}
+
+fn arg<'a>(args: &'a [String], name: &str) -> Option<&'a str> {
+    args.iter().position(|a| a == name).and_then(|i| args.get(i + 1)).map(String::as_str)
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    match args.get(1).map(String::as_str) {
+        Some("serve") => serve(&args),
+        Some("connect") => connect(&args),
+        _ => {
+            eprintln!("usage: palisade-probe serve --port P [--log FILE] | connect --to ADDR [--bytes N] [--timeout-ms T]");
+            std::process::exit(2);
+        }
+    }
+}
+
+fn serve(args: &[String]) {
+    let port: u16 = arg(args, "--port").and_then(|p| p.parse().ok()).expect("--port");
+    let log = arg(args, "--log").map(str::to_string);
+    let listener = TcpListener::bind(("0.0.0.0", port)).expect("bind");
+    println!("{}", json!({"listening": port}));
+    std::io::stdout().flush().ok();
+    for stream in listener.incoming() {
+        let Ok(stream) = stream else { continue };
+        let log = log.clone();
+        std::thread::spawn(move || echo(stream, log));
+    }
+}
+
+fn echo(mut stream: TcpStream, log: Option<String>) {
+    let peer = stream.peer_addr().ok();
+    let local = stream.local_addr().ok();
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut total = 0u64;
+    loop {
+        match stream.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => {
+                total += n as u64;
+                if stream.write_all(&buf[..n]).is_err() {
+                    break;
+                }
+            }
+        }
+    }
+    let _ = stream.shutdown(Shutdown::Write);
+    if let Some(path) = log {
+        let line = json!({"peer": peer, "local": local, "bytes": total}).to_string() + "\n";
+        if let Ok(mut f) = std::fs::OpenOptions::new().create(true).append(true).open(path) {
+            let _ = f.write_all(line.as_bytes());
+        }
+    }
+}
+
+fn connect(args: &[String]) {
+    let to: SocketAddr = arg(args, "--to").and_then(|a| a.parse().ok()).expect("--to IP:PORT");
+    let bytes: u64 = arg(args, "--bytes").and_then(|b| b.parse().ok()).unwrap_or(0);
+    let timeout = Duration::from_millis(arg(args, "--timeout-ms").and_then(|t| t.parse().ok()).unwrap_or(5000));
+    let start = Instant::now();
+    let stream = match TcpStream::connect_timeout(&to, timeout) {
+        Ok(s) => s,
+        Err(e) => {
+            let out = json!({"ok": false, "error": e.to_string(), "errno": e.raw_os_error(),
+                "connect_us": start.elapsed().as_micros() as u64});
+            println!("{out}");
+            return;
+        }
+    };
+    let connect_us = start.elapsed().as_micros() as u64;
+    let local = stream.local_addr().ok();
+    stream.set_read_timeout(Some(timeout.max(Duration::from_secs(60)))).ok();
+    let mut writer = stream.try_clone().expect("clone socket");
+    let sender = std::thread::spawn(move || -> std::io::Result<u64> {
+        let mut buf = vec![0u8; 64 * 1024];
+        let mut sent = 0u64;
+        while sent < bytes {
+            let n = (bytes - sent).min(buf.len() as u64) as usize;
+            for (i, b) in buf[..n].iter_mut().enumerate() {
+                *b = pattern(sent + i as u64);
+            }
+            writer.write_all(&buf[..n])?;
+            sent += n as u64;
+        }
+        writer.shutdown(Shutdown::Write)?;
+        Ok(sent)
+    });
+    let mut reader = stream;
+    let mut buf = vec![0u8; 64 * 1024];
+    let (mut received, mut mismatch_at) = (0u64, None);
+    let read_result = loop {
+        match reader.read(&mut buf) {
+            Ok(0) => break Ok(()),
+            Ok(n) => {
+                if mismatch_at.is_none()
+                    && let Some(i) = buf[..n].iter().enumerate().position(|(i, b)| *b != pattern(received + i as u64))
+                {
+                    mismatch_at = Some(received + i as u64);
+                }
+                received += n as u64;
+            }
+            Err(e) => break Err(e),
+        }
+    };
+    let sent = sender.join().expect("sender thread");
+    let ok = read_result.is_ok() && sent.is_ok();
+    let error = read_result.err().or(sent.as_ref().err().map(|e| std::io::Error::new(e.kind(), e.to_string())));
+    let out = json!({
+        "ok": ok,
+        "error": error.as_ref().map(|e| e.to_string()),
+        "local": local,
+        "peer": to,
+        "sent": sent.unwrap_or(0),
+        "received": received,
+        "verified": ok && mismatch_at.is_none() && received == bytes,
+        "mismatch_at": mismatch_at,
+        "connect_us": connect_us,
+        "total_ms": start.elapsed().as_secs_f64() * 1e3,
+    });
+    println!("{out}");
+}

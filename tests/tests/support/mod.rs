@@ -1,0 +1,120 @@
+//! Helpers shared by the end-to-end tests: a uniquely named sandbox cluster per test (removed
+//! on drop, also when the test panics), probe servers and clients inside pods, and waiting
+//! for flow events.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::path::PathBuf;
+use std::process::{Child, Stdio};
+use std::time::{Duration, Instant};
+
+use palisade_sandbox::{Cluster, ClusterSpec, PodTemplate};
+use serde_json::Value;
+
+pub fn require_root() {
+    // SAFETY: geteuid has no preconditions.
+    assert_eq!(unsafe { libc_geteuid() }, 0, "these tests load eBPF programs and create network namespaces: run as root");
+}
+
+unsafe extern "C" {
+    #[link_name = "geteuid"]
+    fn libc_geteuid() -> u32;
+}
+
+/// A mesh cluster: `nodes` × `pods`, ztunnel on every node, every pod enrolled.
+pub fn mesh(nodes: usize, pods: usize, policy: &str) -> Cluster {
+    let id = palisade_sandbox::unique_test_id();
+    let mut spec = ClusterSpec::uniform(&id, palisade_sandbox::test_state_dir(&id), nodes, pods);
+    spec.policy = policy.to_string();
+    spec.ztunnel = Some(palisade_sandbox::workspace_bin("ztunnel").expect("ztunnel binary"));
+    start(spec)
+}
+
+/// A cluster from explicit pod templates per node.
+pub fn mesh_with(nodes: Vec<Vec<PodTemplate>>, policy: &str) -> Cluster {
+    let id = palisade_sandbox::unique_test_id();
+    let mut spec = ClusterSpec::uniform(&id, palisade_sandbox::test_state_dir(&id), 0, 0);
+    spec.nodes = nodes;
+    spec.policy = policy.to_string();
+    spec.ztunnel = Some(palisade_sandbox::workspace_bin("ztunnel").expect("ztunnel binary"));
+    start(spec)
+}
+
+fn start(spec: ClusterSpec) -> Cluster {
+    require_root();
+    palisade_sandbox::sweep_stale_test_clusters().expect("sweep stale test clusters");
+    Cluster::up(spec).unwrap_or_else(|e| panic!("sandbox up: {e:#}"))
+}
+
+fn probe() -> PathBuf {
+    palisade_sandbox::workspace_bin("palisade-probe").expect("palisade-probe binary")
+}
+
+/// An echo server in a pod; killed on drop. Connections it served are logged to `log`.
+pub struct Server {
+    child: Child,
+    pub log: PathBuf,
+}
+
+impl Server {
+    /// Connections the application saw: one JSON object each.
+    pub fn connections(&self) -> Vec<Value> {
+        std::fs::read_to_string(&self.log)
+            .unwrap_or_default()
+            .lines()
+            .map(|l| serde_json::from_str(l).expect("server log line"))
+            .collect()
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub fn serve(cluster: &Cluster, pod: &str, port: u16) -> Server {
+    let log = cluster.info.state_dir.join(format!("server-{pod}-{port}.log"));
+    let mut child = cluster
+        .command(pod, probe())
+        .expect("pod command")
+        .args(["serve", "--port", &port.to_string(), "--log"])
+        .arg(&log)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("start probe server");
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().expect("stdout")).read_line(&mut line).expect("server ready line");
+    assert!(line.contains("listening"), "probe server in {pod} did not start: {line:?}");
+    Server { child, log }
+}
+
+/// Runs a client in `pod`; returns its JSON report.
+pub fn connect(cluster: &Cluster, pod: &str, to: &str, bytes: u64) -> Value {
+    let out = cluster
+        .command(pod, probe())
+        .expect("pod command")
+        .args(["connect", "--to", to, "--bytes", &bytes.to_string(), "--timeout-ms", "5000"])
+        .stderr(Stdio::inherit())
+        .output()
+        .expect("run probe client");
+    let text = String::from_utf8_lossy(&out.stdout);
+    serde_json::from_str(text.trim()).unwrap_or_else(|e| panic!("probe output {text:?}: {e}"))
+}
+
+/// Waits until a node reports a flow event matching `pred`; panics with the events seen.
+pub fn wait_flow(cluster: &Cluster, node: &str, pred: impl Fn(&Value) -> bool) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let flows = cluster.flows(node).expect("read flows");
+        if let Some(f) = flows.iter().find(|f| pred(f)) {
+            return f.clone();
+        }
+        if Instant::now() > deadline {
+            panic!("no matching flow event on {node}; events: {}", serde_json::to_string_pretty(&flows).unwrap());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
