@@ -55,6 +55,5 @@ fn main() {
         );
     }
     let built = target_dir.join("bpfel-unknown-none/release/palisade-ebpf");
-    std::fs::copy(&built, &object)
-        .unwrap_or_else(|e| panic!("copy {} to {}: {e}", built.display(), object.display()));
+    std::fs::copy(&built, &object).unwrap_or_else(|e| panic!("copy {} to {}: {e}", built.display(), object.display()));
 }

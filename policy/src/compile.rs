@@ -121,9 +121,8 @@ impl Snapshot {
 
     /// A readable name for a rule number.
     pub fn describe_rule(&self, rule: u32, dst_identity: u32) -> String {
-        let default_reason = || {
-            self.identity(dst_identity).map(|i| i.default_reason.clone()).unwrap_or_else(|| "no policy".into())
-        };
+        let default_reason =
+            || self.identity(dst_identity).map(|i| i.default_reason.clone()).unwrap_or_else(|| "no policy".into());
         match rule {
             RULE_DEFAULT_ALLOW => format!("default allow ({})", default_reason()),
             RULE_DEFAULT_DENY => format!("default deny ({})", default_reason()),

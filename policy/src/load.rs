@@ -43,8 +43,8 @@ pub fn load_paths(paths: &[PathBuf]) -> Result<Vec<Located>, LoadError> {
     let mut out = Vec::new();
     for path in paths {
         for file in yaml_files(path)? {
-            let text = std::fs::read_to_string(&file)
-                .map_err(|source| LoadError::Read { file: file.clone(), source })?;
+            let text =
+                std::fs::read_to_string(&file).map_err(|source| LoadError::Read { file: file.clone(), source })?;
             out.extend(parse_str(&file, &text)?);
         }
     }
@@ -72,11 +72,7 @@ pub fn parse_str(file: &Path, text: &str) -> Result<Vec<Located>, LoadError> {
         if doc.lines().all(|l| l.trim().is_empty() || l.trim_start().starts_with('#')) {
             continue;
         }
-        let parse_err = |line: usize, message: String| LoadError::Parse {
-            file: file.to_path_buf(),
-            line,
-            message,
-        };
+        let parse_err = |line: usize, message: String| LoadError::Parse { file: file.to_path_buf(), line, message };
         let yaml_err = |e: serde_yaml::Error| {
             let line = e.location().map_or(start_line, |l| start_line + l.line() - 1);
             parse_err(line, describe_serde_error(&e.to_string()))
@@ -176,7 +172,8 @@ mod tests {
 
     #[test]
     fn unknown_field_is_named() {
-        let text = "apiVersion: palisade.dev/v1alpha1\nkind: Namespace\nmetadata: {name: a}\nspec:\n  defaultActon: Deny\n";
+        let text =
+            "apiVersion: palisade.dev/v1alpha1\nkind: Namespace\nmetadata: {name: a}\nspec:\n  defaultActon: Deny\n";
         let err = parse_str(Path::new("n.yaml"), text).unwrap_err().to_string();
         assert!(err.contains("defaultActon") && err.starts_with("n.yaml:5"), "{err}");
     }

@@ -164,9 +164,11 @@ mod tests {
 
     #[test]
     fn valid_configuration_passes() {
-        assert!(check(
-            "apiVersion: palisade.dev/v1alpha1\nkind: Namespace\nmetadata: {name: x}\nspec: {defaultAction: Deny}\n"
-        )
-        .is_empty());
+        assert!(
+            check(
+                "apiVersion: palisade.dev/v1alpha1\nkind: Namespace\nmetadata: {name: x}\nspec: {defaultAction: Deny}\n"
+            )
+            .is_empty()
+        );
     }
 }

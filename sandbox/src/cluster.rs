@@ -61,9 +61,19 @@ impl ClusterSpec {
     /// `nodes` nodes with `pods` pods each, named `p<node>-<pod>` in namespace `default`.
     pub fn uniform(id: &str, state_dir: PathBuf, nodes: usize, pods: usize) -> Self {
         let nodes = (1..=nodes)
-            .map(|n| (1..=pods).map(|p| PodTemplate::new(&format!("p{n}-{p}"), "default", &format!("p{n}-{p}"))).collect())
+            .map(|n| {
+                (1..=pods).map(|p| PodTemplate::new(&format!("p{n}-{p}"), "default", &format!("p{n}-{p}"))).collect()
+            })
             .collect();
-        ClusterSpec { id: id.into(), state_dir, nodes, ztunnel: None, enroll: true, policy: String::new(), teardown_on_drop: true }
+        ClusterSpec {
+            id: id.into(),
+            state_dir,
+            nodes,
+            ztunnel: None,
+            enroll: true,
+            policy: String::new(),
+            teardown_on_drop: true,
+        }
     }
 }
 
@@ -324,7 +334,13 @@ impl Cluster {
             out.push_str(&format!(
                 "apiVersion: palisade.dev/v1alpha1\nkind: Workload\nmetadata: {{name: {}, namespace: {}}}\n\
                  spec: {{serviceAccount: {}, node: {}, uid: {}, addresses: [{}], labels: {{{}}}}}\n---\n",
-                p.name, p.namespace, p.service_account, p.node, p.uid, p.ip, labels.join(", ")
+                p.name,
+                p.namespace,
+                p.service_account,
+                p.node,
+                p.uid,
+                p.ip,
+                labels.join(", ")
             ));
         }
         out.push_str(extra);
@@ -341,7 +357,8 @@ impl Cluster {
     /// Replaces the extra resources and waits until every ztunnel has put the new policy in
     /// force. Fails (and the old policy stays in force) when ztunnel rejects it.
     pub fn set_policy(&mut self, extra: &str) -> Result<()> {
-        let before: Vec<u64> = self.info.nodes.iter().map(|n| self.policy_generation(&n.name)).collect::<Result<_>>()?;
+        let before: Vec<u64> =
+            self.info.nodes.iter().map(|n| self.policy_generation(&n.name)).collect::<Result<_>>()?;
         self.extra_policy = extra.to_string();
         self.write_policy_file(extra)?;
         let deadline = Instant::now() + Duration::from_secs(10);
@@ -409,6 +426,38 @@ impl Cluster {
             out.push_str(&format!("--- {} ({}) ---\n{}\n", n.name, n.log.display(), tail.join("\n")));
         }
         out
+    }
+
+    /// Stops a node's ztunnel with `signal` and waits for it to exit.
+    pub fn stop_ztunnel(&mut self, node: &str, signal: i32) -> Result<std::process::ExitStatus> {
+        let i = self.info.nodes.iter().position(|n| n.name == node).with_context(|| format!("no node {node}"))?;
+        let child = self.ztunnels.get_mut(i).context("this handle does not own the ztunnels")?;
+        // SAFETY: plain kill(2) on our own child.
+        unsafe { libc::kill(child.id() as i32, signal) };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Some(status) = child.try_wait()? {
+                return Ok(status);
+            }
+            if Instant::now() > deadline {
+                bail!("ztunnel on {node} still running 10 s after signal {signal}");
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// A handle on a running cluster made by someone else (`cluster.json`, another thread):
+    /// it never tears the cluster down.
+    pub fn attach(info: ClusterInfo) -> Cluster {
+        Cluster { info, extra_policy: String::new(), ztunnels: Vec::new(), teardown_on_drop: false }
+    }
+
+    /// Loads `cluster.json` from a state directory.
+    pub fn load(state_dir: &Path) -> Result<Cluster> {
+        let path = state_dir.join("cluster.json");
+        let text = std::fs::read_to_string(&path)
+            .with_context(|| format!("read {} (is the sandbox up? `cargo xtask sandbox up`)", path.display()))?;
+        Ok(Cluster::attach(serde_json::from_str(&text)?))
     }
 
     /// Leaves the cluster running after this value is dropped (`sandbox up`).

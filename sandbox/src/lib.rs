@@ -34,16 +34,17 @@ pub fn sweep_stale_test_clusters() -> Result<Vec<String>> {
         .collect();
     if let Ok(entries) = std::fs::read_dir(sys::cgroup2_root()?) {
         ids.extend(
-            entries
-                .flatten()
-                .filter_map(|e| e.file_name().to_str().and_then(|n| n.strip_prefix(cluster::PREFIX)).map(str::to_string)),
+            entries.flatten().filter_map(|e| {
+                e.file_name().to_str().and_then(|n| n.strip_prefix(cluster::PREFIX)).map(str::to_string)
+            }),
         );
     }
     ids.sort();
     ids.dedup();
     let mut removed = Vec::new();
     for id in ids {
-        let Some(pid) = id.strip_prefix('t').and_then(|r| r.split('x').next()).and_then(|p| u32::from_str_radix(p, 16).ok())
+        let Some(pid) =
+            id.strip_prefix('t').and_then(|r| r.split('x').next()).and_then(|p| u32::from_str_radix(p, 16).ok())
         else {
             continue;
         };
@@ -68,7 +69,10 @@ pub fn workspace_bin(name: &str) -> Result<PathBuf> {
     }
     let path = dir.join(name);
     if !path.exists() {
-        bail!("{} is missing: build the workspace binaries first (`cargo build --bins`, done by `cargo xtask test`)", path.display());
+        bail!(
+            "{} is missing: build the workspace binaries first (`cargo build --bins`, done by `cargo xtask test`)",
+            path.display()
+        );
     }
     Ok(path)
 }

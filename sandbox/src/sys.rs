@@ -140,7 +140,11 @@ pub fn http_get_in(netns: &str, addr: &str, path: &str) -> Result<String> {
         if !head.starts_with("HTTP/1.1 200") {
             bail!("GET {path}: {}", head.lines().next().unwrap_or_default());
         }
-        Ok(if head.to_ascii_lowercase().contains("transfer-encoding: chunked") { dechunk(body) } else { body.to_string() })
+        Ok(if head.to_ascii_lowercase().contains("transfer-encoding: chunked") {
+            dechunk(body)
+        } else {
+            body.to_string()
+        })
     })?
 }
 

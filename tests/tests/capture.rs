@@ -33,7 +33,17 @@ fn same_node_and_cross_node_connections_go_through_ztunnel() {
         assert!(inb["src"].as_str().unwrap().starts_with(&format!("{src}:")), "{inb}");
         assert_eq!(inb["bytes_received"], 100_000, "{inb}");
         // The kernel's verdicts at both ends.
-        wait_flow(&cluster, "node-1", |f| f["observer"] == "kernel" && f["direction"] == "outbound" && f["dst"] == dst.as_str() && f["verdict"] == "allow");
-        wait_flow(&cluster, node_of_dst, |f| f["observer"] == "kernel" && f["direction"] == "inbound" && f["dst"] == dst.as_str() && f["verdict"] == "allow");
+        wait_flow(&cluster, "node-1", |f| {
+            f["observer"] == "kernel"
+                && f["direction"] == "outbound"
+                && f["dst"] == dst.as_str()
+                && f["verdict"] == "allow"
+        });
+        wait_flow(&cluster, node_of_dst, |f| {
+            f["observer"] == "kernel"
+                && f["direction"] == "inbound"
+                && f["dst"] == dst.as_str()
+                && f["verdict"] == "allow"
+        });
     }
 }

@@ -1,1 +1,3 @@
-fn main() { println!("waypoint: the L7 proxy arrives in a later issue"); }
+fn main() {
+    println!("waypoint: the L7 proxy arrives in a later issue");
+}

@@ -10,12 +10,12 @@ use tokio::net::TcpListener;
 use crate::admin::{self, AdminState};
 use crate::config::Config;
 use crate::datapath::Kernel;
+use crate::enroll;
 use crate::flows::FlowHub;
 use crate::metrics::Metrics;
 use crate::pods::Pods;
 use crate::policy_source::PolicySource;
 use crate::proxy::ProxyCtx;
-use crate::enroll;
 
 pub async fn run(config: Config) -> anyhow::Result<()> {
     tracing::info!(config = %serde_json::to_string(&config)?, "starting ztunnel");

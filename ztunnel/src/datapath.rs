@@ -17,11 +17,11 @@ use std::os::fd::AsRawFd;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
+use aya::Ebpf;
 use aya::maps::lpm_trie::Key;
 use aya::maps::{Array, HashMap, LpmTrie, MapData, RingBuf, SockMap};
 use aya::programs::links::CgroupAttachMode;
 use aya::programs::{CgroupSockAddr, SkLookup, SockOps};
-use aya::Ebpf;
 use palisade_ebpf_common::*;
 use palisade_policy::{Action, Snapshot};
 
@@ -187,14 +187,8 @@ impl Capture {
         }
         let slot = self.free_slots.pop().ok_or(KernelError::Full(MAX_PODS))?;
         let addrs: Vec<Addr> = pod.addrs.iter().map(|a| addr_from_ip(*a)).collect();
-        let mut partial = Attached {
-            slot,
-            addrs: Vec::new(),
-            connect4: None,
-            connect6: None,
-            sockops: None,
-            inbound: None,
-        };
+        let mut partial =
+            Attached { slot, addrs: Vec::new(), connect4: None, connect6: None, sockops: None, inbound: None };
         let result = self.attach_inner(&pod, cookie, &addrs, &mut partial);
         match result {
             Ok(()) => {
@@ -219,20 +213,14 @@ impl Capture {
             what: "enroll".into(),
             source: std::io::Error::other("pod has no address"),
         })?;
-        self.inbound_sockets
-            .set(att.slot, &pod.inbound_listener.as_raw_fd(), 0)
-            .map_err(map_err("INBOUND_SOCKETS"))?;
+        self.inbound_sockets.set(att.slot, &pod.inbound_listener.as_raw_fd(), 0).map_err(map_err("INBOUND_SOCKETS"))?;
         for a in addrs {
             self.inbound_addrs.insert(a, att.slot, 0).map_err(map_err("INBOUND_ADDRS"))?;
             att.addrs.push(*a);
         }
-        self.pods
-            .insert(cookie, PodValue { addr: primary, index: att.slot, _pad: 0 }, 0)
-            .map_err(map_err("PODS"))?;
-        let cgroup = File::open(pod.cgroup).map_err(|source| KernelError::Io {
-            what: format!("open cgroup {}", pod.cgroup.display()),
-            source,
-        })?;
+        self.pods.insert(cookie, PodValue { addr: primary, index: att.slot, _pad: 0 }, 0).map_err(map_err("PODS"))?;
+        let cgroup = File::open(pod.cgroup)
+            .map_err(|source| KernelError::Io { what: format!("open cgroup {}", pod.cgroup.display()), source })?;
         let p: &mut CgroupSockAddr = program(&mut self.ebpf, "pl_connect4")?;
         att.connect4 = Some(p.attach(&cgroup, LINK_MODE).map_err(prog_err("attach connect4"))?);
         let p: &mut CgroupSockAddr = program(&mut self.ebpf, "pl_connect6")?;

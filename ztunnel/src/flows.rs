@@ -69,7 +69,13 @@ pub fn now_unix_ms() -> u64 {
 
 impl FlowHub {
     pub fn new(node: String, metrics: Arc<Metrics>, snapshot: watch::Receiver<Arc<Snapshot>>) -> Self {
-        FlowHub { node, metrics, snapshot, recent: Mutex::new(VecDeque::with_capacity(HISTORY)), live: broadcast::channel(1024).0 }
+        FlowHub {
+            node,
+            metrics,
+            snapshot,
+            recent: Mutex::new(VecDeque::with_capacity(HISTORY)),
+            live: broadcast::channel(1024).0,
+        }
     }
 
     pub fn node(&self) -> &str {
@@ -169,7 +175,8 @@ pub async fn drain_kernel_events(ring: aya::maps::RingBuf<aya::maps::MapData>, h
     // SAFETY: the ring buffer owns its fd and is moved into the AsyncFd, which deregisters
     // it before dropping it; nothing else closes that fd.
     let mut fd = match unsafe { tokio::io::unix::AsyncFd::register_with_interest(ring, tokio::io::Interest::READABLE) }
-        .map_err(|e| e.into_parts().1) {
+        .map_err(|e| e.into_parts().1)
+    {
         Ok(fd) => fd,
         Err(e) => {
             tracing::error!(error = %e, "cannot watch the kernel event ring; kernel verdicts will not be reported");

@@ -73,14 +73,16 @@ impl Metrics {
             }
         };
         let per_direction = |values: &[AtomicU64; 2]| -> Vec<(String, i128)> {
-            (0..2).map(|d| (format!("{{direction=\"{}\"}}", Direction::label(d)), values[d].load(Relaxed).into())).collect()
+            (0..2)
+                .map(|d| (format!("{{direction=\"{}\"}}", Direction::label(d)), values[d].load(Relaxed).into()))
+                .collect()
         };
         let two_way = |values: &[[AtomicU64; 2]; 2], key: &str, names: [&str; 2]| -> Vec<(String, i128)> {
             let mut v = Vec::new();
-            for d in 0..2 {
-                for (i, name) in names.iter().enumerate() {
+            for (d, row) in values.iter().enumerate() {
+                for (name, value) in names.iter().zip(row) {
                     let labels = format!("{{direction=\"{}\",{key}=\"{name}\"}}", Direction::label(d));
-                    v.push((labels, values[d][i].load(Relaxed).into()));
+                    v.push((labels, value.load(Relaxed).into()));
                 }
             }
             v
@@ -92,8 +94,18 @@ impl Metrics {
             "L4 verdicts taken in the kernel.",
             &two_way(&self.verdicts, "verdict", ["allow", "deny"]),
         );
-        family("palisade_proxied_connections_total", "counter", "Connections carried by ztunnel.", &per_direction(&self.proxied));
-        family("palisade_proxy_errors_total", "counter", "Connections ztunnel could not carry.", &per_direction(&self.proxy_errors));
+        family(
+            "palisade_proxied_connections_total",
+            "counter",
+            "Connections carried by ztunnel.",
+            &per_direction(&self.proxied),
+        );
+        family(
+            "palisade_proxy_errors_total",
+            "counter",
+            "Connections ztunnel could not carry.",
+            &per_direction(&self.proxy_errors),
+        );
         let active: Vec<(String, i128)> = (0..2)
             .map(|d| (format!("{{direction=\"{}\"}}", Direction::label(d)), self.active[d].load(Relaxed).into()))
             .collect();
@@ -110,7 +122,12 @@ impl Metrics {
             "Captured connections closed because their original destination was not found.",
             &single(self.missing_orig_dst.load(Relaxed).into()),
         );
-        family("palisade_enrolled_pods", "gauge", "Pods captured by this ztunnel.", &single(self.enrolled_pods.load(Relaxed).into()));
+        family(
+            "palisade_enrolled_pods",
+            "gauge",
+            "Pods captured by this ztunnel.",
+            &single(self.enrolled_pods.load(Relaxed).into()),
+        );
         family(
             "palisade_policy_generation",
             "gauge",
@@ -126,7 +143,12 @@ impl Metrics {
                 ("{result=\"rejected\"}".into(), self.policy_reloads_failed.load(Relaxed).into()),
             ],
         );
-        family("palisade_flow_events_total", "counter", "Flow events recorded.", &single(self.flow_events.load(Relaxed).into()));
+        family(
+            "palisade_flow_events_total",
+            "counter",
+            "Flow events recorded.",
+            &single(self.flow_events.load(Relaxed).into()),
+        );
         out
     }
 }

@@ -30,8 +30,8 @@ pub struct Netns {
 
 impl Netns {
     pub fn open(path: &Path) -> io::Result<Self> {
-        let file = File::open(path)
-            .map_err(|e| io::Error::new(e.kind(), format!("open netns {}: {e}", path.display())))?;
+        let file =
+            File::open(path).map_err(|e| io::Error::new(e.kind(), format!("open netns {}: {e}", path.display())))?;
         home();
         let mut ns = Netns { file, cookie: 0 };
         ns.cookie = ns.run(|| {
@@ -98,13 +98,7 @@ pub fn netns_cookie_of(fd: BorrowedFd<'_>) -> io::Result<u64> {
     let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
     // SAFETY: valid fd and out-pointer of the advertised length.
     let rc = unsafe {
-        libc::getsockopt(
-            fd.as_raw_fd(),
-            libc::SOL_SOCKET,
-            SO_NETNS_COOKIE,
-            (&mut cookie as *mut u64).cast(),
-            &mut len,
-        )
+        libc::getsockopt(fd.as_raw_fd(), libc::SOL_SOCKET, SO_NETNS_COOKIE, (&mut cookie as *mut u64).cast(), &mut len)
     };
     if rc == 0 { Ok(cookie) } else { Err(io::Error::last_os_error()) }
 }

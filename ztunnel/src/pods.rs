@@ -41,7 +41,7 @@ pub enum EnrollError {
     Kernel {
         uid: String,
         #[source]
-        source: crate::datapath::KernelError,
+        source: Box<crate::datapath::KernelError>,
     },
     #[error("pod {uid}: at least one IP is required")]
     NoAddress { uid: String },
@@ -90,7 +90,7 @@ impl Pods {
             .lock()
             .expect("capture lock")
             .attach(PodCapture { netns: &netns, cgroup: &spec.cgroup, addrs: &spec.ips, inbound_listener: &inbound })
-            .map_err(|source| EnrollError::Kernel { uid: uid.clone(), source })?;
+            .map_err(|source| EnrollError::Kernel { uid: uid.clone(), source: Box::new(source) })?;
 
         let pod = Arc::new(PodNet { name: spec.name.clone(), netns });
         let mut tasks = vec![

@@ -84,7 +84,9 @@ impl PolicySource {
                     "policy reloaded"
                 ),
                 Ok(None) => {}
-                Err(e) => tracing::error!(error = %format!("{e:#}"), "policy rejected; the previous policy stays in force"),
+                Err(e) => {
+                    tracing::error!(error = %format!("{e:#}"), "policy rejected; the previous policy stays in force")
+                }
             }
         }
     }

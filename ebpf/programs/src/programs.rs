@@ -3,7 +3,7 @@ use aya_ebpf::{
     bindings::{BPF_F_NO_PREALLOC, BPF_SOCK_OPS_TCP_CONNECT_CB, sk_action},
     helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_ktime_get_ns},
     macros::{cgroup_sock_addr, map, sk_lookup, sock_ops},
-    maps::{Array, HashMap, LruHashMap, LpmTrie, RingBuf, SockMap, lpm_trie::Key},
+    maps::{Array, HashMap, LpmTrie, LruHashMap, RingBuf, SockMap, lpm_trie::Key},
     programs::{SkLookupContext, SockAddrContext, SockOpsContext},
 };
 use palisade_ebpf_common::*;
@@ -20,11 +20,9 @@ const SOCK_STREAM: u32 = 1;
 #[map]
 static CONFIG: Array<Config> = Array::with_max_entries(1, 0);
 #[map]
-static IDENTITIES: LpmTrie<IpKey, IdentityValue> =
-    LpmTrie::with_max_entries(MAX_WORKLOAD_PREFIXES, BPF_F_NO_PREALLOC);
+static IDENTITIES: LpmTrie<IpKey, IdentityValue> = LpmTrie::with_max_entries(MAX_WORKLOAD_PREFIXES, BPF_F_NO_PREALLOC);
 #[map]
-static POLICY: HashMap<PolicyKey, PolicyValue> =
-    HashMap::with_max_entries(MAX_POLICY_CELLS, BPF_F_NO_PREALLOC);
+static POLICY: HashMap<PolicyKey, PolicyValue> = HashMap::with_max_entries(MAX_POLICY_CELLS, BPF_F_NO_PREALLOC);
 #[map]
 static PODS: HashMap<u64, PodValue> = HashMap::with_max_entries(MAX_PODS, 0);
 #[map]
@@ -140,10 +138,7 @@ fn emit(
 
 #[inline(always)]
 fn is_loopback(addr: &Addr) -> bool {
-    let v4_loopback = addr[0] == 0
-        && addr[1] == 0
-        && addr[2] == V4_MAPPED_WORD
-        && addr[3].to_ne_bytes()[0] == 127;
+    let v4_loopback = addr[0] == 0 && addr[1] == 0 && addr[2] == V4_MAPPED_WORD && addr[3].to_ne_bytes()[0] == 127;
     let v6_loopback = addr[0] == 0 && addr[1] == 0 && addr[2] == 0 && addr[3] == u32::from_ne_bytes([0, 0, 0, 1]);
     v4_loopback || v6_loopback
 }
@@ -216,7 +211,12 @@ pub fn pl_connect4(ctx: SockAddrContext) -> i32 {
 #[cgroup_sock_addr(connect6)]
 pub fn pl_connect6(ctx: SockAddrContext) -> i32 {
     let sa = ctx.sock_addr;
-    let dst = [ctx_read!(sa, user_ip6[0]), ctx_read!(sa, user_ip6[1]), ctx_read!(sa, user_ip6[2]), ctx_read!(sa, user_ip6[3])];
+    let dst = [
+        ctx_read!(sa, user_ip6[0]),
+        ctx_read!(sa, user_ip6[1]),
+        ctx_read!(sa, user_ip6[2]),
+        ctx_read!(sa, user_ip6[3]),
+    ];
     capture_connect(&ctx, dst, AF_INET6)
 }
 
@@ -230,11 +230,7 @@ pub fn pl_sockops(ctx: SockOpsContext) -> u32 {
         Some(p) => unsafe { *p },
         None => return 1,
     };
-    let key = SockKey {
-        netns_cookie: unsafe { bpf_get_netns_cookie(ctx.as_ptr()) },
-        port: ctx.local_port(),
-        _pad: 0,
-    };
+    let key = SockKey { netns_cookie: unsafe { bpf_get_netns_cookie(ctx.as_ptr()) }, port: ctx.local_port(), _pad: 0 };
     let _ = ORIG_DST.insert(&key, &orig, 0);
     let _ = ORIG_BY_COOKIE.remove(&cookie);
     1
@@ -253,8 +249,18 @@ pub fn pl_inbound(ctx: SkLookupContext) -> u32 {
     // Read every address field first, each at its constant offset, then choose by family.
     let family = ctx_read!(l, family);
     let (remote4, local4) = (ctx_read!(l, remote_ip4), ctx_read!(l, local_ip4));
-    let remote6 = [ctx_read!(l, remote_ip6[0]), ctx_read!(l, remote_ip6[1]), ctx_read!(l, remote_ip6[2]), ctx_read!(l, remote_ip6[3])];
-    let local6 = [ctx_read!(l, local_ip6[0]), ctx_read!(l, local_ip6[1]), ctx_read!(l, local_ip6[2]), ctx_read!(l, local_ip6[3])];
+    let remote6 = [
+        ctx_read!(l, remote_ip6[0]),
+        ctx_read!(l, remote_ip6[1]),
+        ctx_read!(l, remote_ip6[2]),
+        ctx_read!(l, remote_ip6[3]),
+    ];
+    let local6 = [
+        ctx_read!(l, local_ip6[0]),
+        ctx_read!(l, local_ip6[1]),
+        ctx_read!(l, local_ip6[2]),
+        ctx_read!(l, local_ip6[3]),
+    ];
     let (src, dst) = if family == AF_INET { (v4_mapped(remote4), v4_mapped(local4)) } else { (remote6, local6) };
     // Traffic from the pod to itself (the application's own, and ztunnel delivering an
     // inbound connection over the pod's loopback) is local. Locally routed packets report the

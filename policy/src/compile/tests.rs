@@ -101,13 +101,7 @@ spec:
         &[
             ("10.0.1.10", "10.0.2.10", 5432, Action::Allow, "shop/a-allow-shop rule 0"),
             ("10.0.1.10", "10.0.2.10", 22, Action::Deny, "shop/b-no-ssh rule 0"),
-            (
-                "10.0.2.11",
-                "10.0.2.10",
-                5432,
-                Action::Deny,
-                "default deny (selected by Allow policy shop/a-allow-shop)",
-            ),
+            ("10.0.2.11", "10.0.2.10", 5432, Action::Deny, "default deny (selected by Allow policy shop/a-allow-shop)"),
         ],
     );
 }

@@ -27,7 +27,9 @@ fn main() {
         Some("serve") => serve(&args),
         Some("connect") => connect(&args),
         _ => {
-            eprintln!("usage: palisade-probe serve --port P [--log FILE] | connect --to ADDR [--bytes N] [--timeout-ms T]");
+            eprintln!(
+                "usage: palisade-probe serve --port P [--log FILE] | connect --to ADDR [--bytes N] [--timeout-ms T]"
+            );
             std::process::exit(2);
         }
     }

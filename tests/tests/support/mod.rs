@@ -13,12 +13,8 @@ use serde_json::Value;
 
 pub fn require_root() {
     // SAFETY: geteuid has no preconditions.
-    assert_eq!(unsafe { libc_geteuid() }, 0, "these tests load eBPF programs and create network namespaces: run as root");
-}
-
-unsafe extern "C" {
-    #[link_name = "geteuid"]
-    fn libc_geteuid() -> u32;
+    let euid = unsafe { libc::geteuid() };
+    assert_eq!(euid, 0, "these tests load eBPF programs and create network namespaces: run them as root");
 }
 
 /// A mesh cluster: `nodes` × `pods`, ztunnel on every node, every pod enrolled.

@@ -9,7 +9,12 @@ use tokio::net::TcpListener;
 use super::{Decided, PodNet, ProxyCtx, carry};
 use crate::metrics::Direction;
 
-pub async fn serve(listener: TcpListener, pod: Arc<PodNet>, ctx: Arc<ProxyCtx>, snapshot: tokio::sync::watch::Receiver<Arc<palisade_policy::Snapshot>>) {
+pub async fn serve(
+    listener: TcpListener,
+    pod: Arc<PodNet>,
+    ctx: Arc<ProxyCtx>,
+    snapshot: tokio::sync::watch::Receiver<Arc<palisade_policy::Snapshot>>,
+) {
     loop {
         let (client, peer) = match listener.accept().await {
             Ok(c) => c,

@@ -78,9 +78,7 @@ async fn carry(
             if direction == Direction::Outbound {
                 src = upstream.local_addr().unwrap_or(src);
             }
-            match tokio::io::copy_bidirectional_with_sizes(&mut client, &mut upstream, COPY_BUFFER, COPY_BUFFER)
-                .await
-            {
+            match tokio::io::copy_bidirectional_with_sizes(&mut client, &mut upstream, COPY_BUFFER, COPY_BUFFER).await {
                 Ok((sent, received)) => (sent, received, None),
                 Err(e) => {
                     ctx.metrics.proxy_error(direction);
@@ -90,7 +88,8 @@ async fn carry(
         }
     };
     ctx.metrics.connection_closed(direction, sent, received);
-    let (src_identity, dst_identity, policy) = ctx.hub.describe(decided.src_identity, decided.dst_identity, decided.rule);
+    let (src_identity, dst_identity, policy) =
+        ctx.hub.describe(decided.src_identity, decided.dst_identity, decided.rule);
     ctx.hub.record(FlowEvent {
         time_unix_ms: crate::flows::now_unix_ms(),
         node: ctx.hub.node().to_string(),

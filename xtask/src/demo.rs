@@ -1,0 +1,104 @@
+//! `cargo xtask demo`: a two-node sandbox with a small shop, an allowed and a denied flow,
+//! and the flow events ztunnel reports for each. Later capabilities extend this script.
+use std::io::{BufRead, BufReader};
+use std::process::Stdio;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use palisade_sandbox::{Cluster, ClusterSpec, PodTemplate};
+use serde_json::Value;
+
+const POLICY: &str = "\
+apiVersion: palisade.dev/v1alpha1
+kind: Namespace
+metadata: {name: shop}
+spec: {defaultAction: Deny}
+---
+apiVersion: palisade.dev/v1alpha1
+kind: SegmentationPolicy
+metadata: {name: frontend-to-backend, namespace: shop}
+spec:
+  selector: {matchLabels: {app: backend}}
+  action: Allow
+  rules:
+  - from: [{namespace: shop, serviceAccount: frontend}]
+    ports: [8080]
+";
+
+pub fn run() -> Result<()> {
+    crate::build()?;
+    let state_dir = crate::root().join("target/demo");
+    let mut spec = ClusterSpec::uniform("demo", state_dir, 2, 0);
+    spec.nodes = vec![
+        vec![PodTemplate::new("frontend", "shop", "frontend"), PodTemplate::new("scanner", "tools", "scanner")],
+        vec![PodTemplate::new("backend", "shop", "backend"), PodTemplate::new("db", "shop", "db")],
+    ];
+    spec.policy = POLICY.into();
+    spec.ztunnel = Some(palisade_sandbox::workspace_bin("ztunnel")?);
+    println!("== Bringing up the sandbox (2 nodes, ztunnel on each, every pod enrolled)");
+    let cluster = Cluster::up(spec)?;
+    crate::sandbox::print_summary(&cluster);
+    println!("\n== Policy in force\n{POLICY}");
+
+    let probe = palisade_sandbox::workspace_bin("palisade-probe")?;
+    let mut server =
+        cluster.command("backend", &probe)?.args(["serve", "--port", "8080"]).stdout(Stdio::piped()).spawn()?;
+    let mut ready = String::new();
+    BufReader::new(server.stdout.take().context("server stdout")?).read_line(&mut ready)?;
+    let backend = format!("{}:8080", cluster.pod("backend")?.ip);
+
+    let client = |pod: &str| -> Result<Value> {
+        let out = cluster.command(pod, &probe)?.args(["connect", "--to", &backend, "--bytes", "4096"]).output()?;
+        Ok(serde_json::from_slice(&out.stdout)?)
+    };
+    println!(
+        "== 1. frontend (shop/frontend, node-1) -> backend {backend} (node-2): allowed by shop/frontend-to-backend"
+    );
+    let r = client("frontend")?;
+    println!("   client: ok={} sent={} received={} byte-exact={}", r["ok"], r["sent"], r["received"], r["verified"]);
+    println!("\n== 2. scanner (tools/scanner, node-1) -> backend {backend}: shop denies what it does not allow");
+    let r = client("scanner")?;
+    println!(
+        "   client: ok={} error={} (errno {}: refused inside connect(), no packet left the pod)",
+        r["ok"], r["error"], r["errno"]
+    );
+
+    std::thread::sleep(Duration::from_millis(300));
+    println!("\n== Flow events (ztunnel admin API, GET /flows on each node)");
+    for node in ["node-1", "node-2"] {
+        for f in cluster.flows(node)? {
+            println!("{}", describe(&f));
+        }
+    }
+    println!("\nLive view: GET /flows?follow=1 on 127.0.0.1:15000 inside a node; metrics: GET /metrics.");
+    let _ = server.kill();
+    let _ = server.wait();
+    println!("\n== Tearing down");
+    drop(cluster);
+    println!("done: nothing of the sandbox remains.");
+    Ok(())
+}
+
+fn describe(f: &Value) -> String {
+    let s = |k: &str| f[k].as_str().unwrap_or_default().to_string();
+    let what = if s("observer") == "kernel" {
+        format!("kernel {:<8} {:<5}", s("direction"), s("verdict").to_uppercase())
+    } else {
+        format!(
+            "proxy  {:<8} {}B/{}B {:.1}ms",
+            s("direction"),
+            f["bytes_sent"],
+            f["bytes_received"],
+            f["duration_ms"].as_f64().unwrap_or(0.0)
+        )
+    };
+    format!(
+        "  [{}] {what}  {} ({}) -> {} ({})  by {}",
+        s("node"),
+        s("src"),
+        s("src_identity"),
+        s("dst"),
+        s("dst_identity"),
+        s("policy")
+    )
+}

@@ -1,0 +1,95 @@
+//! `cargo xtask sandbox up|down|exec|status`: the sandbox cluster, kept under
+//! `target/sandbox` with the id `sbx` (names `plsd-sbx-…`).
+use std::os::unix::process::CommandExt;
+use std::path::PathBuf;
+
+use anyhow::{Result, bail};
+use clap::Subcommand;
+use palisade_sandbox::{Cluster, ClusterSpec, cluster};
+
+pub const ID: &str = "sbx";
+
+#[derive(Subcommand)]
+pub enum SandboxCommand {
+    /// Create the cluster (cleaning what an interrupted run left), start a ztunnel per node,
+    /// enroll every pod, and write target/sandbox/cluster.json.
+    Up {
+        #[arg(long, default_value_t = 2)]
+        nodes: usize,
+        #[arg(long, default_value_t = 2)]
+        pods: usize,
+    },
+    /// Remove every namespace, cgroup, process and file the sandbox made.
+    Down,
+    /// Run a command inside a pod (its network namespace and cgroup).
+    Exec {
+        pod: String,
+        #[arg(last = true, required = true)]
+        command: Vec<String>,
+    },
+    /// Print the summary of the running sandbox.
+    Status,
+}
+
+pub fn state_dir() -> PathBuf {
+    crate::root().join("target/sandbox")
+}
+
+pub fn run(command: SandboxCommand) -> Result<()> {
+    match command {
+        SandboxCommand::Up { nodes, pods } => {
+            if nodes == 0 || nodes > 200 || pods > 200 {
+                bail!("--nodes must be 1..=200 and --pods 0..=200");
+            }
+            crate::build()?;
+            let mut spec = ClusterSpec::uniform(ID, state_dir(), nodes, pods);
+            spec.ztunnel = Some(palisade_sandbox::workspace_bin("ztunnel")?);
+            spec.teardown_on_drop = false;
+            let cluster = Cluster::up(spec)?;
+            print_summary(&cluster);
+            cluster.keep();
+            Ok(())
+        }
+        SandboxCommand::Down => {
+            cluster::teardown(ID, &state_dir())?;
+            println!("sandbox {ID}: removed");
+            Ok(())
+        }
+        SandboxCommand::Exec { pod, command } => {
+            let cluster = Cluster::load(&state_dir())?;
+            let mut cmd = cluster.command(&pod, &command[0])?;
+            cmd.args(&command[1..]);
+            Err(cmd.exec().into())
+        }
+        SandboxCommand::Status => {
+            print_summary(&Cluster::load(&state_dir())?);
+            Ok(())
+        }
+    }
+}
+
+pub fn print_summary(cluster: &Cluster) {
+    let info = &cluster.info;
+    println!(
+        "sandbox {}: {} nodes, {} pods (state in {})",
+        info.id,
+        info.nodes.len(),
+        info.pods.len(),
+        info.state_dir.display()
+    );
+    for n in &info.nodes {
+        println!(
+            "  {} netns {} ip {} pods {} ztunnel admin {} log {}",
+            n.name,
+            n.netns,
+            n.ip,
+            n.pod_cidr,
+            n.admin,
+            n.log.display()
+        );
+        for p in info.pods.iter().filter(|p| p.node == n.name) {
+            println!("    {:<10} {:<13} {}", p.name, p.ip, p.identity);
+        }
+    }
+    println!("  cluster.json: {}", info.state_dir.join("cluster.json").display());
+}
