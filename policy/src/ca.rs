@@ -1,0 +1,264 @@
+//! The mesh certificate authority: ECDSA P-256 roots kept in a directory, short-lived workload
+//! SVIDs whose only name is the SPIFFE URI, node credentials for ztunnels.
+//!
+//! Layout of the CA directory: `roots/<n>/cert.pem` and `roots/<n>/key.pem` (0600). The
+//! highest `<n>` signs; every root in the directory is in the trust bundle, so a rotation
+//! (`palisade ca rotate`) keeps old certificates trusted until their root is retired. A root
+//! is created only when the directory holds none; a root whose key is missing or unreadable
+//! is an error, never a reason to make a new one.
+use std::fs;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use palisade_mesh::ca_api::node_uri;
+use palisade_mesh::identity::SpiffeId;
+use rcgen::{
+    BasicConstraints, CertificateParams, CertificateSigningRequestParams, DistinguishedName, DnType,
+    ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose, SanType, SerialNumber,
+};
+use time::OffsetDateTime;
+
+/// Workload certificates live this long unless configured otherwise.
+pub const DEFAULT_WORKLOAD_TTL: Duration = Duration::from_secs(24 * 3600);
+const ROOT_TTL: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
+const NODE_TTL: Duration = Duration::from_secs(365 * 24 * 3600);
+/// Accepted clock skew between nodes.
+const BACKDATE: Duration = Duration::from_secs(300);
+
+#[derive(Debug, thiserror::Error)]
+pub enum CaError {
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("root {path}: {detail}")]
+    BadRoot { path: PathBuf, detail: String },
+    #[error("certificate signing request: {0}")]
+    BadCsr(String),
+    #[error("signing: {0}")]
+    Sign(#[from] rcgen::Error),
+}
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> CaError + '_ {
+    move |source| CaError::Io { path: path.to_path_buf(), source }
+}
+
+struct Root {
+    number: u32,
+    cert_pem: String,
+    issuer: Issuer<'static, KeyPair>,
+}
+
+pub struct CertificateAuthority {
+    trust_domain: String,
+    roots: Vec<Root>,
+    pub workload_ttl: Duration,
+}
+
+fn random_serial() -> SerialNumber {
+    use ring::rand::SecureRandom;
+    let mut bytes = [0u8; 16];
+    ring::rand::SystemRandom::new().fill(&mut bytes).expect("system random source");
+    bytes[0] &= 0x7f; // a positive integer
+    SerialNumber::from_slice(&bytes)
+}
+
+fn at(t: SystemTime) -> OffsetDateTime {
+    OffsetDateTime::from_unix_timestamp(t.duration_since(UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0))
+        .expect("time in range")
+}
+
+fn write_private(path: &Path, contents: &str) -> Result<(), CaError> {
+    use std::io::Write;
+    let mut f = fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(path).map_err(io(path))?;
+    f.write_all(contents.as_bytes()).map_err(io(path))
+}
+
+impl CertificateAuthority {
+    /// Opens the CA in `dir`, creating the first root if (and only if) there is none.
+    pub fn open_or_init(dir: &Path, trust_domain: &str) -> Result<Self, CaError> {
+        let roots_dir = dir.join("roots");
+        fs::create_dir_all(&roots_dir).map_err(io(&roots_dir))?;
+        let mut ca = CertificateAuthority {
+            trust_domain: trust_domain.into(),
+            roots: Vec::new(),
+            workload_ttl: DEFAULT_WORKLOAD_TTL,
+        };
+        ca.load_roots(&roots_dir)?;
+        if ca.roots.is_empty() {
+            tracing::warn!(dir = %dir.display(), "no root CA found: creating root 1 (this happens once)");
+            ca.create_root(&roots_dir, 1)?;
+        }
+        Ok(ca)
+    }
+
+    fn load_roots(&mut self, roots_dir: &Path) -> Result<(), CaError> {
+        let mut numbers: Vec<u32> = fs::read_dir(roots_dir)
+            .map_err(io(roots_dir))?
+            .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+            .collect();
+        numbers.sort();
+        self.roots.clear();
+        for n in numbers {
+            let d = roots_dir.join(n.to_string());
+            let bad = |detail: String| CaError::BadRoot { path: d.clone(), detail };
+            let cert_pem = fs::read_to_string(d.join("cert.pem")).map_err(|e| bad(format!("cert.pem: {e}")))?;
+            let key_pem = fs::read_to_string(d.join("key.pem"))
+                .map_err(|e| bad(format!("key.pem: {e} (refusing to create a new root over an existing one)")))?;
+            let key = KeyPair::from_pem(&key_pem).map_err(|e| bad(format!("key.pem: {e}")))?;
+            let issuer = Issuer::from_ca_cert_pem(&cert_pem, key).map_err(|e| bad(format!("cert.pem: {e}")))?;
+            self.roots.push(Root { number: n, cert_pem, issuer });
+        }
+        Ok(())
+    }
+
+    fn create_root(&mut self, roots_dir: &Path, number: u32) -> Result<(), CaError> {
+        let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
+        let mut params = CertificateParams::default();
+        params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+        params.distinguished_name = DistinguishedName::new();
+        params.distinguished_name.push(DnType::OrganizationName, self.trust_domain.clone());
+        params.distinguished_name.push(DnType::CommonName, format!("Palisade root {number}"));
+        params.key_usages =
+            vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
+        let now = SystemTime::now();
+        params.not_before = at(now - BACKDATE);
+        params.not_after = at(now + ROOT_TTL);
+        params.serial_number = Some(random_serial());
+        let cert = params.self_signed(&key)?;
+        let d = roots_dir.join(number.to_string());
+        fs::create_dir(&d).map_err(io(&d))?;
+        write_private(&d.join("key.pem"), &key.serialize_pem())?;
+        fs::write(d.join("cert.pem"), cert.pem()).map_err(io(&d))?;
+        let issuer = Issuer::new(params, key);
+        self.roots.push(Root { number, cert_pem: cert.pem(), issuer });
+        Ok(())
+    }
+
+    /// Adds a new root that signs from now on; older roots stay trusted.
+    pub fn rotate(&mut self, dir: &Path) -> Result<u32, CaError> {
+        let next = self.roots.last().map_or(1, |r| r.number + 1);
+        self.create_root(&dir.join("roots"), next)?;
+        Ok(next)
+    }
+
+    pub fn trust_domain(&self) -> &str {
+        &self.trust_domain
+    }
+
+    /// Every trusted root, PEM.
+    pub fn bundle_pem(&self) -> String {
+        self.roots.iter().map(|r| r.cert_pem.as_str()).collect()
+    }
+
+    fn signer(&self) -> &Root {
+        self.roots.last().expect("a CA always has a root")
+    }
+
+    /// Signs a workload SVID for `identity` over the key in `csr_pem`, valid for the TTL.
+    pub fn sign_workload(&self, csr_pem: &str, identity: &SpiffeId) -> Result<(String, SystemTime), CaError> {
+        let now = SystemTime::now();
+        self.sign_workload_between(csr_pem, identity, now - BACKDATE, now + self.workload_ttl)
+    }
+
+    /// As [`Self::sign_workload`] with an explicit validity (tests make expired certificates).
+    pub fn sign_workload_between(
+        &self,
+        csr_pem: &str,
+        identity: &SpiffeId,
+        not_before: SystemTime,
+        not_after: SystemTime,
+    ) -> Result<(String, SystemTime), CaError> {
+        let uri = identity.to_string();
+        let pem = self.sign(csr_pem, &uri, not_before, not_after)?;
+        Ok((pem, not_after))
+    }
+
+    /// A node credential (URI `spiffe://<td>/node/<node>`) for authenticating to the CA.
+    pub fn node_credential(&self, node: &str) -> Result<(String, String), CaError> {
+        let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
+        let csr = CertificateParams::default().serialize_request(&key)?.pem().map_err(CaError::Sign)?;
+        let now = SystemTime::now();
+        let cert = self.sign(&csr, &node_uri(&self.trust_domain, node), now - BACKDATE, now + NODE_TTL)?;
+        Ok((cert, key.serialize_pem()))
+    }
+
+    /// The names in the request are ignored: the certificate carries `uri` and nothing else.
+    fn sign(&self, csr_pem: &str, uri: &str, not_before: SystemTime, not_after: SystemTime) -> Result<String, CaError> {
+        let csr = CertificateSigningRequestParams::from_pem(csr_pem).map_err(|e| CaError::BadCsr(e.to_string()))?;
+        let mut params = CertificateParams::default();
+        params.distinguished_name = DistinguishedName::new();
+        params.subject_alt_names =
+            vec![SanType::URI(uri.try_into().map_err(|e: rcgen::Error| CaError::BadCsr(e.to_string()))?)];
+        params.not_before = at(not_before);
+        params.not_after = at(not_after);
+        params.serial_number = Some(random_serial());
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature, KeyUsagePurpose::KeyAgreement];
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
+        params.use_authority_key_identifier_extension = true;
+        let request = CertificateSigningRequestParams { params, public_key: csr.public_key };
+        Ok(request.signed_by(&self.signer().issuer)?.pem())
+    }
+}
+
+/// A fresh key pair and a CSR for it, PEM (what ztunnel does locally; keys never leave).
+pub fn new_key_and_csr() -> Result<(String, String), rcgen::Error> {
+    let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
+    let csr = CertificateParams::default().serialize_request(&key)?.pem()?;
+    Ok((key.serialize_pem(), csr))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use palisade_mesh::tls::{Credential, certs_from_pem, spiffe_id_of};
+
+    fn tmp(name: &str) -> PathBuf {
+        let d = std::env::temp_dir().join(format!("palisade-ca-test-{name}-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&d);
+        d
+    }
+
+    #[test]
+    fn signs_spiffe_svids_and_keeps_its_root() {
+        let dir = tmp("sign");
+        let ca = CertificateAuthority::open_or_init(&dir, "cluster.local").unwrap();
+        let bundle = ca.bundle_pem();
+        let id = SpiffeId::new("cluster.local", "shop", "web");
+        let (key, csr) = new_key_and_csr().unwrap();
+        let (chain, _) = ca.sign_workload(&csr, &id).unwrap();
+        let cred = Credential::from_pem(&chain, &key).unwrap();
+        assert_eq!(cred.identity, id);
+        assert_eq!(spiffe_id_of(&certs_from_pem(&chain, "c").unwrap()[0]).unwrap(), id);
+        // Reopening uses the same root, never a new one.
+        let again = CertificateAuthority::open_or_init(&dir, "cluster.local").unwrap();
+        assert_eq!(again.bundle_pem(), bundle);
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_root_without_its_key_is_an_error_not_a_new_root() {
+        let dir = tmp("nokey");
+        CertificateAuthority::open_or_init(&dir, "cluster.local").unwrap();
+        fs::remove_file(dir.join("roots/1/key.pem")).unwrap();
+        let err = CertificateAuthority::open_or_init(&dir, "cluster.local").err().expect("must fail");
+        assert!(err.to_string().contains("key.pem"), "{err}");
+        assert!(!dir.join("roots/2").exists());
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn rotation_keeps_the_old_root_in_the_bundle() {
+        let dir = tmp("rotate");
+        let mut ca = CertificateAuthority::open_or_init(&dir, "cluster.local").unwrap();
+        let old = ca.bundle_pem();
+        assert_eq!(ca.rotate(&dir).unwrap(), 2);
+        let both = ca.bundle_pem();
+        assert!(both.starts_with(&old) && both.len() > old.len());
+        assert_eq!(certs_from_pem(&both, "b").unwrap().len(), 2);
+        fs::remove_dir_all(&dir).unwrap();
+    }
+}
