@@ -35,3 +35,16 @@ pub fn node_uri(trust_domain: &str, node: &str) -> String {
 pub fn node_of_uri<'a>(uri: &'a str, trust_domain: &str) -> Option<&'a str> {
     uri.strip_prefix("spiffe://")?.strip_prefix(trust_domain)?.strip_prefix("/node/").filter(|n| !n.contains('/'))
 }
+
+/// The identity the CA's own endpoint presents.
+pub fn ca_identity(trust_domain: &str) -> SpiffeId {
+    SpiffeId::new(trust_domain, "palisade-system", "palisade-ca")
+}
+
+/// A fresh ECDSA P-256 key pair and a CSR for it, both PEM. Keys are made where they are used
+/// and never leave that process; only the CSR travels.
+pub fn new_key_and_csr() -> Result<(String, String), rcgen::Error> {
+    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
+    let csr = rcgen::CertificateParams::default().serialize_request(&key)?.pem()?;
+    Ok((key.serialize_pem(), csr))
+}

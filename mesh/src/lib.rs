@@ -1,5 +1,8 @@
 //! Code shared by ztunnel and waypoint: SPIFFE identities, mutual TLS, workload certificates
-//! (the CA API and the certificate manager) and HBONE.
+//! (the CA API, its client and the certificate manager) and HBONE.
 pub mod ca_api;
+pub mod ca_client;
+pub mod hbone;
 pub mod identity;
+pub mod secrets;
 pub mod tls;

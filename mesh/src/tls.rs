@@ -108,10 +108,11 @@ impl TrustBundle {
     }
 }
 
-/// A workload certificate chain with its private key.
+/// A certificate chain with its private key: a workload SVID or a node credential.
 #[derive(Clone)]
 pub struct Credential {
-    pub identity: SpiffeId,
+    /// The `spiffe://` URI the certificate names.
+    pub uri: String,
     pub certified: Arc<CertifiedKey>,
     pub not_after: SystemTime,
     pub chain_pem: String,
@@ -119,7 +120,7 @@ pub struct Credential {
 
 impl fmt::Debug for Credential {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "Credential({}, not_after {:?})", self.identity, self.not_after)
+        write!(f, "Credential({}, not_after {:?})", self.uri, self.not_after)
     }
 }
 
@@ -128,10 +129,15 @@ impl Credential {
         let chain = certs_from_pem(chain_pem, "certificate chain")?;
         let key = PrivateKeyDer::from_pem_slice(key_pem.as_bytes())
             .map_err(|e| TlsError::Pem { what: "private key", detail: e.to_string() })?;
-        let identity = spiffe_id_of(&chain[0])?;
+        let uri = spiffe_uri_of(&chain[0])?;
         let not_after = not_after(&chain[0])?;
         let certified = Arc::new(CertifiedKey::from_der(chain, key, &provider())?);
-        Ok(Credential { identity, certified, not_after, chain_pem: chain_pem.to_string() })
+        Ok(Credential { uri, certified, not_after, chain_pem: chain_pem.to_string() })
+    }
+
+    /// The workload identity, when the certificate is a workload SVID.
+    pub fn workload_id(&self) -> Option<SpiffeId> {
+        self.uri.parse().ok()
     }
 }
 
@@ -166,11 +172,21 @@ impl ResolvesClientCert for CredentialSlot {
     }
 }
 
+/// Which clients a server accepts (beyond chaining to the bundle).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Clients {
+    /// Workloads of the trust domain (`spiffe://<td>/ns/<ns>/sa/<sa>`).
+    Workloads,
+    /// Node credentials of the trust domain (`spiffe://<td>/node/<name>`): the CA's callers.
+    Nodes,
+}
+
 /// Requires a client chain to the bundle whose SPIFFE ID is in the trust domain.
 #[derive(Debug)]
 struct SpiffeClientVerifier {
     inner: Arc<dyn ClientCertVerifier>,
     trust_domain: String,
+    clients: Clients,
 }
 
 fn reject(msg: String) -> rustls::Error {
@@ -196,7 +212,15 @@ impl ClientCertVerifier for SpiffeClientVerifier {
         now: UnixTime,
     ) -> Result<ClientCertVerified, rustls::Error> {
         self.inner.verify_client_cert(end_entity, intermediates, now)?;
-        check_trust_domain(end_entity, &self.trust_domain)?;
+        match self.clients {
+            Clients::Workloads => check_trust_domain(end_entity, &self.trust_domain).map(|_| ())?,
+            Clients::Nodes => {
+                let uri = spiffe_uri_of(end_entity).map_err(|e| reject(e.to_string()))?;
+                if crate::ca_api::node_of_uri(&uri, &self.trust_domain).is_none() {
+                    return Err(reject(format!("{uri} is not a node credential of {}", self.trust_domain)));
+                }
+            }
+        }
         Ok(ClientCertVerified::assertion())
     }
     fn verify_tls12_signature(
@@ -276,11 +300,21 @@ pub fn server_config(
     bundle: &TrustBundle,
     alpn: &[&[u8]],
 ) -> Result<Arc<rustls::ServerConfig>, TlsError> {
+    server_config_for(credential, bundle, Clients::Workloads, alpn)
+}
+
+/// As [`server_config`], choosing which kind of client is accepted.
+pub fn server_config_for(
+    credential: Arc<CredentialSlot>,
+    bundle: &TrustBundle,
+    clients: Clients,
+    alpn: &[&[u8]],
+) -> Result<Arc<rustls::ServerConfig>, TlsError> {
     let provider = provider();
     let inner = WebPkiClientVerifier::builder_with_provider(bundle.roots.clone(), provider.clone())
         .build()
         .map_err(|e| TlsError::Config(rustls::Error::General(e.to_string())))?;
-    let verifier = Arc::new(SpiffeClientVerifier { inner, trust_domain: bundle.trust_domain.clone() });
+    let verifier = Arc::new(SpiffeClientVerifier { inner, trust_domain: bundle.trust_domain.clone(), clients });
     let mut config = rustls::ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .with_client_cert_verifier(verifier)

@@ -204,16 +204,10 @@ impl CertificateAuthority {
     }
 }
 
-/// A fresh key pair and a CSR for it, PEM (what ztunnel does locally; keys never leave).
-pub fn new_key_and_csr() -> Result<(String, String), rcgen::Error> {
-    let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
-    let csr = CertificateParams::default().serialize_request(&key)?.pem()?;
-    Ok((key.serialize_pem(), csr))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use palisade_mesh::ca_api::new_key_and_csr;
     use palisade_mesh::tls::{Credential, certs_from_pem, spiffe_id_of};
 
     fn tmp(name: &str) -> PathBuf {
@@ -231,7 +225,7 @@ mod tests {
         let (key, csr) = new_key_and_csr().unwrap();
         let (chain, _) = ca.sign_workload(&csr, &id).unwrap();
         let cred = Credential::from_pem(&chain, &key).unwrap();
-        assert_eq!(cred.identity, id);
+        assert_eq!(cred.workload_id(), Some(id.clone()));
         assert_eq!(spiffe_id_of(&certs_from_pem(&chain, "c").unwrap()[0]).unwrap(), id);
         // Reopening uses the same root, never a new one.
         let again = CertificateAuthority::open_or_init(&dir, "cluster.local").unwrap();

@@ -2,6 +2,7 @@
 //! ztunnel loads into the kernel. The verdict algorithm lives here once ([`Snapshot::verdict`])
 //! and is used by ztunnel, by tests and by `palisade explain`.
 pub mod ca;
+pub mod ca_server;
 pub mod compile;
 pub mod load;
 pub mod resource;

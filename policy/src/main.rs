@@ -1,5 +1,5 @@
-//! `palisade`: validate configuration and explain verdicts. The control-plane server arrives
-//! with its own issue.
+//! `palisade`: validate configuration, explain verdicts, and run the certificate authority.
+//! The control-plane server (snapshot streaming) arrives with its own issue.
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -33,10 +33,95 @@ enum Command {
         #[arg(long)]
         to: SocketAddr,
     },
+    /// The mesh certificate authority.
+    Ca {
+        /// Directory of the CA's roots (created on first use, never regenerated).
+        #[arg(long, env = "PALISADE_CA_DIR")]
+        dir: PathBuf,
+        #[arg(long, env = "PALISADE_TRUST_DOMAIN", default_value = palisade_mesh::identity::DEFAULT_TRUST_DOMAIN)]
+        trust_domain: String,
+        #[command(subcommand)]
+        command: CaCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum CaCommand {
+    /// Create the root if there is none, and print the trust bundle.
+    Init,
+    /// Print the trust bundle (every trusted root).
+    Bundle,
+    /// Add a new signing root; older roots stay trusted until removed from the directory.
+    Rotate,
+    /// Write a node credential (node.pem, node-key.pem) and the bundle (bundle.pem) to OUT.
+    NodeCredential {
+        #[arg(long)]
+        node: String,
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Serve certificate requests from ztunnels.
+    Serve {
+        #[arg(long, default_value = "0.0.0.0:15012")]
+        listen: SocketAddr,
+        /// Resource files naming each workload's node (node authorization).
+        #[arg(long = "inventory", required = true)]
+        inventory: Vec<PathBuf>,
+        /// Lifetime of workload certificates, in seconds.
+        #[arg(long, default_value_t = 86_400)]
+        workload_ttl_secs: u64,
+    },
+}
+
+fn ca_command(dir: PathBuf, trust_domain: String, command: CaCommand) -> anyhow::Result<()> {
+    use palisade_policy::ca::CertificateAuthority;
+    let mut ca = CertificateAuthority::open_or_init(&dir, &trust_domain)?;
+    match command {
+        CaCommand::Init | CaCommand::Bundle => print!("{}", ca.bundle_pem()),
+        CaCommand::Rotate => {
+            println!("root {} now signs; the bundle holds every root in {}", ca.rotate(&dir)?, dir.display())
+        }
+        CaCommand::NodeCredential { node, out } => {
+            let (cert, key) = ca.node_credential(&node)?;
+            std::fs::create_dir_all(&out)?;
+            std::fs::write(out.join("node.pem"), cert)?;
+            std::fs::write(out.join("node-key.pem"), key)?;
+            std::fs::write(out.join("bundle.pem"), ca.bundle_pem())?;
+            println!("node credential for {node} written to {}", out.display());
+        }
+        CaCommand::Serve { listen, inventory, workload_ttl_secs } => {
+            tracing_subscriber::fmt()
+                .with_env_filter(
+                    tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+                )
+                .init();
+            ca.workload_ttl = std::time::Duration::from_secs(workload_ttl_secs);
+            let service = std::sync::Arc::new(palisade_policy::ca_server::CaService {
+                ca: std::sync::Mutex::new(ca),
+                dir,
+                inventory,
+            });
+            let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+            runtime.block_on(async {
+                let listener = tokio::net::TcpListener::bind(listen).await?;
+                palisade_policy::ca_server::serve(listener, service).await
+            })?;
+        }
+    }
+    Ok(())
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Command::Ca { dir, trust_domain, command } = cli.command {
+        return match ca_command(dir, trust_domain, command) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("error: {e:#}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     let result = match cli.command {
         Command::Validate { paths } => palisade_policy::load_snapshot(&paths).map(|s| {
             println!(
@@ -57,6 +142,7 @@ fn main() -> ExitCode {
                 s.describe_rule(v.rule, v.dst_identity)
             );
         }),
+        Command::Ca { .. } => unreachable!("handled above"),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -21,6 +21,8 @@ use serde::{Deserialize, Serialize};
 use crate::sys::{self, ip, ip_in, sysctl_in};
 
 pub const PREFIX: &str = "plsd-";
+/// Where the CA listens: the fabric bridge's address, reachable from every node.
+pub const CA_ADDR: &str = "172.18.0.1:15012";
 pub const TRUST_DOMAIN: &str = "cluster.local";
 
 /// A pod to create.
@@ -49,6 +51,11 @@ pub struct ClusterSpec {
     pub nodes: Vec<Vec<PodTemplate>>,
     /// ztunnel binary; `None` runs no ztunnel (the no-mesh baseline).
     pub ztunnel: Option<PathBuf>,
+    /// `palisade` binary: with it the cluster runs a CA and ztunnels use HBONE (mTLS);
+    /// without it ztunnels carry plain TCP between pods.
+    pub palisade: Option<PathBuf>,
+    /// Lifetime of workload certificates issued by the sandbox CA.
+    pub workload_ttl: Duration,
     /// Enroll every pod with its node's ztunnel at start.
     pub enroll: bool,
     /// Extra YAML resources (policies, namespaces) added to the generated workloads.
@@ -70,6 +77,8 @@ impl ClusterSpec {
             state_dir,
             nodes,
             ztunnel: None,
+            palisade: None,
+            workload_ttl: Duration::from_secs(24 * 3600),
             enroll: true,
             policy: String::new(),
             teardown_on_drop: true,
@@ -118,6 +127,8 @@ pub struct Cluster {
     pub info: ClusterInfo,
     extra_policy: String,
     ztunnels: Vec<Child>,
+    /// Other processes of the cluster (the CA).
+    processes: Vec<Child>,
     teardown_on_drop: bool,
 }
 
@@ -140,6 +151,7 @@ impl Cluster {
             },
             extra_policy: spec.policy.clone(),
             ztunnels: Vec::new(),
+            processes: Vec::new(),
             teardown_on_drop: true,
         };
         match cluster.build(&spec) {
@@ -164,6 +176,7 @@ impl Cluster {
         ip_in(&fabric, &["link", "add", "br0", "type", "bridge"])?;
         ip_in(&fabric, &["link", "set", "br0", "up"])?;
         ip_in(&fabric, &["link", "set", "lo", "up"])?;
+        ip_in(&fabric, &["addr", "add", "172.18.0.1/24", "dev", "br0"])?;
         let n_nodes = spec.nodes.len();
         for (i, pods) in spec.nodes.iter().enumerate() {
             let n = i + 1;
@@ -228,8 +241,11 @@ impl Cluster {
         self.write_policy_file(&self.extra_policy.clone())?;
         self.save()?;
         if let Some(bin) = &spec.ztunnel {
+            if let Some(palisade) = &spec.palisade {
+                self.start_ca(palisade, spec.workload_ttl)?;
+            }
             for i in 0..self.info.nodes.len() {
-                self.start_ztunnel(i, bin)?;
+                self.start_ztunnel(i, bin, spec.palisade.is_some())?;
             }
             if spec.enroll {
                 for pod in self.info.pods.clone() {
@@ -240,23 +256,17 @@ impl Cluster {
         Ok(())
     }
 
-    fn start_ztunnel(&mut self, i: usize, bin: &Path) -> Result<()> {
-        let node = self.info.nodes[i].clone();
-        let cgroup = self.info.cgroup.join(format!("ztunnel-{}", node.name));
+    /// Starts `cmd` inside network namespace `netns`, in the cluster cgroup `cgroup_name`,
+    /// in its own session, logging to `log`.
+    fn spawn_in(&self, netns: &str, cgroup_name: &str, mut cmd: Command, log: &Path) -> Result<Child> {
+        let cgroup = self.info.cgroup.join(cgroup_name);
         std::fs::create_dir_all(&cgroup)?;
         let procs = std::ffi::CString::new(cgroup.join("cgroup.procs").into_os_string().into_encoded_bytes())?;
-        let log = std::fs::File::create(&node.log)?;
-        // Enter the node's network namespace directly rather than through `ip netns exec`,
-        // which would also give ztunnel a private /sys without the cgroup mounts it needs.
-        let netns = std::fs::File::open(format!("/run/netns/{}", node.netns))?;
-        let mut cmd = Command::new(bin);
-        cmd.args(["--node", &node.name])
-            .arg("--policy")
-            .arg(&self.info.policy_file)
-            .arg("--enroll-socket")
-            .arg(&node.enroll_socket)
-            .args(["--policy-poll-ms", "100"])
-            .env("RUST_LOG", std::env::var("PALISADE_LOG").unwrap_or_else(|_| "info".into()))
+        let log = std::fs::File::create(log)?;
+        // Enter the namespace directly rather than through `ip netns exec`, which would also
+        // give the process a private /sys without the cgroup mounts ztunnel needs.
+        let netns = std::fs::File::open(format!("/run/netns/{netns}"))?;
+        cmd.env("RUST_LOG", std::env::var("PALISADE_LOG").unwrap_or_else(|_| "info".into()))
             .env("RUST_BACKTRACE", "0")
             .env("NO_COLOR", "1")
             .stdin(Stdio::null())
@@ -274,7 +284,65 @@ impl Cluster {
                 Ok(())
             });
         }
-        let child = cmd.spawn().with_context(|| format!("start {}", bin.display()))?;
+        cmd.spawn().with_context(|| format!("start {:?}", cmd.get_program()))
+    }
+
+    /// Creates the CA's root and a credential per node, then serves the CA on the fabric.
+    fn start_ca(&mut self, palisade: &Path, workload_ttl: Duration) -> Result<()> {
+        let ca_dir = self.info.state_dir.join("ca");
+        for node in &self.info.nodes {
+            let out = self.info.state_dir.join(format!("credential-{}", node.name));
+            sys::run(
+                palisade.to_str().context("palisade path")?,
+                &[
+                    "ca",
+                    "--dir",
+                    ca_dir.to_str().unwrap(),
+                    "node-credential",
+                    "--node",
+                    &node.name,
+                    "--out",
+                    out.to_str().unwrap(),
+                ],
+            )?;
+        }
+        let mut cmd = Command::new(palisade);
+        cmd.args(["ca", "--dir"])
+            .arg(&ca_dir)
+            .args(["serve", "--listen", CA_ADDR, "--inventory"])
+            .arg(&self.info.policy_file)
+            .args(["--workload-ttl-secs", &workload_ttl.as_secs().to_string()]);
+        let fabric = netns_name(&self.info.id, "fab");
+        let child = self.spawn_in(&fabric, "ca", cmd, &self.info.state_dir.join("ca.log"))?;
+        self.processes.push(child);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !sys::in_netns(&fabric, || std::net::TcpStream::connect(CA_ADDR).is_ok())? {
+            if Instant::now() > deadline {
+                bail!(
+                    "the CA did not start listening on {CA_ADDR} (see {})",
+                    self.info.state_dir.join("ca.log").display()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Ok(())
+    }
+
+    fn start_ztunnel(&mut self, i: usize, bin: &Path, with_ca: bool) -> Result<()> {
+        let node = self.info.nodes[i].clone();
+        let mut cmd = Command::new(bin);
+        cmd.args(["--node", &node.name])
+            .arg("--policy")
+            .arg(&self.info.policy_file)
+            .arg("--enroll-socket")
+            .arg(&node.enroll_socket)
+            .args(["--policy-poll-ms", "100"]);
+        if with_ca {
+            cmd.args(["--ca-addr", CA_ADDR])
+                .arg("--node-credential-dir")
+                .arg(self.info.state_dir.join(format!("credential-{}", node.name)));
+        }
+        let child = self.spawn_in(&node.netns, &format!("ztunnel-{}", node.name), cmd, &node.log)?;
         self.ztunnels.push(child);
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
@@ -419,11 +487,12 @@ impl Cluster {
     /// The last lines of every ztunnel log (for failure reports).
     pub fn log_tails(&self) -> String {
         let mut out = String::new();
-        for n in &self.info.nodes {
-            let text = std::fs::read_to_string(&n.log).unwrap_or_default();
+        let logs = self.info.nodes.iter().map(|n| (n.name.clone(), n.log.clone()));
+        for (name, log) in logs.chain([("ca".to_string(), self.info.state_dir.join("ca.log"))]) {
+            let Ok(text) = std::fs::read_to_string(&log) else { continue };
             let lines: Vec<&str> = text.lines().collect();
             let tail = &lines[lines.len().saturating_sub(30)..];
-            out.push_str(&format!("--- {} ({}) ---\n{}\n", n.name, n.log.display(), tail.join("\n")));
+            out.push_str(&format!("--- {name} ({}) ---\n{}\n", log.display(), tail.join("\n")));
         }
         out
     }
@@ -449,7 +518,13 @@ impl Cluster {
     /// A handle on a running cluster made by someone else (`cluster.json`, another thread):
     /// it never tears the cluster down.
     pub fn attach(info: ClusterInfo) -> Cluster {
-        Cluster { info, extra_policy: String::new(), ztunnels: Vec::new(), teardown_on_drop: false }
+        Cluster {
+            info,
+            extra_policy: String::new(),
+            ztunnels: Vec::new(),
+            processes: Vec::new(),
+            teardown_on_drop: false,
+        }
     }
 
     /// Loads `cluster.json` from a state directory.
@@ -464,6 +539,7 @@ impl Cluster {
     pub fn keep(mut self) {
         self.teardown_on_drop = false;
         self.ztunnels.clear();
+        self.processes.clear();
     }
 
     /// Stops ztunnels gracefully (they detach their programs), then removes everything.
@@ -479,11 +555,12 @@ impl Cluster {
             }
         }
         teardown(&self.info.id, &self.info.state_dir)?;
-        for child in &mut self.ztunnels {
+        for child in self.ztunnels.iter_mut().chain(&mut self.processes) {
             let _ = child.kill();
             let _ = child.wait();
         }
         self.ztunnels.clear();
+        self.processes.clear();
         Ok(())
     }
 }

@@ -32,16 +32,16 @@ fn same_node_and_cross_node_connections_go_through_ztunnel() {
         });
         assert!(inb["src"].as_str().unwrap().starts_with(&format!("{src}:")), "{inb}");
         assert_eq!(inb["bytes_received"], 100_000, "{inb}");
-        // The kernel's verdicts at both ends.
+        // Between enrolled pods the hop is HBONE, and each side saw the other's proven identity.
+        let dst_sa = if node_of_dst == "node-1" { "p1-2" } else { "p2-1" };
+        assert_eq!(out["transport"], "hbone", "{out}");
+        assert_eq!(out["peer_spiffe_id"], format!("spiffe://cluster.local/ns/default/sa/{dst_sa}"), "{out}");
+        assert_eq!(inb["transport"], "hbone", "{inb}");
+        assert_eq!(inb["peer_spiffe_id"], "spiffe://cluster.local/ns/default/sa/p1-1", "{inb}");
+        // The source's kernel took the verdict at connect().
         wait_flow(&cluster, "node-1", |f| {
             f["observer"] == "kernel"
                 && f["direction"] == "outbound"
-                && f["dst"] == dst.as_str()
-                && f["verdict"] == "allow"
-        });
-        wait_flow(&cluster, node_of_dst, |f| {
-            f["observer"] == "kernel"
-                && f["direction"] == "inbound"
                 && f["dst"] == dst.as_str()
                 && f["verdict"] == "allow"
         });

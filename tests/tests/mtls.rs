@@ -5,11 +5,12 @@
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
+use palisade_mesh::ca_api::new_key_and_csr;
 use palisade_mesh::identity::SpiffeId;
 use palisade_mesh::tls::{
     Credential, CredentialSlot, TrustBundle, client_config, no_sni, peer_identity, server_config,
 };
-use palisade_policy::ca::{CertificateAuthority, new_key_and_csr};
+use palisade_policy::ca::CertificateAuthority;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 struct Ca {

@@ -35,6 +35,7 @@ pub fn run() -> Result<()> {
     ];
     spec.policy = POLICY.into();
     spec.ztunnel = Some(palisade_sandbox::workspace_bin("ztunnel")?);
+    spec.palisade = Some(palisade_sandbox::workspace_bin("palisade")?);
     println!("== Bringing up the sandbox (2 nodes, ztunnel on each, every pod enrolled)");
     let cluster = Cluster::up(spec)?;
     crate::sandbox::print_summary(&cluster);

@@ -44,6 +44,7 @@ pub fn run(command: SandboxCommand) -> Result<()> {
             crate::build()?;
             let mut spec = ClusterSpec::uniform(ID, state_dir(), nodes, pods);
             spec.ztunnel = Some(palisade_sandbox::workspace_bin("ztunnel")?);
+            spec.palisade = Some(palisade_sandbox::workspace_bin("palisade")?);
             spec.teardown_on_drop = false;
             let cluster = Cluster::up(spec)?;
             print_summary(&cluster);

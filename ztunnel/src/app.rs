@@ -26,8 +26,23 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     tracing::info!(stats = ?stats, "policy in force");
 
     let hub = Arc::new(FlowHub::new(config.node.clone(), metrics.clone(), snapshot.clone()));
-    let ctx = Arc::new(ProxyCtx { hub: hub.clone(), metrics: metrics.clone(), orig_dst: kernel.orig_dst });
-    let pods = Arc::new(Pods::new(kernel.capture, ctx, snapshot.clone()));
+    let mesh = match config.ca_addr {
+        Some(addr) => Some(mesh(&config, addr).context("identity set-up")?),
+        None => {
+            tracing::warn!(
+                "no CA configured (--ca-addr): no workload identities; traffic between pods is NOT encrypted"
+            );
+            None
+        }
+    };
+    let ctx = Arc::new(ProxyCtx {
+        hub: hub.clone(),
+        metrics: metrics.clone(),
+        orig_dst: kernel.orig_dst,
+        snapshot: snapshot.clone(),
+        mesh,
+    });
+    let pods = Arc::new(Pods::new(kernel.capture, ctx.clone()));
 
     let bind = |addr| async move { TcpListener::bind(addr).await.with_context(|| format!("bind {addr}")) };
     let listeners = [bind(config.admin_addr).await?, bind(config.metrics_addr).await?, bind(config.ready_addr).await?];
@@ -44,11 +59,33 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     tracing::info!(node = %config.node, "ztunnel ready");
 
     shutdown_signal().await;
-    tracing::info!("shutting down: detaching programs");
+    tracing::info!(drain_secs = config.drain_secs, "shutting down: draining connections");
+    pods.stop_accepting();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(config.drain_secs);
+    while ctx.metrics.active_connections() > 0 && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    tracing::info!(still_active = ctx.metrics.active_connections(), "detaching programs");
     pods.shutdown();
     events.abort();
     let _ = std::fs::remove_file(&config.enroll_socket);
     Ok(())
+}
+
+/// Node credential, trust bundle, CA client, certificate manager and HBONE pool.
+fn mesh(config: &Config, ca_addr: std::net::SocketAddr) -> anyhow::Result<crate::proxy::hbone::Mesh> {
+    use palisade_mesh::tls::{Credential, CredentialSlot, TrustBundle};
+    let dir = &config.node_credential_dir;
+    let read = |name: &str| {
+        std::fs::read_to_string(dir.join(name)).with_context(|| format!("read {}", dir.join(name).display()))
+    };
+    let node = Credential::from_pem(&read("node.pem")?, &read("node-key.pem")?)?;
+    tracing::info!(node = %node.uri, not_after = ?node.not_after, "node credential loaded");
+    let bundle = TrustBundle::from_pem(&read("bundle.pem")?, &config.trust_domain)?;
+    let client = palisade_mesh::ca_client::CaClient::new(ca_addr, CredentialSlot::new(node));
+    let secrets = palisade_mesh::secrets::SecretManager::new(Arc::new(client), bundle);
+    let pool = palisade_mesh::hbone::pool::Pool::new(Default::default());
+    Ok(crate::proxy::hbone::Mesh { secrets, pool, trust_domain: config.trust_domain.clone() })
 }
 
 async fn shutdown_signal() {

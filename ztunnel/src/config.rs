@@ -30,6 +30,20 @@ pub struct Config {
     /// How often the policy files are checked for changes, in milliseconds.
     #[arg(long, env = "PALISADE_POLICY_POLL_MS", default_value_t = 200)]
     pub policy_poll_ms: u64,
+    /// The certificate authority (`palisade ca serve`). Without one, ztunnel has no identities
+    /// and carries traffic between pods in plain TCP.
+    #[arg(long, env = "PALISADE_CA_ADDR")]
+    pub ca_addr: Option<SocketAddr>,
+    /// Directory with this node's credential for the CA (node.pem, node-key.pem) and the
+    /// initial trust bundle (bundle.pem).
+    #[arg(long, env = "PALISADE_NODE_CREDENTIAL_DIR", default_value = "/var/run/palisade/node")]
+    pub node_credential_dir: PathBuf,
+    /// SPIFFE trust domain of the mesh.
+    #[arg(long, env = "PALISADE_TRUST_DOMAIN", default_value = palisade_mesh::identity::DEFAULT_TRUST_DOMAIN)]
+    pub trust_domain: String,
+    /// How long a graceful shutdown waits for connections in flight, in seconds.
+    #[arg(long, env = "PALISADE_DRAIN_SECS", default_value_t = 5)]
+    pub drain_secs: u64,
     /// Log as JSON lines instead of text.
     #[arg(long, env = "PALISADE_LOG_JSON")]
     pub log_json: bool,

@@ -65,7 +65,7 @@ async fn handle(stream: UnixStream, pods: Arc<Pods>) {
     while let Ok(Some(line)) = lines.next_line().await {
         let reply = match serde_json::from_str::<Request>(&line) {
             Err(e) => Reply { error: Some(format!("bad request: {e}")), ..Default::default() },
-            Ok(Request::Enroll { pod }) => match pods.enroll(pod) {
+            Ok(Request::Enroll { pod }) => match pods.enroll(pod).await {
                 Ok(()) => Reply { ok: true, ..Default::default() },
                 Err(e) => {
                     let message = error_chain(&e);

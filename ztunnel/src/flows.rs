@@ -23,6 +23,16 @@ pub enum Verdict {
     Deny,
 }
 
+/// How a proxied connection crossed between ztunnels.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Transport {
+    /// Plain TCP (destinations outside the mesh, plaintext sources, or no CA configured).
+    Tcp,
+    /// HTTP/2 CONNECT over mutual TLS.
+    Hbone,
+}
+
 /// Where the event was observed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -53,6 +63,12 @@ pub struct FlowEvent {
     /// Why a proxied connection ended abnormally, if it did.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// Proxy events: how the connection crossed between ztunnels.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub transport: Option<Transport>,
+    /// HBONE: the SPIFFE ID the peer proved with its certificate.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub peer_spiffe_id: Option<String>,
 }
 
 pub struct FlowHub {
@@ -125,6 +141,8 @@ impl FlowHub {
             bytes_received: 0,
             duration_ms: 0.0,
             error: None,
+            transport: None,
+            peer_spiffe_id: None,
         });
     }
 
@@ -154,6 +172,8 @@ impl FlowHub {
                 bytes_received = event.bytes_received,
                 duration_ms = event.duration_ms,
                 error = event.error.as_deref().unwrap_or(""),
+                transport = ?event.transport,
+                peer = event.peer_spiffe_id.as_deref().unwrap_or(""),
                 "connection complete"
             ),
         }

@@ -50,6 +50,9 @@ impl Metrics {
         self.bytes[d][0].fetch_add(sent, Relaxed);
         self.bytes[d][1].fetch_add(received, Relaxed);
     }
+    pub fn active_connections(&self) -> i64 {
+        self.active.iter().map(|a| a.load(Relaxed)).sum()
+    }
     pub fn proxy_error(&self, direction: Direction) {
         self.proxy_errors[direction.index()].fetch_add(1, Relaxed);
     }

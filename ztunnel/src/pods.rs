@@ -6,15 +6,18 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
-use palisade_ebpf_common::{INBOUND_PORT, OUTBOUND_PORT};
-use palisade_policy::Snapshot;
+use palisade_ebpf_common::{HBONE_PORT, INBOUND_PORT, OUTBOUND_PORT};
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use crate::datapath::{Capture, PodCapture};
 use crate::netns::Netns;
-use crate::proxy::{PodNet, ProxyCtx, inbound, outbound};
+use crate::proxy::hbone::workload_identity;
+use crate::proxy::{PodNet, ProxyCtx, hbone, inbound, outbound};
+
+/// How long enrollment waits for a pod's first certificate.
+const FIRST_CERTIFICATE_WAIT: std::time::Duration = std::time::Duration::from_secs(15);
 
 /// An enrollment request.
 #[derive(Clone, Debug, Deserialize, Serialize, PartialEq, Eq)]
@@ -45,10 +48,19 @@ pub enum EnrollError {
     },
     #[error("pod {uid}: at least one IP is required")]
     NoAddress { uid: String },
+    #[error("pod {uid}: {ip} is not the address of any workload in the inventory, so it has no identity")]
+    NoIdentity { uid: String, ip: IpAddr },
+    #[error("pod {uid}: {source}")]
+    Certificate {
+        uid: String,
+        #[source]
+        source: palisade_mesh::secrets::SecretError,
+    },
 }
 
 struct Enrolled {
     spec: PodSpec,
+    identity: Option<palisade_mesh::identity::SpiffeId>,
     netns_cookie: u64,
     tasks: Vec<JoinHandle<()>>,
 }
@@ -57,21 +69,45 @@ pub struct Pods {
     capture: Mutex<Capture>,
     enrolled: Mutex<BTreeMap<String, Enrolled>>,
     ctx: Arc<ProxyCtx>,
-    snapshot: watch::Receiver<Arc<Snapshot>>,
+    /// Set to true at shutdown: HBONE listeners stop accepting and drain.
+    shutdown: watch::Sender<bool>,
 }
 
 impl Pods {
-    pub fn new(capture: Capture, ctx: Arc<ProxyCtx>, snapshot: watch::Receiver<Arc<Snapshot>>) -> Self {
-        Pods { capture: Mutex::new(capture), enrolled: Mutex::new(BTreeMap::new()), ctx, snapshot }
+    pub fn new(capture: Capture, ctx: Arc<ProxyCtx>) -> Self {
+        Pods {
+            capture: Mutex::new(capture),
+            enrolled: Mutex::new(BTreeMap::new()),
+            ctx,
+            shutdown: watch::channel(false).0,
+        }
+    }
+
+    /// The pod's identity and first certificate, when ztunnel has a CA.
+    async fn identity(
+        &self,
+        spec: &PodSpec,
+    ) -> Result<Option<(palisade_mesh::identity::SpiffeId, Arc<palisade_mesh::tls::CredentialSlot>)>, EnrollError> {
+        let Some(mesh) = &self.ctx.mesh else { return Ok(None) };
+        let ip = spec.ips[0];
+        let id = workload_identity(&self.ctx.snapshot.borrow(), ip, &mesh.trust_domain)
+            .ok_or_else(|| EnrollError::NoIdentity { uid: spec.uid.clone(), ip })?;
+        let slot = mesh
+            .secrets
+            .credential(&id, FIRST_CERTIFICATE_WAIT)
+            .await
+            .map_err(|source| EnrollError::Certificate { uid: spec.uid.clone(), source })?;
+        Ok(Some((id, slot)))
     }
 
     /// Enrolls a pod (again: an existing enrollment with the same uid is replaced).
-    pub fn enroll(&self, spec: PodSpec) -> Result<(), EnrollError> {
+    pub async fn enroll(&self, spec: PodSpec) -> Result<(), EnrollError> {
         let uid = spec.uid.clone();
         if spec.ips.is_empty() {
             return Err(EnrollError::NoAddress { uid });
         }
         self.remove(&uid);
+        let identity = self.identity(&spec).await?;
         let io = |what| {
             let uid = uid.clone();
             move |source| EnrollError::Io { uid, what, source }
@@ -85,6 +121,14 @@ impl Pods {
         let inbound = netns
             .listen(SocketAddr::new(Ipv4Addr::LOCALHOST.into(), INBOUND_PORT))
             .map_err(io("listen on 127.0.0.1:15006 in the pod"))?;
+        let hbone_listener = match identity {
+            Some(_) => Some(
+                netns
+                    .listen(SocketAddr::new(Ipv4Addr::UNSPECIFIED.into(), HBONE_PORT))
+                    .map_err(io("listen on 0.0.0.0:15008 in the pod"))?,
+            ),
+            None => None,
+        };
         let netns_cookie = netns.cookie();
         self.capture
             .lock()
@@ -92,17 +136,21 @@ impl Pods {
             .attach(PodCapture { netns: &netns, cgroup: &spec.cgroup, addrs: &spec.ips, inbound_listener: &inbound })
             .map_err(|source| EnrollError::Kernel { uid: uid.clone(), source: Box::new(source) })?;
 
-        let pod = Arc::new(PodNet { name: spec.name.clone(), netns });
+        let pod = Arc::new(PodNet { name: spec.name.clone(), netns, ip: spec.ips[0], identity });
         let mut tasks = vec![
             tokio::spawn(outbound::serve(outbound4, pod.clone(), self.ctx.clone())),
-            tokio::spawn(inbound::serve(inbound, pod.clone(), self.ctx.clone(), self.snapshot.clone())),
+            tokio::spawn(inbound::serve(inbound, pod.clone(), self.ctx.clone())),
         ];
+        if let Some(l) = hbone_listener {
+            tasks.push(tokio::spawn(hbone::serve_inbound(l, pod.clone(), self.ctx.clone(), self.shutdown.subscribe())));
+        }
         if let Some(l) = outbound6 {
             tasks.push(tokio::spawn(outbound::serve(l, pod.clone(), self.ctx.clone())));
         }
         tracing::info!(uid = %spec.uid, pod = %spec.name, ips = ?spec.ips, netns_cookie, "pod enrolled");
         let mut enrolled = self.enrolled.lock().expect("pods lock");
-        enrolled.insert(uid, Enrolled { spec, netns_cookie, tasks });
+        let identity = pod.identity.as_ref().map(|(id, _)| id.clone());
+        enrolled.insert(uid, Enrolled { spec, identity, netns_cookie, tasks });
         self.ctx.metrics.enrolled_pods.store(enrolled.len() as i64, std::sync::atomic::Ordering::Relaxed);
         Ok(())
     }
@@ -116,14 +164,26 @@ impl Pods {
         for t in &pod.tasks {
             t.abort();
         }
-        let n = self.enrolled.lock().expect("pods lock").len();
-        self.ctx.metrics.enrolled_pods.store(n as i64, std::sync::atomic::Ordering::Relaxed);
+        let enrolled = self.enrolled.lock().expect("pods lock");
+        self.ctx.metrics.enrolled_pods.store(enrolled.len() as i64, std::sync::atomic::Ordering::Relaxed);
+        // Stop renewing a certificate no local workload uses any more.
+        if let (Some(mesh), Some(id)) = (&self.ctx.mesh, &pod.identity)
+            && !enrolled.values().any(|p| p.identity.as_ref() == Some(id))
+        {
+            mesh.secrets.forget(id);
+        }
+        drop(enrolled);
         tracing::info!(uid, pod = %pod.spec.name, "pod removed");
         true
     }
 
     pub fn list(&self) -> Vec<PodSpec> {
         self.enrolled.lock().expect("pods lock").values().map(|p| p.spec.clone()).collect()
+    }
+
+    /// Stops accepting HBONE connections; streams in flight continue (drain).
+    pub fn stop_accepting(&self) {
+        self.shutdown.send_replace(true);
     }
 
     /// Detaches every program (shutdown).

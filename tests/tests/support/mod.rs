@@ -36,8 +36,9 @@ pub fn mesh_with(nodes: Vec<Vec<PodTemplate>>, policy: &str) -> Cluster {
     start(spec)
 }
 
-fn start(spec: ClusterSpec) -> Cluster {
+fn start(mut spec: ClusterSpec) -> Cluster {
     require_root();
+    spec.palisade = Some(palisade_sandbox::workspace_bin("palisade").expect("palisade binary"));
     palisade_sandbox::sweep_stale_test_clusters().expect("sweep stale test clusters");
     Cluster::up(spec).unwrap_or_else(|e| panic!("sandbox up: {e:#}"))
 }

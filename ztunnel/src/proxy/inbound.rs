@@ -9,12 +9,7 @@ use tokio::net::TcpListener;
 use super::{Decided, PodNet, ProxyCtx, carry};
 use crate::metrics::Direction;
 
-pub async fn serve(
-    listener: TcpListener,
-    pod: Arc<PodNet>,
-    ctx: Arc<ProxyCtx>,
-    snapshot: tokio::sync::watch::Receiver<Arc<palisade_policy::Snapshot>>,
-) {
+pub async fn serve(listener: TcpListener, pod: Arc<PodNet>, ctx: Arc<ProxyCtx>) {
     loop {
         let (client, peer) = match listener.accept().await {
             Ok(c) => c,
@@ -26,7 +21,7 @@ pub async fn serve(
         };
         let Ok(dst) = client.local_addr() else { continue };
         // The kernel already allowed it; name the deciding rule the same way it did.
-        let v = snapshot.borrow().verdict(peer.ip(), dst.ip(), dst.port());
+        let v = ctx.snapshot.borrow().verdict(peer.ip(), dst.ip(), dst.port());
         let (pod, ctx) = (pod.clone(), ctx.clone());
         tokio::spawn(async move {
             let decided = Decided { src_identity: v.src_identity, dst_identity: v.dst_identity, rule: v.rule };

@@ -1,8 +1,10 @@
-//! The L4 proxies that carry captured connections. In this stage both directions carry
-//! plaintext; HBONE (mTLS) replaces the hop between ztunnels in the identity issue.
+//! The L4 proxies that carry captured connections. Between two enrolled pods the hop is
+//! HBONE (mutual TLS proving both identities, [`hbone`]); destinations outside the mesh, and
+//! every destination when no CA is configured, get plain TCP.
 //!
-//! Both proxies create their upstream sockets inside the pod's network namespace, so the
+//! Proxies create their upstream sockets inside the pod's network namespace, so the
 //! destination sees the pod's address, exactly as without the mesh.
+pub mod hbone;
 pub mod inbound;
 pub mod outbound;
 
@@ -13,7 +15,7 @@ use std::time::{Duration, Instant};
 use tokio::net::TcpStream;
 
 use crate::datapath::OrigDstTable;
-use crate::flows::{FlowEvent, FlowHub, Observer, Verdict};
+use crate::flows::{FlowEvent, FlowHub, Observer, Transport, Verdict};
 use crate::metrics::{Direction, Metrics};
 use crate::netns::Netns;
 
@@ -27,12 +29,18 @@ pub struct ProxyCtx {
     pub hub: Arc<FlowHub>,
     pub metrics: Arc<Metrics>,
     pub orig_dst: OrigDstTable,
+    pub snapshot: tokio::sync::watch::Receiver<Arc<palisade_policy::Snapshot>>,
+    /// Identity and HBONE, when a CA is configured.
+    pub mesh: Option<hbone::Mesh>,
 }
 
 /// One enrolled pod as the proxies see it.
 pub struct PodNet {
     pub name: String,
     pub netns: Netns,
+    pub ip: std::net::IpAddr,
+    /// The pod's workload identity and certificate (with a CA).
+    pub identity: Option<(palisade_mesh::identity::SpiffeId, Arc<palisade_mesh::tls::CredentialSlot>)>,
 }
 
 /// Connects to `dst` from inside the pod's network namespace.
@@ -90,21 +98,61 @@ async fn carry(
     ctx.metrics.connection_closed(direction, sent, received);
     let (src_identity, dst_identity, policy) =
         ctx.hub.describe(decided.src_identity, decided.dst_identity, decided.rule);
+    record(
+        ctx,
+        Finished {
+            direction,
+            verdict: Verdict::Allow,
+            src,
+            dst,
+            src_identity,
+            dst_identity,
+            policy,
+            transport: Transport::Tcp,
+            peer: None,
+            sent,
+            received,
+            started: start,
+            error,
+        },
+    );
+}
+
+/// A proxied connection that ended (or was refused), for its flow event.
+struct Finished {
+    direction: Direction,
+    verdict: Verdict,
+    src: SocketAddr,
+    dst: SocketAddr,
+    src_identity: String,
+    dst_identity: String,
+    policy: String,
+    transport: Transport,
+    peer: Option<String>,
+    sent: u64,
+    received: u64,
+    started: Instant,
+    error: Option<String>,
+}
+
+fn record(ctx: &ProxyCtx, f: Finished) {
     ctx.hub.record(FlowEvent {
         time_unix_ms: crate::flows::now_unix_ms(),
         node: ctx.hub.node().to_string(),
         observer: Observer::Proxy,
-        direction,
-        verdict: Verdict::Allow,
-        policy,
-        src,
-        dst,
-        src_identity,
-        dst_identity,
-        bytes_sent: sent,
-        bytes_received: received,
-        duration_ms: start.elapsed().as_secs_f64() * 1e3,
-        error,
+        direction: f.direction,
+        verdict: f.verdict,
+        policy: f.policy,
+        src: f.src,
+        dst: f.dst,
+        src_identity: f.src_identity,
+        dst_identity: f.dst_identity,
+        bytes_sent: f.sent,
+        bytes_received: f.received,
+        duration_ms: f.started.elapsed().as_secs_f64() * 1e3,
+        error: f.error,
+        transport: Some(f.transport),
+        peer_spiffe_id: f.peer,
     });
 }
 

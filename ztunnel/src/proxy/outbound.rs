@@ -5,6 +5,7 @@ use std::sync::Arc;
 
 use tokio::net::TcpListener;
 
+use super::hbone::{self, workload_identity};
 use super::{Decided, PodNet, ProxyCtx, carry};
 use crate::datapath::orig_dst_addr;
 use crate::metrics::Direction;
@@ -25,10 +26,19 @@ pub async fn serve(listener: TcpListener, pod: Arc<PodNet>, ctx: Arc<ProxyCtx>) 
             tracing::warn!(pod = %pod.name, %peer, "no original destination for outbound connection; closing");
             continue;
         };
+        let dst = orig_dst_addr(&orig);
+        // Mesh workloads are reached through HBONE when this pod has an identity.
+        let tunnel_to = match (&ctx.mesh, &pod.identity) {
+            (Some(mesh), Some(_)) => workload_identity(&ctx.snapshot.borrow(), dst.ip(), &mesh.trust_domain),
+            _ => None,
+        };
         let (pod, ctx) = (pod.clone(), ctx.clone());
         tokio::spawn(async move {
             let decided = Decided { src_identity: orig.src_identity, dst_identity: orig.dst_identity, rule: orig.rule };
-            carry(&ctx, &pod, Direction::Outbound, client, peer, orig_dst_addr(&orig), decided).await;
+            match tunnel_to {
+                Some(dst_id) => hbone::outbound(&ctx, &pod, client, peer.port(), dst, dst_id, decided).await,
+                None => carry(&ctx, &pod, Direction::Outbound, client, peer, dst, decided).await,
+            }
         });
     }
 }

@@ -1,0 +1,267 @@
+//! The HBONE client: a pool of mTLS HTTP/2 connections keyed by (source identity, destination
+//! identity, HBONE endpoint), each carrying up to `max_streams` CONNECT streams.
+//!
+//! A connection is opened only when every pooled one for the key is full; opening is serialized
+//! per key so a burst of new streams shares the connections it creates. Each connection sends
+//! an HTTP/2 PING when idle for `keepalive`; a peer that does not answer, or a connection that
+//! ended, is marked dead and never handed to a new stream. Idle connections expire.
+use std::collections::HashMap;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use h2::client::SendRequest;
+use h2::{RecvStream, SendStream};
+use tokio::net::TcpStream;
+
+use super::{CONNECTION_WINDOW, DEFAULT_MAX_STREAMS, HboneError, MAX_FRAME, STREAM_WINDOW};
+use crate::identity::SpiffeId;
+use crate::tls::{CredentialSlot, TrustBundle, client_config, no_sni};
+
+#[derive(Clone, Debug)]
+pub struct PoolConfig {
+    pub max_streams: usize,
+    pub idle_timeout: Duration,
+    /// PING a connection that has been idle this long; no answer within the same time kills it.
+    pub keepalive: Duration,
+}
+
+impl Default for PoolConfig {
+    fn default() -> Self {
+        PoolConfig {
+            max_streams: DEFAULT_MAX_STREAMS,
+            idle_timeout: Duration::from_secs(60),
+            keepalive: Duration::from_secs(10),
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct PoolKey {
+    pub src: SpiffeId,
+    pub dst: SpiffeId,
+    pub endpoint: SocketAddr,
+}
+
+struct Conn {
+    sender: SendRequest<Bytes>,
+    active: AtomicUsize,
+    dead: Arc<AtomicBool>,
+    last_used: Mutex<Instant>,
+}
+
+impl Conn {
+    fn try_acquire(&self, max: usize) -> bool {
+        !self.dead.load(Ordering::Acquire)
+            && self.active.fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (n < max).then_some(n + 1)).is_ok()
+    }
+}
+
+/// Holds a stream slot of a pooled connection; released on drop.
+pub struct StreamSlot(Arc<Conn>);
+
+impl Drop for StreamSlot {
+    fn drop(&mut self) {
+        *self.0.last_used.lock().expect("pool time") = Instant::now();
+        self.0.active.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// An established CONNECT stream.
+pub struct Tunnel {
+    pub send: SendStream<Bytes>,
+    pub recv: RecvStream,
+    pub slot: StreamSlot,
+}
+
+#[derive(Default)]
+struct Entry {
+    conns: Vec<Arc<Conn>>,
+    opening: Arc<tokio::sync::Mutex<()>>,
+}
+
+#[derive(Clone)]
+pub struct Pool {
+    config: PoolConfig,
+    entries: Arc<Mutex<HashMap<PoolKey, Entry>>>,
+}
+
+/// Headers of a CONNECT request.
+pub struct ConnectRequest {
+    pub authority: SocketAddr,
+    pub forwarded_for: SocketAddr,
+}
+
+impl Pool {
+    pub fn new(config: PoolConfig) -> Self {
+        let pool = Pool { config, entries: Arc::default() };
+        let weak = Arc::downgrade(&pool.entries);
+        let idle = pool.config.idle_timeout;
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(idle / 2).await;
+                let Some(entries) = weak.upgrade() else { return };
+                expire(&entries, idle);
+            }
+        });
+        pool
+    }
+
+    /// Number of live pooled connections per key (for the admin API and tests).
+    pub fn connections(&self) -> Vec<(PoolKey, usize)> {
+        let entries = self.entries.lock().expect("pool lock");
+        entries
+            .iter()
+            .map(|(k, e)| (k.clone(), e.conns.iter().filter(|c| !c.dead.load(Ordering::Acquire)).count()))
+            .filter(|(_, n)| *n > 0)
+            .collect()
+    }
+
+    fn acquire(&self, key: &PoolKey) -> (Option<StreamSlot>, Arc<tokio::sync::Mutex<()>>) {
+        let mut entries = self.entries.lock().expect("pool lock");
+        let entry = entries.entry(key.clone()).or_default();
+        entry.conns.retain(|c| !c.dead.load(Ordering::Acquire));
+        let slot = entry.conns.iter().find(|c| c.try_acquire(self.config.max_streams)).map(|c| StreamSlot(c.clone()));
+        (slot, entry.opening.clone())
+    }
+
+    /// Opens a CONNECT stream to `request.authority` through the endpoint of `key`, reusing a
+    /// pooled connection when one has room. `dial` makes the TCP connection (from the source
+    /// workload's network namespace).
+    pub async fn connect<D, F>(
+        &self,
+        key: PoolKey,
+        credential: Arc<CredentialSlot>,
+        bundle: &TrustBundle,
+        dial: D,
+        request: ConnectRequest,
+    ) -> Result<Tunnel, HboneError>
+    where
+        D: FnOnce() -> F,
+        F: Future<Output = std::io::Result<TcpStream>>,
+    {
+        let slot = match self.acquire(&key) {
+            (Some(slot), _) => slot,
+            (None, opening) => {
+                let _guard = opening.lock().await;
+                // Someone may have opened a connection while we waited.
+                match self.acquire(&key).0 {
+                    Some(slot) => slot,
+                    None => {
+                        let conn = self.open(&key, credential, bundle, dial).await?;
+                        conn.active.store(1, Ordering::Release);
+                        let mut entries = self.entries.lock().expect("pool lock");
+                        entries.entry(key.clone()).or_default().conns.push(conn.clone());
+                        StreamSlot(conn)
+                    }
+                }
+            }
+        };
+        let mut sender =
+            slot.0.sender.clone().ready().await.inspect_err(|_| slot.0.dead.store(true, Ordering::Release))?;
+        let req = http::Request::builder()
+            .method(http::Method::CONNECT)
+            .uri(request.authority.to_string())
+            .header("forwarded", format!("for=\"{}\"", request.forwarded_for))
+            .header("traceparent", super::new_traceparent())
+            .body(())
+            .expect("static request parts");
+        let (response, send) = sender.send_request(req, false)?;
+        let response = response.await?;
+        if response.status() != http::StatusCode::OK {
+            return Err(HboneError::Status { status: response.status(), authority: request.authority.to_string() });
+        }
+        Ok(Tunnel { send, recv: response.into_body(), slot })
+    }
+
+    async fn open<D, F>(
+        &self,
+        key: &PoolKey,
+        credential: Arc<CredentialSlot>,
+        bundle: &TrustBundle,
+        dial: D,
+    ) -> Result<Arc<Conn>, HboneError>
+    where
+        D: FnOnce() -> F,
+        F: Future<Output = std::io::Result<TcpStream>>,
+    {
+        let endpoint = key.endpoint;
+        let config = client_config(Some(credential), bundle, Some(key.dst.clone()), &[super::ALPN])?;
+        let tcp = dial().await.map_err(|source| HboneError::Dial { endpoint, source })?;
+        let _ = tcp.set_nodelay(true);
+        let tls = tokio_rustls::TlsConnector::from(config)
+            .connect(no_sni(), tcp)
+            .await
+            .map_err(|source| HboneError::Tls { endpoint, source })?;
+        let (sender, mut connection) = h2::client::Builder::new()
+            .initial_window_size(STREAM_WINDOW)
+            .initial_connection_window_size(CONNECTION_WINDOW)
+            .max_frame_size(MAX_FRAME)
+            .max_concurrent_streams(self.config.max_streams as u32)
+            .handshake::<_, Bytes>(tls)
+            .await?;
+        let dead = Arc::new(AtomicBool::new(false));
+        let conn = Arc::new(Conn {
+            sender,
+            active: AtomicUsize::new(0),
+            dead: dead.clone(),
+            last_used: Mutex::new(Instant::now()),
+        });
+        let ping_pong = connection.ping_pong();
+        tokio::spawn({
+            let dead = dead.clone();
+            async move {
+                if let Err(e) = connection.await {
+                    tracing::debug!(%endpoint, error = %e, "pooled HBONE connection ended");
+                }
+                dead.store(true, Ordering::Release);
+            }
+        });
+        if let Some(pp) = ping_pong {
+            tokio::spawn(keepalive(pp, Arc::downgrade(&conn), self.config.keepalive, endpoint));
+        }
+        tracing::debug!(src = %key.src, dst = %key.dst, %endpoint, "opened pooled HBONE connection");
+        Ok(conn)
+    }
+}
+
+/// PINGs the peer when the connection has been idle for `every`; marks it dead on silence.
+async fn keepalive(mut pp: h2::PingPong, conn: std::sync::Weak<Conn>, every: Duration, endpoint: SocketAddr) {
+    loop {
+        tokio::time::sleep(every).await;
+        let Some(c) = conn.upgrade() else { return };
+        if c.dead.load(Ordering::Acquire) {
+            return;
+        }
+        let idle = c.last_used.lock().expect("pool time").elapsed();
+        if idle < every && c.active.load(Ordering::Acquire) > 0 {
+            continue;
+        }
+        match tokio::time::timeout(every, pp.ping(h2::Ping::opaque())).await {
+            Ok(Ok(_)) => {}
+            _ => {
+                tracing::info!(%endpoint, "HBONE peer did not answer PING; dropping the pooled connection");
+                c.dead.store(true, Ordering::Release);
+                return;
+            }
+        }
+    }
+}
+
+fn expire(entries: &Mutex<HashMap<PoolKey, Entry>>, idle: Duration) {
+    let mut entries = entries.lock().expect("pool lock");
+    for entry in entries.values_mut() {
+        entry.conns.retain(|c| {
+            let unused =
+                c.active.load(Ordering::Acquire) == 0 && c.last_used.lock().expect("pool time").elapsed() >= idle;
+            if unused {
+                c.dead.store(true, Ordering::Release);
+            }
+            !unused && !c.dead.load(Ordering::Acquire)
+        });
+    }
+    entries.retain(|_, e| !e.conns.is_empty() || Arc::strong_count(&e.opening) > 1);
+}

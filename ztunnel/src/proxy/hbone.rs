@@ -1,0 +1,212 @@
+//! The HBONE hop between ztunnels. Outbound: a captured connection to a mesh workload becomes
+//! a CONNECT stream on a pooled mTLS connection to the destination pod's 15008, presenting the
+//! source pod's certificate and requiring the destination's identity. Inbound: ztunnel's
+//! listener on 15008 inside each enrolled pod presents that pod's certificate, authorizes each
+//! stream by the client's proven identity, then connects to the application inside the pod.
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::Instant;
+
+use http::StatusCode;
+use palisade_mesh::hbone::pool::{ConnectRequest, Pool, PoolKey};
+use palisade_mesh::hbone::server::{InboundStream, serve_connection};
+use palisade_mesh::hbone::{ALPN, PORT, pump};
+use palisade_mesh::identity::SpiffeId;
+use palisade_mesh::secrets::SecretManager;
+use palisade_mesh::tls::server_config;
+use palisade_policy::{Action, Snapshot};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+
+use super::{Decided, Finished, PodNet, ProxyCtx, connect_from, record, socket_reset};
+use crate::flows::{Transport, Verdict};
+use crate::metrics::Direction;
+
+/// Identity and tunnelling, present when ztunnel has a CA.
+pub struct Mesh {
+    pub secrets: Arc<SecretManager>,
+    pub pool: Pool,
+    pub trust_domain: String,
+}
+
+/// The SPIFFE ID of the mesh workload at `ip`, if there is one.
+pub fn workload_identity(snapshot: &Snapshot, ip: IpAddr, trust_domain: &str) -> Option<SpiffeId> {
+    let id = snapshot.identity(snapshot.identity_of(ip))?;
+    Some(SpiffeId::new(trust_domain, &id.labels.namespace, &id.labels.service_account))
+}
+
+fn short(id: &SpiffeId) -> String {
+    format!("{}/{}", id.namespace, id.service_account)
+}
+
+/// Carries one captured connection to a mesh workload through HBONE.
+pub(super) async fn outbound(
+    ctx: &ProxyCtx,
+    pod: &PodNet,
+    client: TcpStream,
+    client_port: u16,
+    dst: SocketAddr,
+    dst_id: SpiffeId,
+    decided: Decided,
+) {
+    let (Some(mesh), Some((src_id, credential))) = (ctx.mesh.as_ref(), pod.identity.as_ref()) else { return };
+    let started = Instant::now();
+    ctx.metrics.connection_opened(Direction::Outbound);
+    let _ = client.set_nodelay(true);
+    let endpoint = SocketAddr::new(dst.ip(), PORT);
+    let key = PoolKey { src: src_id.clone(), dst: dst_id.clone(), endpoint };
+    let src = SocketAddr::new(pod.ip, client_port);
+    let request = ConnectRequest { authority: dst, forwarded_for: src };
+    let bundle = mesh.secrets.bundle();
+    let (_, _, policy) = ctx.hub.describe(decided.src_identity, decided.dst_identity, decided.rule);
+    let mut finished = Finished {
+        direction: Direction::Outbound,
+        verdict: Verdict::Allow,
+        src,
+        dst,
+        src_identity: short(src_id),
+        dst_identity: short(&dst_id),
+        policy,
+        transport: Transport::Hbone,
+        peer: Some(dst_id.to_string()),
+        sent: 0,
+        received: 0,
+        started,
+        error: None,
+    };
+    match mesh.pool.connect(key, credential.clone(), &bundle, || connect_from(pod, endpoint), request).await {
+        Ok(tunnel) => {
+            let pumped = pump(client, tunnel.send, tunnel.recv).await;
+            drop(tunnel.slot);
+            finished.sent = pumped.to_tunnel;
+            finished.received = pumped.from_tunnel;
+            finished.error = pumped.error;
+        }
+        Err(e) => {
+            ctx.metrics.proxy_error(Direction::Outbound);
+            let _ = socket_reset(&client);
+            if let palisade_mesh::hbone::HboneError::Status { status: StatusCode::UNAUTHORIZED, .. } = e {
+                finished.verdict = Verdict::Deny;
+                finished.policy = "denied by the destination's authorization".into();
+            }
+            finished.error = Some(e.to_string());
+        }
+    }
+    ctx.metrics.connection_closed(Direction::Outbound, finished.sent, finished.received);
+    record(ctx, finished);
+}
+
+/// Serves the HBONE listener of one pod until `shutdown`; then open connections drain.
+pub async fn serve_inbound(
+    listener: TcpListener,
+    pod: Arc<PodNet>,
+    ctx: Arc<ProxyCtx>,
+    shutdown: watch::Receiver<bool>,
+) {
+    let (Some(mesh), Some((_, credential))) = (ctx.mesh.as_ref(), pod.identity.as_ref()) else { return };
+    let mut bundles = mesh.secrets.watch_bundle();
+    let make_tls = |bundle: &palisade_mesh::tls::TrustBundle| server_config(credential.clone(), bundle, &[ALPN]);
+    let mut tls = match make_tls(&bundles.borrow_and_update()) {
+        Ok(t) => t,
+        Err(e) => {
+            tracing::error!(pod = %pod.name, error = %e, "cannot build the HBONE server configuration");
+            return;
+        }
+    };
+    let handler = {
+        let (ctx, pod) = (ctx.clone(), pod.clone());
+        Arc::new(move |stream: InboundStream| handle(ctx.clone(), pod.clone(), stream))
+    };
+    let mut stop = shutdown.clone();
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => {
+                let Ok((tcp, _)) = accepted else { continue };
+                if bundles.has_changed().unwrap_or(false)
+                    && let Ok(t) = make_tls(&bundles.borrow_and_update())
+                {
+                    tls = t;
+                }
+                tokio::spawn(serve_connection(tcp, tls.clone(), handler.clone(), shutdown.clone()));
+            }
+            _ = stop.changed() => return,
+        }
+    }
+}
+
+/// `for="ip:port"` of a `forwarded` header.
+fn forwarded_for(header: &Option<String>) -> Option<SocketAddr> {
+    let v = header.as_deref()?;
+    let start = v.find("for=")? + 4;
+    v[start..].split([';', ',']).next()?.trim_matches('"').parse().ok()
+}
+
+async fn handle(ctx: Arc<ProxyCtx>, pod: Arc<PodNet>, stream: InboundStream) {
+    let started = Instant::now();
+    let Some(mesh) = ctx.mesh.as_ref() else { return };
+    let dst = match &stream.authority {
+        Ok(a) if a.ip() == pod.ip => *a,
+        Ok(a) => {
+            tracing::info!(pod = %pod.name, authority = %a, "HBONE request for another address refused");
+            stream.reject(StatusCode::BAD_REQUEST);
+            return;
+        }
+        Err(e) => {
+            tracing::info!(pod = %pod.name, error = %e, "malformed HBONE request");
+            stream.reject(StatusCode::BAD_REQUEST);
+            return;
+        }
+    };
+    let src = forwarded_for(&stream.forwarded_for).unwrap_or(stream.peer_addr);
+    let snapshot = ctx.snapshot.borrow().clone();
+    // The tunnel comes from the source pod's address; the workload there must be the
+    // identity its certificate proves, or the address is being used by someone else.
+    let at_source = workload_identity(&snapshot, stream.peer_addr.ip(), &mesh.trust_domain);
+    let verdict = snapshot.verdict(stream.peer_addr.ip(), dst.ip(), dst.port());
+    let (allowed, policy) = if at_source.as_ref() != Some(&stream.peer) {
+        (false, format!("{} does not run at {}", stream.peer, stream.peer_addr.ip()))
+    } else {
+        (verdict.action == Action::Allow, snapshot.describe_rule(verdict.rule, verdict.dst_identity))
+    };
+    ctx.metrics.verdict(Direction::Inbound, !allowed);
+    let mut finished = Finished {
+        direction: Direction::Inbound,
+        verdict: if allowed { Verdict::Allow } else { Verdict::Deny },
+        src,
+        dst,
+        src_identity: short(&stream.peer),
+        dst_identity: snapshot.identity_name(verdict.dst_identity),
+        policy,
+        transport: Transport::Hbone,
+        peer: Some(stream.peer.to_string()),
+        sent: 0,
+        received: 0,
+        started,
+        error: None,
+    };
+    if !allowed {
+        stream.reject(StatusCode::UNAUTHORIZED);
+        record(&ctx, finished);
+        return;
+    }
+    ctx.metrics.connection_opened(Direction::Inbound);
+    match connect_from(&pod, dst).await {
+        Err(e) => {
+            ctx.metrics.proxy_error(Direction::Inbound);
+            stream.reject(StatusCode::SERVICE_UNAVAILABLE);
+            finished.error = Some(format!("connect {dst}: {e}"));
+        }
+        Ok(upstream) => match stream.accept() {
+            Ok((send, recv)) => {
+                let pumped = pump(upstream, send, recv).await;
+                // Seen from the client: what it sent arrived from the tunnel.
+                finished.sent = pumped.from_tunnel;
+                finished.received = pumped.to_tunnel;
+                finished.error = pumped.error;
+            }
+            Err(e) => finished.error = Some(format!("answer CONNECT: {e}")),
+        },
+    }
+    ctx.metrics.connection_closed(Direction::Inbound, finished.sent, finished.received);
+    record(&ctx, finished);
+}
