@@ -17,19 +17,16 @@ use hyper::body::{Body, Frame, Incoming};
 use hyper::{Request, Response, StatusCode, service::service_fn};
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
-use tokio::sync::{broadcast, mpsc, watch};
+use tokio::sync::{broadcast, mpsc};
 
 use crate::config::Config;
-use crate::flows::FlowHub;
-use crate::metrics::Metrics;
 use crate::pods::Pods;
+use crate::proxy::ProxyCtx;
 
 pub struct AdminState {
     pub config: Config,
-    pub hub: Arc<FlowHub>,
-    pub metrics: Arc<Metrics>,
+    pub ctx: Arc<ProxyCtx>,
     pub pods: Arc<Pods>,
-    pub snapshot: watch::Receiver<Arc<palisade_policy::Snapshot>>,
 }
 
 type RespBody = BoxBody<Bytes, Infallible>;
@@ -65,18 +62,50 @@ fn json(value: &impl serde::Serialize) -> Response<RespBody> {
 fn route(state: &AdminState, req: Request<Incoming>) -> Response<RespBody> {
     let follow = req.uri().query().is_some_and(|q| q.split('&').any(|kv| kv == "follow=1" || kv == "follow=true"));
     match req.uri().path() {
-        "/flows" if follow => live_flows(state.hub.subscribe()),
-        "/flows" => json(&state.hub.recent()),
+        "/flows" if follow => live_flows(state.ctx.hub.subscribe()),
+        "/flows" => json(&state.ctx.hub.recent()),
         "/config_dump" => {
-            let snapshot = state.snapshot.borrow().clone();
+            let snapshot = state.ctx.snapshot.borrow().clone();
+            let (certificates, pool) = match &state.ctx.mesh {
+                Some(mesh) => (
+                    mesh.secrets
+                        .identities()
+                        .into_iter()
+                        .map(|(id, not_after)| serde_json::json!({"identity": id, "not_after": not_after}))
+                        .collect(),
+                    mesh.pool
+                        .connections()
+                        .into_iter()
+                        .map(|(k, n)| serde_json::json!({"src": k.src, "dst": k.dst, "endpoint": k.endpoint, "connections": n}))
+                        .collect(),
+                ),
+                None => (vec![], vec![]),
+            };
             json(&serde_json::json!({
                 "config": state.config,
-                "policy_generation": state.metrics.policy_generation.load(std::sync::atomic::Ordering::Relaxed),
+                "policy_generation": state.ctx.metrics.policy_generation.load(std::sync::atomic::Ordering::Relaxed),
                 "policy": &*snapshot,
                 "pods": state.pods.list(),
+                "certificates": certificates,
+                "hbone_pool": pool,
             }))
         }
-        "/metrics" => full(StatusCode::OK, "text/plain; version=0.0.4", state.metrics.render()),
+        "/metrics" => {
+            let mut text = state.ctx.metrics.render();
+            if let Some(mesh) = &state.ctx.mesh {
+                let pooled: usize = mesh.pool.connections().iter().map(|(_, n)| n).sum();
+                text.push_str(&format!(
+                    "# HELP palisade_hbone_connections_opened_total HBONE connections opened by the pool.\n\
+                     # TYPE palisade_hbone_connections_opened_total counter\n\
+                     palisade_hbone_connections_opened_total {}\n\
+                     # HELP palisade_hbone_pooled_connections HBONE connections in the pool now.\n\
+                     # TYPE palisade_hbone_pooled_connections gauge\n\
+                     palisade_hbone_pooled_connections {pooled}\n",
+                    mesh.pool.opened_total()
+                ));
+            }
+            full(StatusCode::OK, "text/plain; version=0.0.4", text)
+        }
         "/healthz/ready" => full(StatusCode::OK, "text/plain", "ready\n"),
         other => full(StatusCode::NOT_FOUND, "text/plain", format!("no such endpoint: {other}\n")),
     }

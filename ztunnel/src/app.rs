@@ -19,6 +19,7 @@ use crate::proxy::ProxyCtx;
 
 pub async fn run(config: Config) -> anyhow::Result<()> {
     tracing::info!(config = %serde_json::to_string(&config)?, "starting ztunnel");
+    raise_fd_limit();
     let kernel = Kernel::load().context("loading the kernel programs")?;
     let metrics = Arc::new(Metrics::default());
     let (mut policy, snapshot) = PolicySource::new(config.policy.clone(), kernel.policy, metrics.clone());
@@ -50,7 +51,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         .with_context(|| format!("bind enrollment socket {}", config.enroll_socket.display()))?;
 
     let events = tokio::spawn(crate::flows::drain_kernel_events(kernel.events, hub.clone()));
-    let state = Arc::new(AdminState { config: config.clone(), hub, metrics, pods: pods.clone(), snapshot });
+    let state = Arc::new(AdminState { config: config.clone(), ctx: ctx.clone(), pods: pods.clone() });
     for l in listeners {
         tokio::spawn(admin::serve(l, state.clone()));
     }
@@ -86,6 +87,19 @@ fn mesh(config: &Config, ca_addr: std::net::SocketAddr) -> anyhow::Result<crate:
     let secrets = palisade_mesh::secrets::SecretManager::new(Arc::new(client), bundle);
     let pool = palisade_mesh::hbone::pool::Pool::new(Default::default());
     Ok(crate::proxy::hbone::Mesh { secrets, pool, trust_domain: config.trust_domain.clone() })
+}
+
+/// Every proxied connection holds two sockets (four with HBONE); lift the soft limit on open
+/// files to the hard one.
+fn raise_fd_limit() {
+    let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: plain getrlimit/setrlimit with a valid struct.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 && limit.rlim_cur < limit.rlim_max {
+            limit.rlim_cur = limit.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &limit);
+        }
+    }
 }
 
 async fn shutdown_signal() {

@@ -87,6 +87,7 @@ struct Entry {
 pub struct Pool {
     config: PoolConfig,
     entries: Arc<Mutex<HashMap<PoolKey, Entry>>>,
+    opened: Arc<std::sync::atomic::AtomicU64>,
 }
 
 /// Headers of a CONNECT request.
@@ -97,7 +98,7 @@ pub struct ConnectRequest {
 
 impl Pool {
     pub fn new(config: PoolConfig) -> Self {
-        let pool = Pool { config, entries: Arc::default() };
+        let pool = Pool { config, entries: Arc::default(), opened: Arc::default() };
         let weak = Arc::downgrade(&pool.entries);
         let idle = pool.config.idle_timeout;
         tokio::spawn(async move {
@@ -118,6 +119,11 @@ impl Pool {
             .map(|(k, e)| (k.clone(), e.conns.iter().filter(|c| !c.dead.load(Ordering::Acquire)).count()))
             .filter(|(_, n)| *n > 0)
             .collect()
+    }
+
+    /// Connections opened since start.
+    pub fn opened_total(&self) -> u64 {
+        self.opened.load(Ordering::Relaxed)
     }
 
     fn acquire(&self, key: &PoolKey) -> (Option<StreamSlot>, Arc<tokio::sync::Mutex<()>>) {
@@ -223,6 +229,7 @@ impl Pool {
         if let Some(pp) = ping_pong {
             tokio::spawn(keepalive(pp, Arc::downgrade(&conn), self.config.keepalive, endpoint));
         }
+        self.opened.fetch_add(1, Ordering::Relaxed);
         tracing::debug!(src = %key.src, dst = %key.dst, %endpoint, "opened pooled HBONE connection");
         Ok(conn)
     }

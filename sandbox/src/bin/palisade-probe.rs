@@ -3,10 +3,11 @@
 //!
 //! ```text
 //! palisade-probe serve --port 8080 [--log FILE]      echo server; logs each connection
-//! palisade-probe connect --to IP:PORT [--bytes N] [--timeout-ms T]
+//! palisade-probe connect --to IP:PORT [--bytes N] [--timeout-ms T] [--pace-ms P] [--parallel C]
 //! ```
-//! `connect` sends N bytes of a deterministic pattern, half-closes, reads the echo to EOF and
-//! checks it byte for byte.
+//! `connect` sends N bytes of a deterministic pattern (one 64 KiB chunk every P ms when
+//! paced), half-closes, reads the echo to EOF and checks it byte for byte. With `--parallel C`
+//! it opens C such connections at once and reports a summary.
 use std::io::{Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::time::{Duration, Instant};
@@ -22,6 +23,15 @@ fn arg<'a>(args: &'a [String], name: &str) -> Option<&'a str> {
 }
 
 fn main() {
+    // Many parallel connections need more descriptors than the usual soft limit.
+    let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: plain getrlimit/setrlimit with a valid struct.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 {
+            limit.rlim_cur = limit.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &limit);
+        }
+    }
     let args: Vec<String> = std::env::args().collect();
     match args.get(1).map(String::as_str) {
         Some("serve") => serve(&args),
@@ -77,14 +87,42 @@ fn connect(args: &[String]) {
     let to: SocketAddr = arg(args, "--to").and_then(|a| a.parse().ok()).expect("--to IP:PORT");
     let bytes: u64 = arg(args, "--bytes").and_then(|b| b.parse().ok()).unwrap_or(0);
     let timeout = Duration::from_millis(arg(args, "--timeout-ms").and_then(|t| t.parse().ok()).unwrap_or(5000));
+    let pace = Duration::from_millis(arg(args, "--pace-ms").and_then(|t| t.parse().ok()).unwrap_or(0));
+    let parallel: usize = arg(args, "--parallel").and_then(|n| n.parse().ok()).unwrap_or(1);
+    if parallel <= 1 {
+        println!("{}", one_connection(to, bytes, timeout, pace));
+        return;
+    }
+    // Everyone connects at the same moment.
+    let barrier = std::sync::Arc::new(std::sync::Barrier::new(parallel));
+    let workers: Vec<_> = (0..parallel)
+        .map(|_| {
+            let barrier = barrier.clone();
+            std::thread::Builder::new()
+                .stack_size(256 << 10)
+                .spawn(move || {
+                    barrier.wait();
+                    one_connection(to, bytes, timeout, pace)
+                })
+                .expect("spawn connection thread")
+        })
+        .collect();
+    let results: Vec<serde_json::Value> = workers.into_iter().map(|w| w.join().expect("connection thread")).collect();
+    let verified = results.iter().filter(|r| r["verified"] == true).count();
+    let failures: Vec<&serde_json::Value> = results.iter().filter(|r| r["verified"] != true).take(5).collect();
+    println!(
+        "{}",
+        json!({"ok": verified == parallel, "count": parallel, "verified_count": verified, "failures": failures})
+    );
+}
+
+fn one_connection(to: SocketAddr, bytes: u64, timeout: Duration, pace: Duration) -> serde_json::Value {
     let start = Instant::now();
     let stream = match TcpStream::connect_timeout(&to, timeout) {
         Ok(s) => s,
         Err(e) => {
-            let out = json!({"ok": false, "error": e.to_string(), "errno": e.raw_os_error(),
+            return json!({"ok": false, "error": e.to_string(), "errno": e.raw_os_error(),
                 "connect_us": start.elapsed().as_micros() as u64});
-            println!("{out}");
-            return;
         }
     };
     let connect_us = start.elapsed().as_micros() as u64;
@@ -101,6 +139,9 @@ fn connect(args: &[String]) {
             }
             writer.write_all(&buf[..n])?;
             sent += n as u64;
+            if !pace.is_zero() {
+                std::thread::sleep(pace);
+            }
         }
         writer.shutdown(Shutdown::Write)?;
         Ok(sent)
@@ -125,7 +166,7 @@ fn connect(args: &[String]) {
     let sent = sender.join().expect("sender thread");
     let ok = read_result.is_ok() && sent.is_ok();
     let error = read_result.err().or(sent.as_ref().err().map(|e| std::io::Error::new(e.kind(), e.to_string())));
-    let out = json!({
+    json!({
         "ok": ok,
         "error": error.as_ref().map(|e| e.to_string()),
         "local": local,
@@ -136,6 +177,5 @@ fn connect(args: &[String]) {
         "mismatch_at": mismatch_at,
         "connect_us": connect_us,
         "total_ms": start.elapsed().as_secs_f64() * 1e3,
-    });
-    println!("{out}");
+    })
 }

@@ -36,6 +36,11 @@ pub fn mesh_with(nodes: Vec<Vec<PodTemplate>>, policy: &str) -> Cluster {
     start(spec)
 }
 
+/// Starts a cluster from a full spec (the CA is added).
+pub fn start_spec(spec: ClusterSpec) -> Cluster {
+    start(spec)
+}
+
 fn start(mut spec: ClusterSpec) -> Cluster {
     require_root();
     spec.palisade = Some(palisade_sandbox::workspace_bin("palisade").expect("palisade binary"));
@@ -114,4 +119,26 @@ pub fn wait_flow(cluster: &Cluster, node: &str, pred: impl Fn(&Value) -> bool) -
         }
         std::thread::sleep(Duration::from_millis(50));
     }
+}
+
+/// Runs a client in `pod` with extra probe arguments; returns its JSON report.
+pub fn connect_with(cluster: &Cluster, pod: &str, to: &str, bytes: u64, extra: &[&str]) -> Value {
+    let out = cluster
+        .command(pod, probe())
+        .expect("pod command")
+        .args(["connect", "--to", to, "--bytes", &bytes.to_string(), "--timeout-ms", "10000"])
+        .args(extra)
+        .stderr(Stdio::inherit())
+        .output()
+        .expect("run probe client");
+    let text = String::from_utf8_lossy(&out.stdout);
+    serde_json::from_str(text.trim()).unwrap_or_else(|e| panic!("probe output {text:?}: {e}"))
+}
+
+/// A sample of a node's Prometheus metrics (`name` or `name{labels}`).
+pub fn metric(cluster: &Cluster, node: &str, name: &str) -> f64 {
+    let text = cluster.admin_get(node, "/metrics").expect("metrics");
+    text.lines()
+        .find_map(|l| l.strip_prefix(name).and_then(|rest| rest.strip_prefix(' ')).and_then(|v| v.parse().ok()))
+        .unwrap_or_else(|| panic!("no metric {name} on {node}:\n{text}"))
 }
