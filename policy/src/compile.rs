@@ -1,18 +1,27 @@
-//! Compiles validated resources into a [`Snapshot`]: numeric identities, the identity of every
-//! workload address, and the policy as (source, destination, port) cells. The kernel maps are a
-//! direct image of a snapshot, and [`Snapshot::verdict`] runs the kernel's algorithm in user
-//! space (for `palisade explain`, tests, and the proxies), so both always agree.
+//! Compiles validated resources into a [`Snapshot`]: numeric identities (workloads, and
+//! address blocks named by policies), the identity of every address, and the policy as
+//! (source, destination, port) cells — the image the kernel maps hold. Two evaluations read a
+//! snapshot: [`Snapshot::verdict`] runs the kernel's algorithm on the cells, and
+//! [`Snapshot::authorize`] evaluates the policies exactly for one connection (ztunnel's proxies,
+//! `palisade explain`). Where the cells cannot say exactly what a rule says (see
+//! [`crate::matching`]), they allow and leave the decision to the exact evaluation; they never
+//! deny what it allows.
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::IpAddr;
 
 use palisade_ebpf_common::{IDENTITY_ANY, IDENTITY_WORLD, PORT_ANY, RULE_DEFAULT_ALLOW, RULE_DEFAULT_DENY};
 use serde::Serialize;
 
+use crate::cidr::Cidr;
 use crate::load::Located;
-use crate::resource::{Action, Peer, Resource};
+use crate::matching::{Match, SourceFacts, rule_port_matches, rule_sources_match};
+use crate::resource::{Action, Mode, Resource, Rule};
 
 /// First identity number given to workloads; lower numbers are reserved.
 pub const FIRST_WORKLOAD_IDENTITY: u32 = 256;
+/// Identities of address blocks named by policies (`ipBlocks`) start here.
+pub const FIRST_CIDR_IDENTITY: u32 = 1 << 24;
+pub const DEFAULT_TRUST_DOMAIN: &str = "cluster.local";
 
 /// The identity-defining attributes of a workload.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
@@ -31,6 +40,15 @@ pub struct Identity {
     pub default_deny: bool,
     /// Why `default_deny` is what it is (namespace default or a selecting Allow policy).
     pub default_reason: String,
+    /// Addresses of the workloads with this identity.
+    pub addresses: Vec<IpAddr>,
+}
+
+/// An address block named by a policy, with its own identity so the kernel can tell it apart.
+#[derive(Clone, Debug, Serialize)]
+pub struct CidrIdentity {
+    pub id: u32,
+    pub cidr: Cidr,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -51,6 +69,20 @@ pub struct RuleRef {
     /// Index of the rule in `spec.rules`.
     pub index: usize,
     pub action: Action,
+    pub mode: Mode,
+}
+
+/// A policy as the exact evaluation reads it.
+#[derive(Clone, Debug, Serialize)]
+pub struct PolicyEntry {
+    pub name: String,
+    pub namespace: String,
+    pub selector: BTreeMap<String, String>,
+    pub action: Action,
+    pub mode: Mode,
+    pub rules: Vec<Rule>,
+    /// Number of `rules[0]` in [`Snapshot::rules`].
+    pub first_rule: u32,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
@@ -66,15 +98,36 @@ pub struct Cell {
     pub rule: u32,
 }
 
-#[derive(Clone, Debug, Default, Serialize)]
+#[derive(Clone, Debug, Serialize)]
 pub struct Snapshot {
+    pub trust_domain: String,
     pub identities: Vec<Identity>,
+    pub cidrs: Vec<CidrIdentity>,
     pub workloads: Vec<WorkloadEntry>,
     pub rules: Vec<RuleRef>,
+    pub policies: Vec<PolicyEntry>,
+    /// Rules the kernel cannot hold exactly; the proxies enforce them.
+    pub approximations: Vec<String>,
     #[serde(skip)]
     pub cells: HashMap<CellKey, Cell>,
     #[serde(skip)]
     pub addresses: HashMap<IpAddr, u32>,
+}
+
+impl Default for Snapshot {
+    fn default() -> Self {
+        Snapshot {
+            trust_domain: DEFAULT_TRUST_DOMAIN.into(),
+            identities: vec![],
+            cidrs: vec![],
+            workloads: vec![],
+            rules: vec![],
+            policies: vec![],
+            approximations: vec![],
+            cells: HashMap::new(),
+            addresses: HashMap::new(),
+        }
+    }
 }
 
 /// The outcome of evaluating one connection.
@@ -87,9 +140,27 @@ pub struct Verdict {
     pub dst_identity: u32,
 }
 
+/// The exact decision for one connection, and what audit-mode policies would have decided.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Decision {
+    pub verdict: Verdict,
+    /// Rule of an Audit-mode policy that would deny this connection (which is allowed).
+    pub audit_deny: Option<u32>,
+}
+
 impl Snapshot {
+    /// The identity the kernel gives an address: its workload's, else the most specific
+    /// policy address block containing it, else `world`.
     pub fn identity_of(&self, addr: IpAddr) -> u32 {
-        self.addresses.get(&canonical(addr)).copied().unwrap_or(IDENTITY_WORLD)
+        let addr = canonical(addr);
+        if let Some(id) = self.addresses.get(&addr) {
+            return *id;
+        }
+        self.cidrs
+            .iter()
+            .filter(|c| c.cidr.contains(addr))
+            .max_by_key(|c| c.cidr.prefix)
+            .map_or(IDENTITY_WORLD, |c| c.id)
     }
 
     pub fn identity(&self, id: u32) -> Option<&Identity> {
@@ -133,13 +204,85 @@ impl Snapshot {
         }
     }
 
-    /// `namespace/serviceaccount` of an identity, or `world`.
+    /// `namespace/serviceaccount` of an identity, the block of a CIDR identity, or `world`.
     pub fn identity_name(&self, id: u32) -> String {
         match self.identity(id) {
             Some(i) => format!("{}/{}", i.labels.namespace, i.labels.service_account),
             None if id == IDENTITY_WORLD => "world".into(),
-            None => format!("identity-{id}"),
+            None => match self.cidrs.iter().find(|c| c.id == id) {
+                Some(c) => format!("cidr:{}", c.cidr),
+                None => format!("identity-{id}"),
+            },
         }
+    }
+
+    fn principal(&self, l: &IdentityLabels) -> String {
+        format!("{}/ns/{}/sa/{}", self.trust_domain, l.namespace, l.service_account)
+    }
+
+    fn policies_for(&self, dst: &Identity) -> impl Iterator<Item = &PolicyEntry> {
+        self.policies.iter().filter(move |p| {
+            p.namespace == dst.labels.namespace && p.selector.iter().all(|(k, v)| dst.labels.labels.get(k) == Some(v))
+        })
+    }
+
+    /// The exact evaluation of one connection. `proven` is the source's SPIFFE identity when a
+    /// certificate proved it (`namespace`, `service account`); otherwise the source is known by
+    /// its address only.
+    pub fn authorize(&self, src: IpAddr, proven: Option<(&str, &str)>, dst: IpAddr, port: u16) -> Decision {
+        let src_identity = self.identity_of(src);
+        let dst_identity = self.identity_of(dst);
+        let at_address = self.identity(src_identity);
+        let labels_at = at_address.map(|i| &i.labels);
+        let (namespace, service_account, labels) = match proven {
+            Some((ns, sa)) => {
+                let same = labels_at.filter(|l| l.namespace == ns && l.service_account == sa);
+                (Some(ns), Some(sa), same.map(|l| &l.labels))
+            }
+            None => (
+                labels_at.map(|l| l.namespace.as_str()),
+                labels_at.map(|l| l.service_account.as_str()),
+                labels_at.map(|l| &l.labels),
+            ),
+        };
+        let principal = namespace.zip(service_account).map(|(ns, sa)| format!("{}/ns/{ns}/sa/{sa}", self.trust_domain));
+        let in_block = |c: &Cidr| Match::from_bool(c.contains(src));
+        let facts = SourceFacts { principal, namespace, service_account, labels, in_block: &in_block };
+        let verdict = |action, rule| Verdict { action, rule, src_identity, dst_identity };
+        let Some(dst_ident) = self.identity(dst_identity) else {
+            // Not a workload: no policy selects it.
+            return Decision { verdict: verdict(Action::Allow, RULE_DEFAULT_ALLOW), audit_deny: None };
+        };
+        // Deny beats allow; without a match, the default (an Allow policy isolates what it
+        // selects). With `audit`, Audit-mode policies count as if they were enforced.
+        let evaluate = |audit: bool| {
+            let counts = |p: &&PolicyEntry| p.mode == Mode::Enforce || audit;
+            let matching = |action: Action| {
+                self.policies_for(dst_ident).filter(counts).filter(|p| p.action == action).find_map(|p| {
+                    p.rules.iter().enumerate().find_map(|(i, r)| {
+                        (rule_port_matches(r, port) && rule_sources_match(r, &facts) == Match::Yes)
+                            .then_some(p.first_rule + i as u32)
+                    })
+                })
+            };
+            let isolated = dst_ident.default_deny
+                || self.policies_for(dst_ident).filter(counts).any(|p| p.action == Action::Allow);
+            if let Some(rule) = matching(Action::Deny) {
+                verdict(Action::Deny, rule)
+            } else if let Some(rule) = matching(Action::Allow) {
+                verdict(Action::Allow, rule)
+            } else if isolated {
+                verdict(Action::Deny, RULE_DEFAULT_DENY)
+            } else {
+                verdict(Action::Allow, RULE_DEFAULT_ALLOW)
+            }
+        };
+        let enforced = evaluate(false);
+        let audit_deny = match enforced.action {
+            Action::Allow => Some(evaluate(true)).filter(|v| v.action == Action::Deny).map(|v| v.rule),
+            Action::Deny => None,
+        };
+        Decision { verdict: enforced, audit_deny }
     }
 }
 
@@ -151,16 +294,15 @@ pub fn canonical(addr: IpAddr) -> IpAddr {
     }
 }
 
-fn peer_matches(peer: &Peer, id: &IdentityLabels) -> bool {
-    peer.namespace.as_ref().is_none_or(|n| *n == id.namespace)
-        && peer.service_account.as_ref().is_none_or(|s| *s == id.service_account)
-        && peer.match_labels.iter().all(|(k, v)| id.labels.get(k) == Some(v))
-}
-
 /// Compiles resources that [`crate::validate::validate`] accepted.
 pub fn compile(resources: &[Located]) -> Snapshot {
+    compile_for(resources, DEFAULT_TRUST_DOMAIN)
+}
+
+pub fn compile_for(resources: &[Located], trust_domain: &str) -> Snapshot {
     let mut labels_set = BTreeSet::new();
     let mut namespace_defaults = HashMap::new();
+    let mut blocks = BTreeSet::new();
     for r in resources {
         match &r.resource {
             Resource::Workload { metadata, spec, .. } => {
@@ -173,10 +315,14 @@ pub fn compile(resources: &[Located]) -> Snapshot {
             Resource::Namespace { metadata, spec, .. } => {
                 namespace_defaults.insert(metadata.name.clone(), spec.default_action);
             }
-            Resource::SegmentationPolicy { .. } => {}
+            Resource::SegmentationPolicy { spec, .. } => {
+                for peer in spec.rules.iter().flat_map(|r| &r.from) {
+                    blocks.extend(peer.ip_blocks.iter().chain(&peer.not_ip_blocks).copied());
+                }
+            }
         }
     }
-    let mut snapshot = Snapshot::default();
+    let mut snapshot = Snapshot { trust_domain: trust_domain.into(), ..Snapshot::default() };
     let mut id_by_labels = HashMap::new();
     for (i, labels) in labels_set.into_iter().enumerate() {
         let id = FIRST_WORKLOAD_IDENTITY + i as u32;
@@ -187,8 +333,14 @@ pub fn compile(resources: &[Located]) -> Snapshot {
             default_deny: ns_default == Action::Deny,
             default_reason: format!("namespace {} default {:?}", labels.namespace, ns_default),
             labels,
+            addresses: vec![],
         });
     }
+    snapshot.cidrs = blocks
+        .into_iter()
+        .enumerate()
+        .map(|(i, cidr)| CidrIdentity { id: FIRST_CIDR_IDENTITY + i as u32, cidr })
+        .collect();
     for r in resources {
         if let Resource::Workload { metadata, spec, .. } = &r.resource {
             let labels = IdentityLabels {
@@ -199,6 +351,7 @@ pub fn compile(resources: &[Located]) -> Snapshot {
             let id = id_by_labels[&labels];
             for a in &spec.addresses {
                 snapshot.addresses.insert(canonical(*a), id);
+                snapshot.identities[(id - FIRST_WORKLOAD_IDENTITY) as usize].addresses.push(canonical(*a));
             }
             snapshot.workloads.push(WorkloadEntry {
                 name: metadata.name.clone(),
@@ -220,48 +373,125 @@ pub fn compile(resources: &[Located]) -> Snapshot {
         })
         .collect();
     policies.sort_by(|a, b| (&a.0.namespace, &a.0.name).cmp(&(&b.0.namespace, &b.0.name)));
-
     for (meta, spec) in policies {
-        let namespace = meta.namespace.as_deref().unwrap_or_default();
-        let policy_name = format!("{namespace}/{}", meta.name);
+        let namespace = meta.namespace.clone().unwrap_or_default();
+        let name = format!("{namespace}/{}", meta.name);
+        let first_rule = snapshot.rules.len() as u32;
+        for index in 0..spec.rules.len() {
+            snapshot.rules.push(RuleRef { policy: name.clone(), index, action: spec.action, mode: spec.mode });
+        }
+        snapshot.policies.push(PolicyEntry {
+            name,
+            namespace,
+            selector: spec.selector.match_labels.clone(),
+            action: spec.action,
+            mode: spec.mode,
+            rules: spec.rules.clone(),
+            first_rule,
+        });
+    }
+    compile_cells(&mut snapshot);
+    snapshot
+}
+
+/// A source the kernel can tell apart: an identity number and what is known of it.
+struct Candidate<'a> {
+    id: u32,
+    labels: Option<&'a IdentityLabels>,
+    addresses: &'a [IpAddr],
+    cidr: Option<Cidr>,
+}
+
+impl Candidate<'_> {
+    fn in_block(&self, block: &Cidr) -> Match {
+        if let Some(c) = self.cidr {
+            // Blocks named by policies are identities themselves, so an address block is either
+            // inside another or apart from it.
+            return Match::from_bool(block.covers(&c));
+        }
+        let inside = self.addresses.iter().filter(|a| block.contains(**a)).count();
+        match inside {
+            0 => Match::No,
+            n if n == self.addresses.len() => Match::Yes,
+            _ => Match::Maybe,
+        }
+    }
+}
+
+fn compile_cells(snapshot: &mut Snapshot) {
+    let mut candidates: Vec<Candidate> = snapshot
+        .identities
+        .iter()
+        .map(|i| Candidate { id: i.id, labels: Some(&i.labels), addresses: &i.addresses, cidr: None })
+        .collect();
+    candidates.extend(snapshot.cidrs.iter().map(|c| Candidate {
+        id: c.id,
+        labels: None,
+        addresses: &[],
+        cidr: Some(c.cidr),
+    }));
+    candidates.push(Candidate { id: IDENTITY_WORLD, labels: None, addresses: &[], cidr: None });
+
+    let mut cells: HashMap<CellKey, Cell> = HashMap::new();
+    let mut isolated: Vec<(u32, String)> = Vec::new();
+    let mut approximations = Vec::new();
+    for policy in snapshot.policies.iter().filter(|p| p.mode == Mode::Enforce) {
         let dsts: Vec<u32> = snapshot
             .identities
             .iter()
             .filter(|i| {
-                i.labels.namespace == namespace
-                    && spec.selector.match_labels.iter().all(|(k, v)| i.labels.labels.get(k) == Some(v))
+                i.labels.namespace == policy.namespace
+                    && policy.selector.iter().all(|(k, v)| i.labels.labels.get(k) == Some(v))
             })
             .map(|i| i.id)
             .collect();
-        if spec.action == Action::Allow {
-            for &d in &dsts {
-                let ident = &mut snapshot.identities[(d - FIRST_WORKLOAD_IDENTITY) as usize];
-                if !ident.default_deny {
-                    ident.default_deny = true;
-                    ident.default_reason = format!("selected by Allow policy {policy_name}");
-                }
-            }
+        if policy.action == Action::Allow {
+            isolated.extend(dsts.iter().map(|d| (*d, policy.name.clone())));
         }
-        for (index, rule) in spec.rules.iter().enumerate() {
-            let rule_no = snapshot.rules.len() as u32;
-            snapshot.rules.push(RuleRef { policy: policy_name.clone(), index, action: spec.action });
+        for (index, rule) in policy.rules.iter().enumerate() {
+            let rule_no = policy.first_rule + index as u32;
+            let exact_ports = rule.not_ports.is_empty();
+            if !exact_ports {
+                approximations.push(format!(
+                    "{} rule {index}: notPorts is enforced by ztunnel's proxies, {} in the kernel",
+                    policy.name,
+                    if policy.action == Action::Allow { "allowed on every port" } else { "not denied" }
+                ));
+            }
             let srcs: Vec<u32> = if rule.from.is_empty() {
                 vec![IDENTITY_ANY]
             } else {
-                snapshot
-                    .identities
+                candidates
                     .iter()
-                    .filter(|i| rule.from.iter().any(|p| peer_matches(p, &i.labels)))
-                    .map(|i| i.id)
+                    .filter(|c| {
+                        let principal = c.labels.map(|l| snapshot.principal(l));
+                        let in_block = |b: &Cidr| c.in_block(b);
+                        let facts = SourceFacts {
+                            principal,
+                            namespace: c.labels.map(|l| l.namespace.as_str()),
+                            service_account: c.labels.map(|l| l.service_account.as_str()),
+                            labels: c.labels.map(|l| &l.labels),
+                            in_block: &in_block,
+                        };
+                        match (policy.action, rule_sources_match(rule, &facts)) {
+                            (Action::Deny, m) => m == Match::Yes,
+                            (Action::Allow, m) => m != Match::No,
+                        }
+                    })
+                    .map(|c| c.id)
                     .collect()
             };
-            let ports: Vec<u16> = if rule.ports.is_empty() { vec![PORT_ANY] } else { rule.ports.clone() };
+            // Deny with notPorts cannot be held exactly: leave it to the proxies.
+            if policy.action == Action::Deny && !exact_ports {
+                continue;
+            }
+            let ports: Vec<u16> =
+                if rule.ports.is_empty() || !exact_ports { vec![PORT_ANY] } else { rule.ports.clone() };
             for &dst in &dsts {
                 for &src in &srcs {
                     for &port in &ports {
-                        let new = Cell { action: spec.action, rule: rule_no };
-                        snapshot
-                            .cells
+                        let new = Cell { action: policy.action, rule: rule_no };
+                        cells
                             .entry(CellKey { src, dst, port })
                             .and_modify(|c| {
                                 if c.action == Action::Allow && new.action == Action::Deny {
@@ -274,7 +504,15 @@ pub fn compile(resources: &[Located]) -> Snapshot {
             }
         }
     }
-    snapshot
+    for (d, policy) in isolated {
+        let ident = &mut snapshot.identities[(d - FIRST_WORKLOAD_IDENTITY) as usize];
+        if !ident.default_deny {
+            ident.default_deny = true;
+            ident.default_reason = format!("selected by Allow policy {policy}");
+        }
+    }
+    snapshot.cells = cells;
+    snapshot.approximations = approximations;
 }
 
 #[cfg(test)]

@@ -3,15 +3,17 @@
 //! and is used by ztunnel, by tests and by `palisade explain`.
 pub mod ca;
 pub mod ca_server;
+pub mod cidr;
 pub mod compile;
 pub mod load;
+pub mod matching;
 pub mod resource;
 pub mod validate;
 
 use std::path::PathBuf;
 
-pub use compile::{Snapshot, Verdict, compile};
-pub use resource::Action;
+pub use compile::{Decision, Snapshot, Verdict, compile};
+pub use resource::{Action, Mode};
 
 /// Everything that can go wrong turning files into a snapshot.
 #[derive(Debug, thiserror::Error)]

@@ -121,7 +121,17 @@ pub struct SegmentationSpec {
     #[serde(default)]
     pub selector: Selector,
     pub action: Action,
+    /// `Audit` evaluates the policy and reports what it would deny, without enforcing it.
+    #[serde(default)]
+    pub mode: Mode,
     pub rules: Vec<Rule>,
+}
+
+#[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, PartialEq, Eq, Hash)]
+pub enum Mode {
+    #[default]
+    Enforce,
+    Audit,
 }
 
 #[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
@@ -141,6 +151,10 @@ pub struct Rule {
     /// Destination TCP ports; empty means any port.
     #[serde(default)]
     pub ports: Vec<u16>,
+    /// Destination TCP ports the rule does not apply to. Enforced by ztunnel's proxies; the
+    /// kernel keeps the rule only where that cannot deny too much (see ARCHITECTURE.md).
+    #[serde(default)]
+    pub not_ports: Vec<u16>,
 }
 
 #[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
@@ -152,4 +166,35 @@ pub struct Peer {
     pub service_account: Option<String>,
     #[serde(default)]
     pub match_labels: BTreeMap<String, String>,
+    /// Source namespaces (any of them).
+    #[serde(default)]
+    pub namespaces: Vec<String>,
+    #[serde(default)]
+    pub not_namespaces: Vec<String>,
+    /// Source identities, `<trust-domain>/ns/<ns>/sa/<sa>` (with or without `spiffe://`);
+    /// `*` matches any run of characters.
+    #[serde(default)]
+    pub principals: Vec<String>,
+    #[serde(default)]
+    pub not_principals: Vec<String>,
+    /// Source addresses.
+    #[serde(default)]
+    pub ip_blocks: Vec<crate::cidr::Cidr>,
+    #[serde(default)]
+    pub not_ip_blocks: Vec<crate::cidr::Cidr>,
+}
+
+impl Peer {
+    /// True when no field is set (such a peer would match nothing useful).
+    pub fn is_empty(&self) -> bool {
+        self.namespace.is_none()
+            && self.service_account.is_none()
+            && self.match_labels.is_empty()
+            && self.namespaces.is_empty()
+            && self.not_namespaces.is_empty()
+            && self.principals.is_empty()
+            && self.not_principals.is_empty()
+            && self.ip_blocks.is_empty()
+            && self.not_ip_blocks.is_empty()
+    }
 }

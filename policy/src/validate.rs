@@ -111,13 +111,15 @@ pub fn validate(resources: &[Located]) -> Result<(), Invalid> {
                     );
                 }
                 for (r, rule) in spec.rules.iter().enumerate() {
-                    for (p, port) in rule.ports.iter().enumerate() {
-                        if *port == 0 {
-                            problem(&format!("spec.rules[{r}].ports[{p}]"), "port 0 is not a port".into());
+                    for (field, ports) in [("ports", &rule.ports), ("notPorts", &rule.not_ports)] {
+                        for (p, port) in ports.iter().enumerate() {
+                            if *port == 0 {
+                                problem(&format!("spec.rules[{r}].{field}[{p}]"), "port 0 is not a port".into());
+                            }
                         }
                     }
                     for (f, peer) in rule.from.iter().enumerate() {
-                        if peer.namespace.is_none() && peer.service_account.is_none() && peer.match_labels.is_empty() {
+                        if peer.is_empty() {
                             problem(
                                 &format!("spec.rules[{r}].from[{f}]"),
                                 "an empty source matches nothing; omit `from` to match any source".into(),

@@ -42,7 +42,9 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         orig_dst: kernel.orig_dst,
         snapshot: snapshot.clone(),
         mesh,
+        connections: Arc::default(),
     });
+    tokio::spawn(crate::connections::revalidate_on_change(ctx.connections.clone(), snapshot.clone()));
     let pods = Arc::new(Pods::new(kernel.capture, ctx.clone()));
 
     let bind = |addr| async move { TcpListener::bind(addr).await.with_context(|| format!("bind {addr}")) };

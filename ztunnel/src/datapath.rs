@@ -348,12 +348,15 @@ impl PolicyMaps {
         ids: &mut Vec<Key<IpKey>>,
         cells: &mut Vec<PolicyKey>,
     ) -> Result<(), KernelError> {
-        for (ip, id) in &snapshot.addresses {
-            let prefix = 32 + 128;
-            let key = Key::new(prefix, IpKey { generation, addr: addr_from_ip(*ip) });
+        let workloads = snapshot.addresses.iter().map(|(ip, id)| {
             let default_deny = snapshot.identity(*id).is_some_and(|i| i.default_deny);
-            let value = IdentityValue { identity: *id, flags: if default_deny { IDENTITY_DEFAULT_DENY } else { 0 } };
-            self.identities.insert(&key, value, 0).map_err(map_err("IDENTITIES"))?;
+            (*ip, 128, *id, if default_deny { IDENTITY_DEFAULT_DENY } else { 0 })
+        });
+        // Address blocks named by policies: the LPM trie gives an address the most specific.
+        let blocks = snapshot.cidrs.iter().map(|c| (c.cidr.addr, c.cidr.mapped_prefix(), c.id, 0));
+        for (ip, prefix, identity, flags) in workloads.chain(blocks) {
+            let key = Key::new(32 + prefix, IpKey { generation, addr: addr_from_ip(ip) });
+            self.identities.insert(&key, IdentityValue { identity, flags }, 0).map_err(map_err("IDENTITIES"))?;
             ids.push(key);
         }
         for (k, c) in &snapshot.cells {

@@ -69,6 +69,9 @@ pub struct FlowEvent {
     /// HBONE: the SPIFFE ID the peer proved with its certificate.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub peer_spiffe_id: Option<String>,
+    /// Audit mode: the rule that would have denied this allowed connection.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub audit: Option<String>,
 }
 
 pub struct FlowHub {
@@ -143,11 +146,16 @@ impl FlowHub {
             error: None,
             transport: None,
             peer_spiffe_id: None,
+            audit: None,
         });
     }
 
     pub fn record(&self, event: FlowEvent) {
         self.metrics.flow_event();
+        if let Some(audit) = &event.audit {
+            self.metrics.audit_would_deny();
+            tracing::warn!(target: "audit", src = %event.src, dst = %event.dst, src_identity = %event.src_identity, rule = %audit, "audit: would be denied");
+        }
         match event.observer {
             Observer::Kernel => tracing::info!(
                 target: "flows",

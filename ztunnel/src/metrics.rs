@@ -34,6 +34,7 @@ pub struct Metrics {
     policy_reloads_ok: AtomicU64,
     policy_reloads_failed: AtomicU64,
     flow_events: AtomicU64,
+    audit_would_deny: AtomicU64,
 }
 
 impl Metrics {
@@ -61,6 +62,9 @@ impl Metrics {
     }
     pub fn policy_reload(&self, ok: bool) {
         if ok { &self.policy_reloads_ok } else { &self.policy_reloads_failed }.fetch_add(1, Relaxed);
+    }
+    pub fn audit_would_deny(&self) {
+        self.audit_would_deny.fetch_add(1, Relaxed);
     }
     pub fn flow_event(&self) {
         self.flow_events.fetch_add(1, Relaxed);
@@ -151,6 +155,12 @@ impl Metrics {
             "counter",
             "Flow events recorded.",
             &single(self.flow_events.load(Relaxed).into()),
+        );
+        family(
+            "palisade_audit_would_deny_total",
+            "counter",
+            "Allowed connections an Audit-mode policy would deny.",
+            &single(self.audit_would_deny.load(Relaxed).into()),
         );
         out
     }

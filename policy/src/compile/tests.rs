@@ -115,3 +115,141 @@ fn rule_numbers_do_not_depend_on_file_order() {
     assert_eq!(ab.rules, ba.rules);
     assert_eq!(ab.cells, ba.cells);
 }
+
+/// (source, proven identity, destination, port, expected action, expected rule)
+type AuthzCase<'a> = (&'a str, Option<(&'a str, &'a str)>, &'a str, u16, Action, &'a str);
+
+fn check_authz(s: &Snapshot, cases: &[AuthzCase]) {
+    for (src, proven, dst, port, action, rule) in cases {
+        let d = s.authorize(ip(src), *proven, ip(dst), *port);
+        let described = s.describe_rule(d.verdict.rule, d.verdict.dst_identity);
+        assert_eq!((d.verdict.action, described.as_str()), (*action, *rule), "{src} {proven:?} -> {dst}:{port}");
+    }
+}
+
+const IDENTITY_POLICIES: &str = r#"apiVersion: palisade.dev/v1alpha1
+kind: SegmentationPolicy
+metadata: {name: db-access, namespace: shop}
+spec:
+  selector: {matchLabels: {app: db}}
+  action: Allow
+  rules:
+  - from: [{principals: ["cluster.local/ns/shop/sa/*"]}]
+    ports: [5432]
+  - from: [{ipBlocks: ["192.0.2.0/24"], notIpBlocks: ["192.0.2.128/25"]}]
+    ports: [5432]
+---
+apiVersion: palisade.dev/v1alpha1
+kind: SegmentationPolicy
+metadata: {name: no-ops, namespace: shop}
+spec:
+  action: Deny
+  rules:
+  - from: [{namespaces: [ops]}]
+---
+apiVersion: palisade.dev/v1alpha1
+kind: SegmentationPolicy
+metadata: {name: web-not-admin, namespace: shop}
+spec:
+  selector: {matchLabels: {app: web}}
+  action: Allow
+  rules:
+  - from: [{notNamespaces: [ops]}]
+    notPorts: [9000]
+"#;
+
+#[test]
+fn identity_rules_principals_namespaces_blocks_and_negations() {
+    let s = snapshot(IDENTITY_POLICIES);
+    check_authz(
+        &s,
+        &[
+            // Principal glob; the proven identity counts.
+            ("10.0.1.10", Some(("shop", "web")), "10.0.2.10", 5432, Action::Allow, "shop/db-access rule 0"),
+            ("10.0.1.10", None, "10.0.2.10", 5432, Action::Allow, "shop/db-access rule 0"),
+            (
+                "10.0.1.10",
+                Some(("shop", "web")),
+                "10.0.2.10",
+                22,
+                Action::Deny,
+                "default deny (selected by Allow policy shop/db-access)",
+            ),
+            // ipBlocks and their negation.
+            ("192.0.2.7", None, "10.0.2.10", 5432, Action::Allow, "shop/db-access rule 1"),
+            (
+                "192.0.2.200",
+                None,
+                "10.0.2.10",
+                5432,
+                Action::Deny,
+                "default deny (selected by Allow policy shop/db-access)",
+            ),
+            (
+                "198.51.100.1",
+                None,
+                "10.0.2.10",
+                5432,
+                Action::Deny,
+                "default deny (selected by Allow policy shop/db-access)",
+            ),
+            // Namespace deny beats every allow.
+            ("10.0.2.11", None, "10.0.1.10", 80, Action::Deny, "shop/no-ops rule 0"),
+            ("10.0.2.11", Some(("ops", "probe")), "10.0.2.10", 5432, Action::Deny, "shop/no-ops rule 0"),
+            // notNamespaces / notPorts.
+            ("192.0.2.7", None, "10.0.1.10", 80, Action::Allow, "shop/web-not-admin rule 0"),
+            (
+                "10.0.2.10",
+                None,
+                "10.0.1.10",
+                9000,
+                Action::Deny,
+                "default deny (selected by Allow policy shop/web-not-admin)",
+            ),
+        ],
+    );
+    assert!(s.approximations.iter().any(|a| a.contains("web-not-admin rule 0")), "{:?}", s.approximations);
+}
+
+#[test]
+fn kernel_cells_never_deny_what_the_exact_evaluation_allows() {
+    let s = snapshot(IDENTITY_POLICIES);
+    let sources = ["10.0.1.10", "10.0.2.10", "10.0.2.11", "192.0.2.7", "192.0.2.200", "198.51.100.1"];
+    let dsts = ["10.0.1.10", "10.0.2.10", "10.0.2.11"];
+    for src in sources {
+        for dst in dsts {
+            for port in [22, 80, 5432, 9000] {
+                let kernel = s.verdict(ip(src), ip(dst), port);
+                let exact = s.authorize(ip(src), None, ip(dst), port).verdict;
+                if kernel.action == Action::Deny {
+                    assert_eq!(exact.action, Action::Deny, "kernel denies what is allowed: {src} -> {dst}:{port}");
+                }
+                // notPorts is the only approximation in this policy set.
+                if port != 9000 {
+                    assert_eq!(kernel.action, exact.action, "{src} -> {dst}:{port}: kernel {kernel:?} exact {exact:?}");
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn audit_mode_reports_without_enforcing() {
+    let s = snapshot(
+        r#"apiVersion: palisade.dev/v1alpha1
+kind: SegmentationPolicy
+metadata: {name: trial, namespace: shop}
+spec:
+  selector: {matchLabels: {app: db}}
+  action: Deny
+  mode: Audit
+  rules: [{from: [{namespaces: [ops]}]}]
+"#,
+    );
+    let d = s.authorize(ip("10.0.2.11"), None, ip("10.0.2.10"), 5432);
+    assert_eq!(d.verdict.action, Action::Allow);
+    assert_eq!(d.audit_deny.map(|r| s.describe_rule(r, d.verdict.dst_identity)), Some("shop/trial rule 0".into()));
+    // The kernel does not hold audit policies.
+    assert_eq!(s.verdict(ip("10.0.2.11"), ip("10.0.2.10"), 5432).action, Action::Allow);
+    assert_eq!(s.authorize(ip("10.0.1.10"), None, ip("10.0.2.10"), 5432).audit_deny, None);
+}

@@ -73,6 +73,7 @@ pub(super) async fn outbound(
         received: 0,
         started,
         error: None,
+        audit: None,
     };
     match mesh.pool.connect(key, credential.clone(), &bundle, || connect_from(pod, endpoint), request).await {
         Ok(tunnel) => {
@@ -162,7 +163,9 @@ async fn handle(ctx: Arc<ProxyCtx>, pod: Arc<PodNet>, stream: InboundStream) {
     // The tunnel comes from the source pod's address; the workload there must be the
     // identity its certificate proves, or the address is being used by someone else.
     let at_source = workload_identity(&snapshot, stream.peer_addr.ip(), &mesh.trust_domain);
-    let verdict = snapshot.verdict(stream.peer_addr.ip(), dst.ip(), dst.port());
+    let proven = (stream.peer.namespace.clone(), stream.peer.service_account.clone());
+    let decision = snapshot.authorize(stream.peer_addr.ip(), Some((&proven.0, &proven.1)), dst.ip(), dst.port());
+    let verdict = &decision.verdict;
     let (allowed, policy) = if at_source.as_ref() != Some(&stream.peer) {
         (false, format!("{} does not run at {}", stream.peer, stream.peer_addr.ip()))
     } else {
@@ -183,12 +186,14 @@ async fn handle(ctx: Arc<ProxyCtx>, pod: Arc<PodNet>, stream: InboundStream) {
         received: 0,
         started,
         error: None,
+        audit: decision.audit_deny.map(|r| snapshot.describe_rule(r, verdict.dst_identity)),
     };
     if !allowed {
         stream.reject(StatusCode::UNAUTHORIZED);
         record(&ctx, finished);
         return;
     }
+    let mut registration = ctx.connections.register(stream.peer_addr.ip(), Some(proven), dst);
     ctx.metrics.connection_opened(Direction::Inbound);
     match connect_from(&pod, dst).await {
         Err(e) => {
@@ -198,11 +203,15 @@ async fn handle(ctx: Arc<ProxyCtx>, pod: Arc<PodNet>, stream: InboundStream) {
         }
         Ok(upstream) => match stream.accept() {
             Ok((send, recv)) => {
-                let pumped = pump(upstream, send, recv).await;
-                // Seen from the client: what it sent arrived from the tunnel.
-                finished.sent = pumped.from_tunnel;
-                finished.received = pumped.to_tunnel;
-                finished.error = pumped.error;
+                tokio::select! {
+                    pumped = pump(upstream, send, recv) => {
+                        // Seen from the client: what it sent arrived from the tunnel.
+                        finished.sent = pumped.from_tunnel;
+                        finished.received = pumped.to_tunnel;
+                        finished.error = pumped.error;
+                    }
+                    reason = registration.until_closed() => finished.error = Some(reason),
+                }
             }
             Err(e) => finished.error = Some(format!("answer CONNECT: {e}")),
         },

@@ -2,11 +2,18 @@
 //! to this listener by the `sk_lookup` program after it allowed them. The accepted socket's
 //! local address is the original destination; ztunnel connects to it from inside the pod
 //! (over the pod's loopback, which the steering program leaves alone).
+//!
+//! The exact evaluation runs here too: it refuses what the kernel's cells could only
+//! approximate (see `palisade_policy::matching`), and registers the connection so that a
+//! later policy change can close it.
 use std::sync::Arc;
+use std::time::Instant;
 
+use palisade_policy::Action;
 use tokio::net::TcpListener;
 
-use super::{Decided, PodNet, ProxyCtx, carry};
+use super::{Decided, Finished, PodNet, ProxyCtx, carry, record, socket_reset};
+use crate::flows::{Transport, Verdict};
 use crate::metrics::Direction;
 
 pub async fn serve(listener: TcpListener, pod: Arc<PodNet>, ctx: Arc<ProxyCtx>) {
@@ -20,12 +27,40 @@ pub async fn serve(listener: TcpListener, pod: Arc<PodNet>, ctx: Arc<ProxyCtx>) 
             }
         };
         let Ok(dst) = client.local_addr() else { continue };
-        // The kernel already allowed it; name the deciding rule the same way it did.
-        let v = ctx.snapshot.borrow().verdict(peer.ip(), dst.ip(), dst.port());
+        let snapshot = ctx.snapshot.borrow().clone();
+        let d = snapshot.authorize(peer.ip(), None, dst.ip(), dst.port());
+        let v = d.verdict;
+        let policy = snapshot.describe_rule(v.rule, v.dst_identity);
+        if v.action == Action::Deny {
+            let _ = socket_reset(&client);
+            drop(client);
+            record(
+                &ctx,
+                Finished {
+                    direction: Direction::Inbound,
+                    verdict: Verdict::Deny,
+                    src: peer,
+                    dst,
+                    src_identity: snapshot.identity_name(v.src_identity),
+                    dst_identity: snapshot.identity_name(v.dst_identity),
+                    policy,
+                    transport: Transport::Tcp,
+                    peer: None,
+                    sent: 0,
+                    received: 0,
+                    started: Instant::now(),
+                    error: None,
+                    audit: None,
+                },
+            );
+            continue;
+        }
+        let audit = d.audit_deny.map(|r| snapshot.describe_rule(r, v.dst_identity));
+        let registration = ctx.connections.register(peer.ip(), None, dst);
         let (pod, ctx) = (pod.clone(), ctx.clone());
         tokio::spawn(async move {
-            let decided = Decided { src_identity: v.src_identity, dst_identity: v.dst_identity, rule: v.rule };
-            carry(&ctx, &pod, Direction::Inbound, client, peer, dst, decided).await;
+            let decided = Decided { src_identity: v.src_identity, dst_identity: v.dst_identity, rule: v.rule, audit };
+            carry(&ctx, &pod, Direction::Inbound, client, peer, dst, decided, Some(registration)).await;
         });
     }
 }

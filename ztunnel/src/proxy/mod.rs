@@ -32,6 +32,8 @@ pub struct ProxyCtx {
     pub snapshot: tokio::sync::watch::Receiver<Arc<palisade_policy::Snapshot>>,
     /// Identity and HBONE, when a CA is configured.
     pub mesh: Option<hbone::Mesh>,
+    /// Connections at their destination, re-checked on policy changes.
+    pub connections: Arc<crate::connections::Connections>,
 }
 
 /// One enrolled pod as the proxies see it.
@@ -58,10 +60,13 @@ struct Decided {
     src_identity: u32,
     dst_identity: u32,
     rule: u32,
+    /// What an Audit-mode policy would have denied.
+    audit: Option<String>,
 }
 
 /// Connects upstream, copies both ways until both sides are done (half-close is passed on),
 /// and records one flow event for the whole connection.
+#[allow(clippy::too_many_arguments)]
 async fn carry(
     ctx: &ProxyCtx,
     pod: &PodNet,
@@ -70,6 +75,7 @@ async fn carry(
     client_addr: SocketAddr,
     dst: SocketAddr,
     decided: Decided,
+    mut registration: Option<crate::connections::Registration>,
 ) {
     let start = Instant::now();
     ctx.metrics.connection_opened(direction);
@@ -86,11 +92,24 @@ async fn carry(
             if direction == Direction::Outbound {
                 src = upstream.local_addr().unwrap_or(src);
             }
-            match tokio::io::copy_bidirectional_with_sizes(&mut client, &mut upstream, COPY_BUFFER, COPY_BUFFER).await {
-                Ok((sent, received)) => (sent, received, None),
-                Err(e) => {
-                    ctx.metrics.proxy_error(direction);
-                    (0, 0, Some(format!("copy: {e}")))
+            let copy = tokio::io::copy_bidirectional_with_sizes(&mut client, &mut upstream, COPY_BUFFER, COPY_BUFFER);
+            let closed = async {
+                match registration.as_mut() {
+                    Some(r) => r.until_closed().await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                copied = copy => match copied {
+                    Ok((sent, received)) => (sent, received, None),
+                    Err(e) => {
+                        ctx.metrics.proxy_error(direction);
+                        (0, 0, Some(format!("copy: {e}")))
+                    }
+                },
+                reason = closed => {
+                    let _ = socket_reset(&client);
+                    (0, 0, Some(reason))
                 }
             }
         }
@@ -114,6 +133,7 @@ async fn carry(
             received,
             started: start,
             error,
+            audit: decided.audit,
         },
     );
 }
@@ -133,6 +153,7 @@ struct Finished {
     received: u64,
     started: Instant,
     error: Option<String>,
+    audit: Option<String>,
 }
 
 fn record(ctx: &ProxyCtx, f: Finished) {
@@ -153,6 +174,7 @@ fn record(ctx: &ProxyCtx, f: Finished) {
         error: f.error,
         transport: Some(f.transport),
         peer_spiffe_id: f.peer,
+        audit: f.audit,
     });
 }
 

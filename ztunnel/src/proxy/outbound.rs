@@ -34,10 +34,15 @@ pub async fn serve(listener: TcpListener, pod: Arc<PodNet>, ctx: Arc<ProxyCtx>) 
         };
         let (pod, ctx) = (pod.clone(), ctx.clone());
         tokio::spawn(async move {
-            let decided = Decided { src_identity: orig.src_identity, dst_identity: orig.dst_identity, rule: orig.rule };
+            let decided = Decided {
+                src_identity: orig.src_identity,
+                dst_identity: orig.dst_identity,
+                rule: orig.rule,
+                audit: None,
+            };
             match tunnel_to {
                 Some(dst_id) => hbone::outbound(&ctx, &pod, client, peer.port(), dst, dst_id, decided).await,
-                None => carry(&ctx, &pod, Direction::Outbound, client, peer, dst, decided).await,
+                None => carry(&ctx, &pod, Direction::Outbound, client, peer, dst, decided, None).await,
             }
         });
     }
