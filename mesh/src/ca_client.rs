@@ -44,6 +44,19 @@ impl CaClient {
         serde_json::from_slice(&body).map_err(|e| self.transport(format!("bad response: {e}")))
     }
 
+    /// The CA's current trust bundle (PEM).
+    pub async fn bundle(&self, bundle: &TrustBundle) -> Result<String, CaClientError> {
+        let (status, body) = self.call(bundle, "GET", "/v1/bundle", &[]).await?;
+        if status != 200 {
+            return Err(CaClientError::Refused {
+                addr: self.addr,
+                status,
+                body: String::from_utf8_lossy(&body).into(),
+            });
+        }
+        String::from_utf8(body).map_err(|_| self.transport("bundle is not UTF-8".into()))
+    }
+
     fn transport(&self, detail: String) -> CaClientError {
         CaClientError::Transport { addr: self.addr, detail }
     }

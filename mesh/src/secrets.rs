@@ -23,6 +23,12 @@ pub trait Signer: Send + Sync + 'static {
         bundle: &'a TrustBundle,
         request: SignRequest,
     ) -> Pin<Box<dyn Future<Output = Result<SignResponse, String>> + Send + 'a>>;
+
+    /// The CA's current trust bundle, PEM.
+    fn bundle<'a>(
+        &'a self,
+        bundle: &'a TrustBundle,
+    ) -> Pin<Box<dyn Future<Output = Result<String, String>> + Send + 'a>>;
 }
 
 impl Signer for crate::ca_client::CaClient {
@@ -34,6 +40,13 @@ impl Signer for crate::ca_client::CaClient {
         Box::pin(
             async move { crate::ca_client::CaClient::sign(self, bundle, &request).await.map_err(|e| e.to_string()) },
         )
+    }
+
+    fn bundle<'a>(
+        &'a self,
+        bundle: &'a TrustBundle,
+    ) -> Pin<Box<dyn Future<Output = Result<String, String>> + Send + 'a>> {
+        Box::pin(async move { crate::ca_client::CaClient::bundle(self, bundle).await.map_err(|e| e.to_string()) })
     }
 }
 
@@ -58,6 +71,36 @@ pub struct SecretManager {
 impl SecretManager {
     pub fn new(signer: Arc<dyn Signer>, bundle: TrustBundle) -> Arc<Self> {
         Arc::new(SecretManager { signer, bundle: watch::channel(bundle).0, managed: Mutex::default() })
+    }
+
+    /// Fetches the CA's trust bundle every `every`, so a root added by a rotation is trusted
+    /// here before anything signed by it arrives.
+    pub fn refresh_bundle_every(self: &Arc<Self>, every: Duration) {
+        let me = Arc::downgrade(self);
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(every).await;
+                let Some(manager) = me.upgrade() else { return };
+                let current = manager.bundle();
+                match manager.signer.bundle(&current).await {
+                    Ok(pem) => manager.update_bundle(&current, &pem),
+                    Err(e) => tracing::debug!(error = %e, "trust bundle refresh failed; keeping the current bundle"),
+                }
+            }
+        });
+    }
+
+    fn update_bundle(&self, current: &TrustBundle, pem: &str) {
+        if pem == current.pem {
+            return;
+        }
+        match TrustBundle::from_pem(pem, &current.trust_domain) {
+            Ok(b) => {
+                tracing::info!(roots = b.roots.len(), "trust bundle updated from the CA");
+                self.bundle.send_replace(b);
+            }
+            Err(e) => tracing::warn!(error = %e, "ignoring an unreadable trust bundle from the CA"),
+        }
     }
 
     /// The trust bundle in force (follows rotations).
@@ -149,15 +192,7 @@ impl SecretManager {
         if credential.workload_id().as_ref() != Some(identity) {
             return Err(format!("CA returned a certificate for {} instead of {identity}", credential.uri));
         }
-        if response.bundle_pem != bundle.pem {
-            match TrustBundle::from_pem(&response.bundle_pem, &bundle.trust_domain) {
-                Ok(b) => {
-                    tracing::info!(roots = b.roots.len(), "trust bundle updated from the CA");
-                    self.bundle.send_replace(b);
-                }
-                Err(e) => tracing::warn!(error = %e, "ignoring an unreadable trust bundle from the CA"),
-            }
-        }
+        self.update_bundle(&bundle, &response.bundle_pem);
         Ok(credential)
     }
 }

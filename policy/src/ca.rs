@@ -1,11 +1,13 @@
 //! The mesh certificate authority: ECDSA P-256 roots kept in a directory, short-lived workload
 //! SVIDs whose only name is the SPIFFE URI, node credentials for ztunnels.
 //!
-//! Layout of the CA directory: `roots/<n>/cert.pem` and `roots/<n>/key.pem` (0600). The
-//! highest `<n>` signs; every root in the directory is in the trust bundle, so a rotation
-//! (`palisade ca rotate`) keeps old certificates trusted until their root is retired. A root
-//! is created only when the directory holds none; a root whose key is missing or unreadable
-//! is an error, never a reason to make a new one.
+//! Layout of the CA directory: `roots/<n>/cert.pem` and `roots/<n>/key.pem` (0600). Every
+//! root in the directory is in the trust bundle; the highest *active* `<n>` signs. A rotation
+//! has two steps so that the mesh never drops: `palisade ca rotate` adds a root marked
+//! `pending` (trusted everywhere once ztunnels refresh their bundle, signing nothing yet),
+//! then `palisade ca activate` makes it the signer. Old roots stay trusted until removed. A
+//! root is created only when the directory holds none; a root whose key is missing or
+//! unreadable is an error, never a reason to make a new one.
 use std::fs;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
@@ -50,7 +52,11 @@ struct Root {
     number: u32,
     cert_pem: String,
     issuer: Issuer<'static, KeyPair>,
+    /// Trusted but not yet signing (first step of a rotation).
+    pending: bool,
 }
+
+const PENDING_MARKER: &str = "pending";
 
 pub struct CertificateAuthority {
     trust_domain: String,
@@ -90,7 +96,7 @@ impl CertificateAuthority {
         ca.load_roots(&roots_dir)?;
         if ca.roots.is_empty() {
             tracing::warn!(dir = %dir.display(), "no root CA found: creating root 1 (this happens once)");
-            ca.create_root(&roots_dir, 1)?;
+            ca.create_root(&roots_dir, 1, false)?;
         }
         Ok(ca)
     }
@@ -110,12 +116,19 @@ impl CertificateAuthority {
                 .map_err(|e| bad(format!("key.pem: {e} (refusing to create a new root over an existing one)")))?;
             let key = KeyPair::from_pem(&key_pem).map_err(|e| bad(format!("key.pem: {e}")))?;
             let issuer = Issuer::from_ca_cert_pem(&cert_pem, key).map_err(|e| bad(format!("cert.pem: {e}")))?;
-            self.roots.push(Root { number: n, cert_pem, issuer });
+            let pending = d.join(PENDING_MARKER).exists();
+            self.roots.push(Root { number: n, cert_pem, issuer, pending });
+        }
+        if !self.roots.is_empty() && self.roots.iter().all(|r| r.pending) {
+            return Err(CaError::BadRoot {
+                path: roots_dir.to_path_buf(),
+                detail: "every root is pending: activate one".into(),
+            });
         }
         Ok(())
     }
 
-    fn create_root(&mut self, roots_dir: &Path, number: u32) -> Result<(), CaError> {
+    fn create_root(&mut self, roots_dir: &Path, number: u32, pending: bool) -> Result<(), CaError> {
         let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
         let mut params = CertificateParams::default();
         params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
@@ -132,17 +145,34 @@ impl CertificateAuthority {
         let d = roots_dir.join(number.to_string());
         fs::create_dir(&d).map_err(io(&d))?;
         write_private(&d.join("key.pem"), &key.serialize_pem())?;
+        if pending {
+            fs::write(d.join(PENDING_MARKER), "").map_err(io(&d))?;
+        }
         fs::write(d.join("cert.pem"), cert.pem()).map_err(io(&d))?;
         let issuer = Issuer::new(params, key);
-        self.roots.push(Root { number, cert_pem: cert.pem(), issuer });
+        self.roots.push(Root { number, cert_pem: cert.pem(), issuer, pending });
         Ok(())
     }
 
-    /// Adds a new root that signs from now on; older roots stay trusted.
+    /// First step of a rotation: adds a root to the bundle that does not sign yet.
     pub fn rotate(&mut self, dir: &Path) -> Result<u32, CaError> {
         let next = self.roots.last().map_or(1, |r| r.number + 1);
-        self.create_root(&dir.join("roots"), next)?;
+        self.create_root(&dir.join("roots"), next, true)?;
         Ok(next)
+    }
+
+    /// Second step: the newest pending root signs from now on.
+    pub fn activate(&mut self, dir: &Path) -> Result<Option<u32>, CaError> {
+        let Some(root) = self.roots.iter_mut().rev().find(|r| r.pending) else { return Ok(None) };
+        let marker = dir.join("roots").join(root.number.to_string()).join(PENDING_MARKER);
+        fs::remove_file(&marker).map_err(io(&marker))?;
+        root.pending = false;
+        Ok(Some(root.number))
+    }
+
+    /// Which roots exist and which signs: changes with `rotate` and `activate`.
+    pub fn state(&self) -> (String, u32) {
+        (self.bundle_pem(), self.signer().number)
     }
 
     pub fn trust_domain(&self) -> &str {
@@ -155,7 +185,7 @@ impl CertificateAuthority {
     }
 
     fn signer(&self) -> &Root {
-        self.roots.last().expect("a CA always has a root")
+        self.roots.iter().rev().find(|r| !r.pending).expect("a CA always has an active root")
     }
 
     /// Signs a workload SVID for `identity` over the key in `csr_pem`, valid for the TTL.
@@ -249,10 +279,25 @@ mod tests {
         let dir = tmp("rotate");
         let mut ca = CertificateAuthority::open_or_init(&dir, "cluster.local").unwrap();
         let old = ca.bundle_pem();
+        let id = SpiffeId::new("cluster.local", "shop", "web");
+        let issuer_of = |ca: &CertificateAuthority| {
+            let (_, csr) = new_key_and_csr().unwrap();
+            let chain = ca.sign_workload(&csr, &id).unwrap().0;
+            let der = certs_from_pem(&chain, "c").unwrap().remove(0);
+            let (_, x509) = x509_parser::parse_x509_certificate(&der).unwrap();
+            x509.issuer().to_string()
+        };
         assert_eq!(ca.rotate(&dir).unwrap(), 2);
         let both = ca.bundle_pem();
         assert!(both.starts_with(&old) && both.len() > old.len());
         assert_eq!(certs_from_pem(&both, "b").unwrap().len(), 2);
+        // Pending: trusted, but root 1 still signs — also after reopening.
+        assert!(issuer_of(&ca).contains("root 1"));
+        let mut ca = CertificateAuthority::open_or_init(&dir, "cluster.local").unwrap();
+        assert!(issuer_of(&ca).contains("root 1"));
+        assert_eq!(ca.activate(&dir).unwrap(), Some(2));
+        assert!(issuer_of(&ca).contains("root 2"));
+        assert_eq!(ca.bundle_pem(), both);
         fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -47,24 +47,35 @@ impl CaService {
                 format!("no workload with identity {} is scheduled on node {node}", request.identity),
             ));
         }
-        // Pick up a rotation made by `palisade ca rotate` while serving.
-        if let Ok(fresh) = CertificateAuthority::open_or_init(&self.dir, ca.trust_domain())
-            && fresh.bundle_pem() != ca.bundle_pem()
-        {
-            let ttl = ca.workload_ttl;
-            *ca = fresh;
-            ca.workload_ttl = ttl;
-            tracing::info!("trust bundle changed on disk: reloaded the roots");
-        }
+        self.reload_if_rotated(&mut ca);
         let (chain_pem, not_after) = ca
             .sign_workload(&request.csr_pem, &request.identity)
             .map_err(|e| (StatusCode::BAD_REQUEST, e.to_string()))?;
-        tracing::info!(node, identity = %request.identity, "signed workload certificate");
+        tracing::info!(node, identity = %request.identity, root = ca.state().1, "signed workload certificate");
         Ok(SignResponse {
             chain_pem,
             bundle_pem: ca.bundle_pem(),
             not_after_unix: not_after.duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0),
         })
+    }
+
+    /// Picks up `palisade ca rotate` / `activate` made while serving.
+    fn reload_if_rotated(&self, ca: &mut CertificateAuthority) {
+        if let Ok(fresh) = CertificateAuthority::open_or_init(&self.dir, ca.trust_domain())
+            && fresh.state() != ca.state()
+        {
+            let ttl = ca.workload_ttl;
+            *ca = fresh;
+            ca.workload_ttl = ttl;
+            tracing::info!(signing_root = ca.state().1, "roots changed on disk: reloaded");
+        }
+    }
+
+    /// The trust bundle, after picking up a rotation.
+    pub fn bundle(&self) -> String {
+        let mut ca = self.ca.lock().expect("ca lock");
+        self.reload_if_rotated(&mut ca);
+        ca.bundle_pem()
     }
 
     fn scheduled_on(&self, node: &str, id: &SpiffeId) -> Result<bool, (StatusCode, String)> {
@@ -100,11 +111,20 @@ pub async fn serve(listener: TcpListener, service: Arc<CaService>) -> anyhow::Re
         let ca = service.ca.lock().expect("ca lock");
         (ca.bundle_pem(), ca.trust_domain().to_string())
     };
-    let bundle = TrustBundle::from_pem(&bundle_pem, &trust_domain)?;
-    let tls = server_config_for(credential, &bundle, Clients::Nodes, &[b"http/1.1"])?;
+    let make_tls = |pem: &str| -> anyhow::Result<_> {
+        let bundle = TrustBundle::from_pem(pem, &trust_domain)?;
+        Ok(server_config_for(credential.clone(), &bundle, Clients::Nodes, &[b"http/1.1"])?)
+    };
+    let (mut tls, mut tls_bundle) = (make_tls(&bundle_pem)?, bundle_pem);
     tracing::info!(addr = %listener.local_addr()?, "CA serving");
     loop {
         let (tcp, peer) = listener.accept().await?;
+        // Node credentials signed by a newly activated root are accepted without a restart.
+        let current = service.bundle();
+        if current != tls_bundle {
+            tls = make_tls(&current)?;
+            tls_bundle = current;
+        }
         let (tls, service, trust_domain) = (tls.clone(), service.clone(), trust_domain.clone());
         tokio::spawn(async move {
             let stream = match tokio_rustls::TlsAcceptor::from(tls).accept(tcp).await {
@@ -143,7 +163,7 @@ fn reply(status: StatusCode, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
 
 async fn handle(service: &CaService, node: &str, req: Request<Incoming>) -> Response<Full<Bytes>> {
     match (req.method().as_str(), req.uri().path()) {
-        ("GET", "/v1/bundle") => reply(StatusCode::OK, service.ca.lock().expect("ca lock").bundle_pem()),
+        ("GET", "/v1/bundle") => reply(StatusCode::OK, service.bundle()),
         ("POST", "/v1/sign") => {
             let body = match Limited::new(req.into_body(), MAX_BODY).collect().await {
                 Ok(b) => b.to_bytes(),

@@ -29,6 +29,9 @@ enum Command {
         /// Source address.
         #[arg(long)]
         from: IpAddr,
+        /// The source's proven identity, `namespace/serviceaccount` (as HBONE proves it).
+        #[arg(long)]
+        principal: Option<String>,
         /// Destination address and port.
         #[arg(long)]
         to: SocketAddr,
@@ -51,8 +54,10 @@ enum CaCommand {
     Init,
     /// Print the trust bundle (every trusted root).
     Bundle,
-    /// Add a new signing root; older roots stay trusted until removed from the directory.
+    /// Rotation, step 1: add a new root to the trust bundle; it does not sign yet.
     Rotate,
+    /// Rotation, step 2 (once every ztunnel has the new bundle): the new root signs.
+    Activate,
     /// Write a node credential (node.pem, node-key.pem) and the bundle (bundle.pem) to OUT.
     NodeCredential {
         #[arg(long)]
@@ -78,9 +83,14 @@ fn ca_command(dir: PathBuf, trust_domain: String, command: CaCommand) -> anyhow:
     let mut ca = CertificateAuthority::open_or_init(&dir, &trust_domain)?;
     match command {
         CaCommand::Init | CaCommand::Bundle => print!("{}", ca.bundle_pem()),
-        CaCommand::Rotate => {
-            println!("root {} now signs; the bundle holds every root in {}", ca.rotate(&dir)?, dir.display())
-        }
+        CaCommand::Rotate => println!(
+            "root {} added to the trust bundle (pending); run `palisade ca activate` once every ztunnel has it",
+            ca.rotate(&dir)?
+        ),
+        CaCommand::Activate => match ca.activate(&dir)? {
+            Some(n) => println!("root {n} now signs; older roots stay trusted"),
+            None => println!("no pending root"),
+        },
         CaCommand::NodeCredential { node, out } => {
             let (cert, key) = ca.node_credential(&node)?;
             std::fs::create_dir_all(&out)?;
@@ -131,16 +141,31 @@ fn main() -> ExitCode {
                 s.rules.len(),
                 s.cells.len()
             );
+            for a in &s.approximations {
+                println!("note: {a}");
+            }
         }),
-        Command::Explain { paths, from, to } => palisade_policy::load_snapshot(&paths).map(|s| {
-            let v = s.verdict(from, to.ip(), to.port());
+        Command::Explain { paths, from, principal, to } => palisade_policy::load_snapshot(&paths).map(|s| {
+            let proven = principal.as_deref().and_then(|p| p.split_once('/'));
+            let d = s.authorize(from, proven, to.ip(), to.port());
+            let v = &d.verdict;
+            let who = match principal {
+                Some(p) => format!("{p}, proven"),
+                None => s.identity_name(v.src_identity),
+            };
             println!(
-                "{:?}: {from} ({}) -> {to} ({}) decided by {}",
+                "{:?}: {from} ({who}) -> {to} ({}) decided by {}",
                 v.action,
-                s.identity_name(v.src_identity),
                 s.identity_name(v.dst_identity),
                 s.describe_rule(v.rule, v.dst_identity)
             );
+            if let Some(rule) = d.audit_deny {
+                println!("audit: would be denied by {}", s.describe_rule(rule, v.dst_identity));
+            }
+            let kernel = s.verdict(from, to.ip(), to.port());
+            if kernel.action != v.action {
+                println!("in the kernel: {:?} at connect(); ztunnel's proxy decides the rest", kernel.action);
+            }
         }),
         Command::Ca { .. } => unreachable!("handled above"),
     };

@@ -338,7 +338,7 @@ impl Cluster {
             .arg(&node.enroll_socket)
             .args(["--policy-poll-ms", "100"]);
         if with_ca {
-            cmd.args(["--ca-addr", CA_ADDR])
+            cmd.args(["--ca-addr", CA_ADDR, "--bundle-refresh-secs", "1"])
                 .arg("--node-credential-dir")
                 .arg(self.info.state_dir.join(format!("credential-{}", node.name)));
         }
@@ -513,6 +513,16 @@ impl Cluster {
             }
             std::thread::sleep(Duration::from_millis(10));
         }
+    }
+
+    /// Stops the cluster's CA (to show ztunnels keep working without it).
+    pub fn stop_ca(&mut self) -> Result<()> {
+        for child in &mut self.processes {
+            child.kill()?;
+            child.wait()?;
+        }
+        self.processes.clear();
+        Ok(())
     }
 
     /// A handle on a running cluster made by someone else (`cluster.json`, another thread):

@@ -163,3 +163,93 @@ fn certificate_renewal_under_traffic_loses_no_connection_and_no_byte() {
         ca_log.lines().filter(|l| l.contains("signed workload certificate") && l.contains("sa/p1-1")).count();
     assert!(renewals >= 3, "p1-1's certificate was issued {renewals} times in 10 s with a 6 s lifetime");
 }
+
+#[test]
+fn a_root_rotation_never_drops_the_mesh() {
+    let id = palisade_sandbox::unique_test_id();
+    let mut spec = palisade_sandbox::ClusterSpec::uniform(&id, palisade_sandbox::test_state_dir(&id), 2, 1);
+    spec.ztunnel = Some(palisade_sandbox::workspace_bin("ztunnel").unwrap());
+    spec.workload_ttl = Duration::from_secs(4);
+    let cluster = start_spec(spec);
+    let _server = serve(&cluster, "p2-1", 8080);
+    let dst = format!("{}:8080", cluster.pod("p2-1").unwrap().ip);
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let prober = {
+        let (view, dst, stop) = (palisade_sandbox::Cluster::attach(cluster.info.clone()), dst.clone(), stop.clone());
+        std::thread::spawn(move || {
+            let mut results = Vec::new();
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                results.push(connect(&view, "p1-1", &dst, 20_000));
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            results
+        })
+    };
+    let palisade = palisade_sandbox::workspace_bin("palisade").unwrap();
+    let ca = |step: &str| {
+        let ca_dir = cluster.info.state_dir.join("ca");
+        let out = Command::new(&palisade).args(["ca", "--dir", ca_dir.to_str().unwrap(), step]).output().unwrap();
+        assert!(out.status.success(), "palisade ca {step}: {}", String::from_utf8_lossy(&out.stderr));
+    };
+    let roots = |node: &str| -> u64 {
+        let dump: serde_json::Value = serde_json::from_str(&cluster.admin_get(node, "/config_dump").unwrap()).unwrap();
+        dump["trust_bundle_roots"].as_u64().unwrap_or(0)
+    };
+    let wait = |what: &str, done: &dyn Fn() -> bool| {
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        while !done() {
+            assert!(std::time::Instant::now() < deadline, "timed out waiting for {what}");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    };
+    std::thread::sleep(Duration::from_secs(1));
+    // Step 1: the new root reaches every ztunnel's bundle before it signs anything.
+    ca("rotate");
+    wait("both nodes to trust two roots", &|| roots("node-1") == 2 && roots("node-2") == 2);
+    // Step 2: it signs; renewals (every ~2 s) move both workloads to it.
+    ca("activate");
+    let ca_log = || std::fs::read_to_string(cluster.info.state_dir.join("ca.log")).unwrap_or_default();
+    wait("certificates from the new root", &|| {
+        let log = ca_log();
+        ["sa/p1-1", "sa/p2-1"].iter().all(|sa| log.lines().any(|l| l.contains(sa) && l.contains("root=2")))
+    });
+    std::thread::sleep(Duration::from_secs(1));
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let results = prober.join().unwrap();
+    assert!(results.len() > 10, "too few probes: {}", results.len());
+    for r in &results {
+        assert_eq!(r["verified"], true, "a connection failed during the rotation: {r}");
+    }
+}
+
+#[test]
+fn ztunnel_keeps_working_with_its_certificates_while_the_ca_is_down() {
+    let mut cluster = mesh(2, 1, "");
+    let _server = serve(&cluster, "p2-1", 8080);
+    let dst = format!("{}:8080", cluster.pod("p2-1").unwrap().ip);
+    assert_eq!(connect(&cluster, "p1-1", &dst, 10_000)["verified"], true);
+    cluster.stop_ca().unwrap();
+    for _ in 0..5 {
+        let r = connect(&cluster, "p1-1", &dst, 10_000);
+        assert_eq!(r["verified"], true, "with the CA down: {r}");
+    }
+}
+
+#[test]
+fn graceful_shutdown_drains_streams_in_flight() {
+    let mut cluster = mesh(2, 1, "");
+    let _server = serve(&cluster, "p2-1", 8080);
+    let dst = format!("{}:8080", cluster.pod("p2-1").unwrap().ip);
+    // ~1.6 s of paced transfer through node-2's HBONE listener.
+    let long = {
+        let view = palisade_sandbox::Cluster::attach(cluster.info.clone());
+        let dst = dst.clone();
+        std::thread::spawn(move || connect_with(&view, "p1-1", &dst, 1 << 20, &["--pace-ms", "100"]))
+    };
+    wait_flow(&cluster, "node-1", |f| f["observer"] == "kernel" && f["dst"] == dst.as_str());
+    std::thread::sleep(Duration::from_millis(300));
+    let status = cluster.stop_ztunnel("node-2", libc::SIGTERM).unwrap();
+    assert!(status.success(), "ztunnel exit: {status}");
+    let r = long.join().unwrap();
+    assert_eq!(r["verified"], true, "the stream in flight was cut by the shutdown: {r}");
+}

@@ -36,7 +36,7 @@ pub fn run() -> Result<()> {
     spec.policy = POLICY.into();
     spec.ztunnel = Some(palisade_sandbox::workspace_bin("ztunnel")?);
     spec.palisade = Some(palisade_sandbox::workspace_bin("palisade")?);
-    println!("== Bringing up the sandbox (2 nodes, ztunnel on each, every pod enrolled)");
+    println!("== Bringing up the sandbox (2 nodes, a CA, ztunnel on each, every pod enrolled with its certificate)");
     let cluster = Cluster::up(spec)?;
     crate::sandbox::print_summary(&cluster);
     println!("\n== Policy in force\n{POLICY}");
@@ -86,14 +86,16 @@ fn describe(f: &Value) -> String {
         format!("kernel {:<8} {:<5}", s("direction"), s("verdict").to_uppercase())
     } else {
         format!(
-            "proxy  {:<8} {}B/{}B {:.1}ms",
+            "proxy  {:<8} {:<5} {} {}B/{}B {:.1}ms",
             s("direction"),
+            s("verdict").to_uppercase(),
+            s("transport"),
             f["bytes_sent"],
             f["bytes_received"],
             f["duration_ms"].as_f64().unwrap_or(0.0)
         )
     };
-    format!(
+    let mut line = format!(
         "  [{}] {what}  {} ({}) -> {} ({})  by {}",
         s("node"),
         s("src"),
@@ -101,5 +103,9 @@ fn describe(f: &Value) -> String {
         s("dst"),
         s("dst_identity"),
         s("policy")
-    )
+    );
+    if let Some(peer) = f["peer_spiffe_id"].as_str() {
+        line.push_str(&format!("\n           the peer proved {peer} with its certificate"));
+    }
+    line
 }

@@ -87,6 +87,7 @@ fn route(state: &AdminState, req: Request<Incoming>) -> Response<RespBody> {
                 "policy": &*snapshot,
                 "pods": state.pods.list(),
                 "certificates": certificates,
+                "trust_bundle_roots": state.ctx.mesh.as_ref().map(|m| m.secrets.bundle().roots.len()),
                 "hbone_pool": pool,
             }))
         }

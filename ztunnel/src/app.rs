@@ -87,6 +87,7 @@ fn mesh(config: &Config, ca_addr: std::net::SocketAddr) -> anyhow::Result<crate:
     let bundle = TrustBundle::from_pem(&read("bundle.pem")?, &config.trust_domain)?;
     let client = palisade_mesh::ca_client::CaClient::new(ca_addr, CredentialSlot::new(node));
     let secrets = palisade_mesh::secrets::SecretManager::new(Arc::new(client), bundle);
+    secrets.refresh_bundle_every(Duration::from_secs(config.bundle_refresh_secs.max(1)));
     let pool = palisade_mesh::hbone::pool::Pool::new(Default::default());
     Ok(crate::proxy::hbone::Mesh { secrets, pool, trust_domain: config.trust_domain.clone() })
 }

@@ -41,6 +41,9 @@ pub struct Config {
     /// SPIFFE trust domain of the mesh.
     #[arg(long, env = "PALISADE_TRUST_DOMAIN", default_value = palisade_mesh::identity::DEFAULT_TRUST_DOMAIN)]
     pub trust_domain: String,
+    /// How often the trust bundle is fetched from the CA, in seconds.
+    #[arg(long, env = "PALISADE_BUNDLE_REFRESH_SECS", default_value_t = 60)]
+    pub bundle_refresh_secs: u64,
     /// How long a graceful shutdown waits for connections in flight, in seconds.
     #[arg(long, env = "PALISADE_DRAIN_SECS", default_value_t = 5)]
     pub drain_secs: u64,
