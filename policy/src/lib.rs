@@ -26,7 +26,12 @@ pub enum ConfigError {
 
 /// Loads, validates and compiles the resources in `paths` (files or directories).
 pub fn load_snapshot(paths: &[PathBuf]) -> Result<Snapshot, ConfigError> {
+    load_snapshot_for(paths, compile::DEFAULT_TRUST_DOMAIN)
+}
+
+/// As [`load_snapshot`], for a mesh whose trust domain is not the default.
+pub fn load_snapshot_for(paths: &[PathBuf], trust_domain: &str) -> Result<Snapshot, ConfigError> {
     let resources = load::load_paths(paths)?;
     validate::validate(&resources)?;
-    Ok(compile(&resources))
+    Ok(compile::compile_for(&resources, trust_domain))
 }

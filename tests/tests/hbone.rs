@@ -253,3 +253,70 @@ fn graceful_shutdown_drains_streams_in_flight() {
     let r = long.join().unwrap();
     assert_eq!(r["verified"], true, "the stream in flight was cut by the shutdown: {r}");
 }
+
+#[test]
+fn the_hbone_listener_refuses_bad_client_certificates() {
+    use palisade_mesh::hbone::pool::{ConnectRequest, Pool, PoolKey};
+    use palisade_policy::ca::CertificateAuthority;
+
+    let cluster = mesh(2, 1, "");
+    let _server = serve(&cluster, "p2-1", 8080);
+    let state = cluster.info.state_dir.clone();
+    let bundle_pem = std::fs::read_to_string(state.join("credential-node-1/bundle.pem")).unwrap();
+    // The sandbox's own CA (its root is on disk) and an unrelated one.
+    let mesh_ca = CertificateAuthority::open_or_init(&state.join("ca"), "cluster.local").unwrap();
+    let other_ca = CertificateAuthority::open_or_init(&state.join("other-ca"), "cluster.local").unwrap();
+    let me = SpiffeId::new("cluster.local", "default", "p1-1");
+    let issue = |ca: &CertificateAuthority, id: &SpiffeId, expired: bool| {
+        let (key, csr) = new_key_and_csr().unwrap();
+        let now = std::time::SystemTime::now();
+        let chain = if expired {
+            ca.sign_workload_between(&csr, id, now - Duration::from_secs(7200), now - Duration::from_secs(3600))
+                .unwrap()
+                .0
+        } else {
+            ca.sign_workload(&csr, id).unwrap().0
+        };
+        CredentialSlot::new(Credential::from_pem(&chain, &key).unwrap())
+    };
+    let cases = vec![
+        ("the mesh CA", issue(&mesh_ca, &me, false)),
+        ("another CA", issue(&other_ca, &me, false)),
+        ("the mesh CA, expired", issue(&mesh_ca, &me, true)),
+        ("outside the trust domain", issue(&mesh_ca, &SpiffeId::new("evil.example", "default", "p1-1"), false)),
+    ];
+    let p2 = cluster.pod("p2-1").unwrap().ip.parse::<std::net::IpAddr>().unwrap();
+    let p1_netns = cluster.pod("p1-1").unwrap().netns.clone();
+    // From p1-1's network namespace (its address), but not its cgroup: not captured.
+    let outcomes = palisade_sandbox::sys::in_netns(&p1_netns, move || {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        rt.block_on(async move {
+            let bundle = TrustBundle::from_pem(&bundle_pem, "cluster.local").unwrap();
+            let mut outcomes = Vec::new();
+            for (what, credential) in cases {
+                let pool = Pool::new(Default::default());
+                let endpoint = std::net::SocketAddr::new(p2, 15008);
+                let key = PoolKey {
+                    src: SpiffeId::new("cluster.local", "default", "p1-1"),
+                    dst: SpiffeId::new("cluster.local", "default", "p2-1"),
+                    endpoint,
+                };
+                let request =
+                    ConnectRequest { authority: std::net::SocketAddr::new(p2, 8080), forwarded_for: endpoint };
+                let connect =
+                    pool.connect(key, credential, &bundle, || tokio::net::TcpStream::connect(endpoint), request);
+                let result = tokio::time::timeout(Duration::from_secs(10), connect).await.expect("bounded");
+                outcomes.push((what, result.map(|_| ()).map_err(|e| e.to_string())));
+            }
+            outcomes
+        })
+    })
+    .unwrap();
+    for (what, outcome) in outcomes {
+        if what == "the mesh CA" {
+            assert!(outcome.is_ok(), "a valid certificate was refused: {outcome:?}");
+        } else {
+            assert!(outcome.is_err(), "a client certificate from {what} was accepted by ztunnel");
+        }
+    }
+}

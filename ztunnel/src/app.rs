@@ -22,7 +22,8 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     raise_fd_limit();
     let kernel = Kernel::load().context("loading the kernel programs")?;
     let metrics = Arc::new(Metrics::default());
-    let (mut policy, snapshot) = PolicySource::new(config.policy.clone(), kernel.policy, metrics.clone());
+    let (mut policy, snapshot) =
+        PolicySource::new(config.policy.clone(), config.trust_domain.clone(), kernel.policy, metrics.clone());
     let stats = policy.reload().await.context("initial policy")?;
     tracing::info!(stats = ?stats, "policy in force");
 

@@ -17,6 +17,7 @@ use crate::metrics::Metrics;
 
 pub struct PolicySource {
     paths: Vec<PathBuf>,
+    trust_domain: String,
     maps: Option<PolicyMaps>,
     digest: Option<u64>,
     metrics: Arc<Metrics>,
@@ -41,9 +42,14 @@ fn digest(paths: &[PathBuf]) -> std::io::Result<u64> {
 }
 
 impl PolicySource {
-    pub fn new(paths: Vec<PathBuf>, maps: PolicyMaps, metrics: Arc<Metrics>) -> (Self, watch::Receiver<Arc<Snapshot>>) {
+    pub fn new(
+        paths: Vec<PathBuf>,
+        trust_domain: String,
+        maps: PolicyMaps,
+        metrics: Arc<Metrics>,
+    ) -> (Self, watch::Receiver<Arc<Snapshot>>) {
         let (publish, rx) = watch::channel(Arc::new(Snapshot::default()));
-        (PolicySource { paths, maps: Some(maps), digest: None, metrics, publish }, rx)
+        (PolicySource { paths, trust_domain, maps: Some(maps), digest: None, metrics, publish }, rx)
     }
 
     /// Loads the files and puts the result in force. Errors leave the last good policy.
@@ -53,10 +59,10 @@ impl PolicySource {
             return Ok(None);
         }
         self.digest = Some(digest);
-        let paths = self.paths.clone();
+        let (paths, trust_domain) = (self.paths.clone(), self.trust_domain.clone());
         let mut maps = self.maps.take().expect("policy maps are owned between reloads");
         let (maps, result) = tokio::task::spawn_blocking(move || {
-            let result = palisade_policy::load_snapshot(&paths)
+            let result = palisade_policy::load_snapshot_for(&paths, &trust_domain)
                 .map_err(anyhow::Error::from)
                 .and_then(|snap| maps.apply(&snap).map(|stats| (snap, stats)).map_err(anyhow::Error::from));
             (maps, result)
