@@ -425,11 +425,16 @@ impl Cluster {
     /// Replaces the extra resources and waits until every ztunnel has put the new policy in
     /// force. Fails (and the old policy stays in force) when ztunnel rejects it.
     pub fn set_policy(&mut self, extra: &str) -> Result<()> {
+        self.set_policy_within(extra, Duration::from_secs(10))
+    }
+
+    /// As [`Self::set_policy`], waiting up to `timeout` (large policies take longer).
+    pub fn set_policy_within(&mut self, extra: &str, timeout: Duration) -> Result<()> {
         let before: Vec<u64> =
             self.info.nodes.iter().map(|n| self.policy_generation(&n.name)).collect::<Result<_>>()?;
         self.extra_policy = extra.to_string();
         self.write_policy_file(extra)?;
-        let deadline = Instant::now() + Duration::from_secs(10);
+        let deadline = Instant::now() + timeout;
         for (node, old) in self.info.nodes.iter().zip(before) {
             while self.policy_generation(&node.name)? <= old {
                 if Instant::now() > deadline {
@@ -513,6 +518,12 @@ impl Cluster {
             }
             std::thread::sleep(Duration::from_millis(10));
         }
+    }
+
+    /// Process id of a node's ztunnel (when this handle started it).
+    pub fn ztunnel_pid(&self, node: &str) -> Option<u32> {
+        let i = self.info.nodes.iter().position(|n| n.name == node)?;
+        self.ztunnels.get(i).map(|c| c.id())
     }
 
     /// Stops the cluster's CA (to show ztunnels keep working without it).

@@ -1,5 +1,6 @@
 //! `cargo xtask`: orchestration only — toolchain set-up, the sandbox cluster, the demo, the
 //! test suite. The product's logic lives in the crates it drives.
+mod bench;
 mod demo;
 mod sandbox;
 mod setup;
@@ -29,6 +30,13 @@ enum Command {
     },
     /// Bring up a sandbox, show an allowed and a denied flow with their flow events, tear down.
     Demo,
+    /// Measure the data path against the no-mesh baseline (report in target/bench; a full run
+    /// also updates BENCHMARKS.md).
+    Bench {
+        /// A short run for comparisons during development.
+        #[arg(long)]
+        quick: bool,
+    },
     /// The whole suite: formatting, clippy, unit and end-to-end tests.
     Test {
         /// Extra arguments for the test runner (e.g. a test name filter).
@@ -65,6 +73,7 @@ fn main() -> anyhow::Result<()> {
         Command::Build => build(),
         Command::Sandbox { command } => sandbox::run(command),
         Command::Demo => demo::run(),
+        Command::Bench { quick } => bench::run(quick),
         Command::Test { args } => test::run(&args),
     }
 }

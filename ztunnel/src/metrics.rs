@@ -35,6 +35,11 @@ pub struct Metrics {
     policy_reloads_failed: AtomicU64,
     flow_events: AtomicU64,
     audit_would_deny: AtomicU64,
+    /// Last successful reload, microseconds / count.
+    policy_compile_us: AtomicU64,
+    policy_apply_us: AtomicU64,
+    policy_cells: AtomicU64,
+    policy_identities: AtomicU64,
 }
 
 impl Metrics {
@@ -62,6 +67,12 @@ impl Metrics {
     }
     pub fn policy_reload(&self, ok: bool) {
         if ok { &self.policy_reloads_ok } else { &self.policy_reloads_failed }.fetch_add(1, Relaxed);
+    }
+    pub fn policy_applied(&self, stats: &crate::datapath::ApplyStats) {
+        self.policy_compile_us.store((stats.compile_ms * 1e3) as u64, Relaxed);
+        self.policy_apply_us.store((stats.elapsed_ms * 1e3) as u64, Relaxed);
+        self.policy_cells.store(stats.cells as u64, Relaxed);
+        self.policy_identities.store(stats.identities as u64, Relaxed);
     }
     pub fn audit_would_deny(&self) {
         self.audit_would_deny.fetch_add(1, Relaxed);
@@ -162,6 +173,27 @@ impl Metrics {
             "Allowed connections an Audit-mode policy would deny.",
             &single(self.audit_would_deny.load(Relaxed).into()),
         );
+        let seconds = |us: &AtomicU64| format!("{:.6}", us.load(Relaxed) as f64 / 1e6);
+        for (name, help, value) in [
+            (
+                "palisade_policy_compile_seconds",
+                "Last reload: reading, validating and compiling the resources.",
+                seconds(&self.policy_compile_us),
+            ),
+            (
+                "palisade_policy_apply_seconds",
+                "Last reload: writing the kernel maps and switching generation.",
+                seconds(&self.policy_apply_us),
+            ),
+            ("palisade_policy_cells", "Policy cells in the kernel.", self.policy_cells.load(Relaxed).to_string()),
+            (
+                "palisade_policy_address_entries",
+                "Address entries in the kernel's identity trie.",
+                self.policy_identities.load(Relaxed).to_string(),
+            ),
+        ] {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {value}");
+        }
         out
     }
 }

@@ -62,9 +62,15 @@ impl PolicySource {
         let (paths, trust_domain) = (self.paths.clone(), self.trust_domain.clone());
         let mut maps = self.maps.take().expect("policy maps are owned between reloads");
         let (maps, result) = tokio::task::spawn_blocking(move || {
+            let started = std::time::Instant::now();
             let result = palisade_policy::load_snapshot_for(&paths, &trust_domain)
                 .map_err(anyhow::Error::from)
-                .and_then(|snap| maps.apply(&snap).map(|stats| (snap, stats)).map_err(anyhow::Error::from));
+                .and_then(|snap| {
+                    let compile_ms = started.elapsed().as_secs_f64() * 1e3;
+                    let mut stats = maps.apply(&snap)?;
+                    stats.compile_ms = compile_ms;
+                    Ok((snap, stats))
+                });
             (maps, result)
         })
         .await?;
@@ -73,6 +79,7 @@ impl PolicySource {
         self.metrics.policy_reload(result.is_ok());
         let (snapshot, stats) = result?;
         self.metrics.policy_generation.store(generation.into(), Ordering::Relaxed);
+        self.metrics.policy_applied(&stats);
         self.publish.send_replace(Arc::new(snapshot));
         Ok(Some(stats))
     }
@@ -86,7 +93,8 @@ impl PolicySource {
                     generation = stats.generation,
                     identities = stats.identities,
                     cells = stats.cells,
-                    elapsed_ms = stats.elapsed_ms,
+                    compile_ms = stats.compile_ms,
+                    apply_ms = stats.elapsed_ms,
                     "policy reloaded"
                 ),
                 Ok(None) => {}

@@ -4,7 +4,11 @@
 //! ```text
 //! palisade-probe serve --port 8080 [--log FILE]      echo server; logs each connection
 //! palisade-probe connect --to IP:PORT [--bytes N] [--timeout-ms T] [--pace-ms P] [--parallel C]
+//! palisade-probe latency --to IP:PORT --rate R --conns C --duration-ms D [--size S]
+//! palisade-probe connrate --to IP:PORT --duration-ms D [--size S]
+//! palisade-probe connect-timing --to IP:PORT --count N
 //! ```
+//! The last three are the benchmark's load generators (see `load.rs`).
 //! `connect` sends N bytes of a deterministic pattern (one 64 KiB chunk every P ms when
 //! paced), half-closes, reads the echo to EOF and checks it byte for byte. With `--parallel C`
 //! it opens C such connections at once and reports a summary.
@@ -14,11 +18,13 @@ use std::time::{Duration, Instant};
 
 use serde_json::json;
 
+mod load;
+
 fn pattern(i: u64) -> u8 {
     (i.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 56) as u8
 }
 
-fn arg<'a>(args: &'a [String], name: &str) -> Option<&'a str> {
+pub(crate) fn arg<'a>(args: &'a [String], name: &str) -> Option<&'a str> {
     args.iter().position(|a| a == name).and_then(|i| args.get(i + 1)).map(String::as_str)
 }
 
@@ -36,6 +42,9 @@ fn main() {
     match args.get(1).map(String::as_str) {
         Some("serve") => serve(&args),
         Some("connect") => connect(&args),
+        Some("latency") => println!("{}", load::latency(&args)),
+        Some("connrate") => println!("{}", load::connrate(&args)),
+        Some("connect-timing") => println!("{}", load::connect_timing(&args)),
         _ => {
             eprintln!(
                 "usage: palisade-probe serve --port P [--log FILE] | connect --to ADDR [--bytes N] [--timeout-ms T]"

@@ -1,0 +1,106 @@
+//! `cargo xtask bench`: Palisade's data path measured on a sandbox cluster, every mesh figure
+//! beside the no-mesh baseline measured in the same run (the same pods, not enrolled).
+//!
+//! 1. throughput, one stream and 8 streams (iperf3), pod to pod across nodes;
+//! 2. latency of 1 KiB request/response at a fixed rate, open loop (HDR histogram);
+//! 3. ztunnel CPU and peak RSS during 2;
+//! 4. new connections per second, one at a time, and ztunnel CPU per 1,000 connections;
+//! 5. `connect()` time: denied in the kernel, and allowed, enrolled versus not;
+//! 6. idle RSS with 0, 10 and 100 enrolled pods;
+//! 7. compiling and loading a policy of 10,000 workloads and 100,000 rules, and map memory.
+//!
+//! No figure is asserted anywhere: the report states them, `BENCHMARKS.md` keeps the latest.
+mod measure;
+mod procfs;
+mod report;
+pub mod stats;
+
+use std::path::PathBuf;
+
+pub use report::{Report, write};
+
+/// Binaries the bench runs (release builds for real figures).
+#[derive(Clone, Debug)]
+pub struct Binaries {
+    pub ztunnel: PathBuf,
+    pub palisade: PathBuf,
+    pub probe: PathBuf,
+}
+
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct Sizes {
+    pub reps: usize,
+    pub throughput_secs: u64,
+    pub latency_secs: u64,
+    pub latency_rate: u32,
+    pub latency_conns: usize,
+    pub connrate_secs: u64,
+    pub connect_count: usize,
+    pub idle_pods: [usize; 3],
+    pub scale_workloads: usize,
+    pub scale_rules: usize,
+}
+
+impl Sizes {
+    /// What the issue asks for: several repetitions of full-length runs.
+    pub fn full() -> Sizes {
+        Sizes {
+            reps: 3,
+            throughput_secs: 10,
+            latency_secs: 30,
+            latency_rate: 1000,
+            latency_conns: 4,
+            connrate_secs: 10,
+            connect_count: 2000,
+            idle_pods: [0, 10, 100],
+            scale_workloads: 10_000,
+            scale_rules: 100_000,
+        }
+    }
+
+    /// A short version for comparisons during development.
+    pub fn quick() -> Sizes {
+        Sizes {
+            reps: 1,
+            throughput_secs: 3,
+            latency_secs: 5,
+            connrate_secs: 3,
+            connect_count: 500,
+            idle_pods: [0, 10, 30],
+            scale_workloads: 2_000,
+            scale_rules: 20_000,
+            ..Sizes::full()
+        }
+    }
+
+    /// Tiny sizes: the smoke test of the bench code itself.
+    pub fn smoke() -> Sizes {
+        Sizes {
+            reps: 1,
+            throughput_secs: 1,
+            latency_secs: 1,
+            latency_rate: 200,
+            latency_conns: 2,
+            connrate_secs: 1,
+            connect_count: 20,
+            idle_pods: [0, 1, 2],
+            scale_workloads: 50,
+            scale_rules: 200,
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct Options {
+    pub sizes: Sizes,
+    pub bins: Binaries,
+}
+
+/// Runs every measurement and returns the report (not yet written).
+pub fn run(options: &Options) -> anyhow::Result<Report> {
+    let mut figures = Vec::new();
+    let started = std::time::Instant::now();
+    figures.extend(measure::data_path(options)?);
+    figures.extend(measure::idle_and_policy_scale(options)?);
+    Ok(Report::new(options, figures, started.elapsed()))
+}
