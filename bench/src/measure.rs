@@ -246,7 +246,10 @@ pub fn scale_policy(workloads: usize, rules: usize, salt: usize) -> String {
         ));
         for j in 0..rules_per {
             let from = (w + j + 1) % per_ns;
-            y.push_str(&format!("  - {{from: [{{serviceAccount: sa{from}}}], ports: [{}]}}\n", 8000 + j));
+            y.push_str(&format!(
+                "  - {{from: [{{namespace: ns{ns}, serviceAccount: sa{from}}}], ports: [{}]}}\n",
+                8000 + j
+            ));
         }
     }
     y

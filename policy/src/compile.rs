@@ -247,7 +247,8 @@ impl Snapshot {
         };
         let principal = namespace.zip(service_account).map(|(ns, sa)| format!("{}/ns/{ns}/sa/{sa}", self.trust_domain));
         let in_block = |c: &Cidr| Match::from_bool(c.contains(src));
-        let facts = SourceFacts { principal, namespace, service_account, labels, in_block: &in_block };
+        let facts =
+            SourceFacts { principal: principal.as_deref(), namespace, service_account, labels, in_block: &in_block };
         let verdict = |action, rule| Verdict { action, rule, src_identity, dst_identity };
         let Some(dst_ident) = self.identity(dst_identity) else {
             // Not a workload: no policy selects it.
@@ -398,6 +399,7 @@ pub fn compile_for(resources: &[Located], trust_domain: &str) -> Snapshot {
 struct Candidate<'a> {
     id: u32,
     labels: Option<&'a IdentityLabels>,
+    principal: Option<String>,
     addresses: &'a [IpAddr],
     cidr: Option<Cidr>,
 }
@@ -418,32 +420,60 @@ impl Candidate<'_> {
     }
 }
 
+/// Namespaces a rule's sources are confined to, when every source names some.
+fn source_namespaces(rule: &Rule) -> Option<Vec<&str>> {
+    let mut out = Vec::new();
+    for peer in &rule.from {
+        match (&peer.namespace, peer.namespaces.is_empty()) {
+            (Some(ns), _) => out.push(ns.as_str()),
+            (None, false) => out.extend(peer.namespaces.iter().map(String::as_str)),
+            (None, true) => return None,
+        }
+    }
+    Some(out)
+}
+
 fn compile_cells(snapshot: &mut Snapshot) {
     let mut candidates: Vec<Candidate> = snapshot
         .identities
         .iter()
-        .map(|i| Candidate { id: i.id, labels: Some(&i.labels), addresses: &i.addresses, cidr: None })
+        .map(|i| Candidate {
+            id: i.id,
+            labels: Some(&i.labels),
+            principal: Some(snapshot.principal(&i.labels)),
+            addresses: &i.addresses,
+            cidr: None,
+        })
         .collect();
     candidates.extend(snapshot.cidrs.iter().map(|c| Candidate {
         id: c.id,
         labels: None,
+        principal: None,
         addresses: &[],
         cidr: Some(c.cidr),
     }));
-    candidates.push(Candidate { id: IDENTITY_WORLD, labels: None, addresses: &[], cidr: None });
+    candidates.push(Candidate { id: IDENTITY_WORLD, labels: None, principal: None, addresses: &[], cidr: None });
+    // Workload candidates by namespace: most rules name the namespaces of their sources, and
+    // most policies select within one namespace, so neither scan needs every identity.
+    let mut by_namespace: HashMap<&str, Vec<usize>> = HashMap::new();
+    for (i, c) in candidates.iter().enumerate() {
+        if let Some(l) = c.labels {
+            by_namespace.entry(l.namespace.as_str()).or_default().push(i);
+        }
+    }
+    let all: Vec<usize> = (0..candidates.len()).collect();
 
     let mut cells: HashMap<CellKey, Cell> = HashMap::new();
     let mut isolated: Vec<(u32, String)> = Vec::new();
     let mut approximations = Vec::new();
     for policy in snapshot.policies.iter().filter(|p| p.mode == Mode::Enforce) {
-        let dsts: Vec<u32> = snapshot
-            .identities
-            .iter()
-            .filter(|i| {
-                i.labels.namespace == policy.namespace
-                    && policy.selector.iter().all(|(k, v)| i.labels.labels.get(k) == Some(v))
-            })
-            .map(|i| i.id)
+        let dsts: Vec<u32> = by_namespace
+            .get(policy.namespace.as_str())
+            .into_iter()
+            .flatten()
+            .map(|&i| &candidates[i])
+            .filter(|c| c.labels.is_some_and(|l| policy.selector.iter().all(|(k, v)| l.labels.get(k) == Some(v))))
+            .map(|c| c.id)
             .collect();
         if policy.action == Action::Allow {
             isolated.extend(dsts.iter().map(|d| (*d, policy.name.clone())));
@@ -461,13 +491,21 @@ fn compile_cells(snapshot: &mut Snapshot) {
             let srcs: Vec<u32> = if rule.from.is_empty() {
                 vec![IDENTITY_ANY]
             } else {
-                candidates
-                    .iter()
+                let mut scope: Vec<usize> = match source_namespaces(rule) {
+                    Some(namespaces) => {
+                        namespaces.iter().filter_map(|ns| by_namespace.get(ns)).flatten().copied().collect()
+                    }
+                    None => all.clone(),
+                };
+                scope.sort_unstable();
+                scope.dedup();
+                scope
+                    .into_iter()
+                    .map(|i| &candidates[i])
                     .filter(|c| {
-                        let principal = c.labels.map(|l| snapshot.principal(l));
                         let in_block = |b: &Cidr| c.in_block(b);
                         let facts = SourceFacts {
-                            principal,
+                            principal: c.principal.as_deref(),
                             namespace: c.labels.map(|l| l.namespace.as_str()),
                             service_account: c.labels.map(|l| l.service_account.as_str()),
                             labels: c.labels.map(|l| &l.labels),

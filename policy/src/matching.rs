@@ -40,7 +40,7 @@ impl Match {
 /// What is known about a source.
 pub struct SourceFacts<'a> {
     /// `<trust-domain>/ns/<ns>/sa/<sa>`, when the source is a workload.
-    pub principal: Option<String>,
+    pub principal: Option<&'a str>,
     pub namespace: Option<&'a str>,
     pub service_account: Option<&'a str>,
     pub labels: Option<&'a BTreeMap<String, String>>,
@@ -101,7 +101,7 @@ pub fn peer_matches(peer: &Peer, src: &SourceFacts<'_>) -> Match {
     let in_namespaces = |list: &[String]| src.namespace.is_some_and(|n| list.iter().any(|x| x == n));
     field(!peer.namespaces.is_empty(), Match::from_bool(in_namespaces(&peer.namespaces)));
     field(!peer.not_namespaces.is_empty(), Match::from_bool(!in_namespaces(&peer.not_namespaces)));
-    let principal = src.principal.as_deref();
+    let principal = src.principal;
     field(!peer.principals.is_empty(), Match::from_bool(principal_matches(&peer.principals, principal)));
     field(!peer.not_principals.is_empty(), Match::from_bool(!principal_matches(&peer.not_principals, principal)));
     field(!peer.ip_blocks.is_empty(), any_block(&peer.ip_blocks, src));
@@ -140,7 +140,7 @@ mod tests {
         let labels = BTreeMap::new();
         let yes = |_: &Cidr| Match::Yes;
         let web = SourceFacts {
-            principal: Some("cluster.local/ns/shop/sa/web".into()),
+            principal: Some("cluster.local/ns/shop/sa/web"),
             namespace: Some("shop"),
             service_account: Some("web"),
             labels: Some(&labels),

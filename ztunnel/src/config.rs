@@ -47,6 +47,9 @@ pub struct Config {
     /// How long a graceful shutdown waits for connections in flight, in seconds.
     #[arg(long, env = "PALISADE_DRAIN_SECS", default_value_t = 5)]
     pub drain_secs: u64,
+    /// Threads of the proxy runtime.
+    #[arg(long, env = "PALISADE_WORKER_THREADS", default_value_t = 2)]
+    pub worker_threads: usize,
     /// Log as JSON lines instead of text.
     #[arg(long, env = "PALISADE_LOG_JSON")]
     pub log_json: bool,

@@ -11,6 +11,9 @@ fn main() -> anyhow::Result<()> {
     } else {
         builder.init();
     }
-    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(config.worker_threads.max(1))
+        .enable_all()
+        .build()?;
     runtime.block_on(palisade_ztunnel::run(config))
 }
