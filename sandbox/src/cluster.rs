@@ -217,6 +217,10 @@ impl Cluster {
                 // pod itself sends something: tests count its packets.
                 sysctl_in(&pod_ns, "net.ipv6.conf.default.disable_ipv6", "1")?;
                 sysctl_in(&pod_ns, "net.ipv6.conf.eth0.disable_ipv6", "1")?;
+                // Reuse TIME_WAIT ports for new outgoing connections on every interface, not
+                // only loopback (the default): otherwise a burst of connections to another pod
+                // slows connect() down while loopback connections (to ztunnel) do not.
+                sysctl_in(&pod_ns, "net.ipv4.tcp_tw_reuse", "1")?;
                 ip_in(&pod_ns, &["addr", "add", &format!("{pod_ip}/32"), "dev", "eth0"])?;
                 ip_in(&pod_ns, &["link", "set", "eth0", "up"])?;
                 ip_in(&pod_ns, &["route", "add", &format!("10.244.{n}.1"), "dev", "eth0", "scope", "link"])?;

@@ -56,11 +56,7 @@ fn a_policy_change_closes_established_connections_it_denies_within_a_second() {
     let _server = serve(&cluster, "p2-1", 8080);
     let dst = format!("{}:8080", cluster.pod("p2-1").unwrap().ip);
     // A slow 4 MiB transfer (~6 s) is established when the policy changes.
-    let long = {
-        let view = palisade_sandbox::Cluster::attach(cluster.info.clone());
-        let dst = dst.clone();
-        std::thread::spawn(move || connect_with(&view, "p1-1", &dst, 4 << 20, &["--pace-ms", "100"]))
-    };
+    let long = paced_transfer(&cluster, &dst, 4 << 20, 100);
     wait_flow(&cluster, "node-1", |f| f["observer"] == "kernel" && f["dst"] == dst.as_str());
     std::thread::sleep(Duration::from_millis(500));
     let applied = Instant::now();

@@ -142,11 +142,7 @@ fn certificate_renewal_under_traffic_loses_no_connection_and_no_byte() {
     let _server = serve(&cluster, "p2-1", 8080);
     let dst = format!("{}:8080", cluster.pod("p2-1").unwrap().ip);
     // One long connection (8 MiB paced over ~10 s) while new connections keep coming.
-    let long = {
-        let view = palisade_sandbox::Cluster::attach(cluster.info.clone());
-        let dst = dst.clone();
-        std::thread::spawn(move || connect_with(&view, "p1-1", &dst, 8 << 20, &["--pace-ms", "80"]))
-    };
+    let long = paced_transfer(&cluster, &dst, 8 << 20, 80);
     let mut short = Vec::new();
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     while std::time::Instant::now() < deadline {
@@ -241,11 +237,7 @@ fn graceful_shutdown_drains_streams_in_flight() {
     let _server = serve(&cluster, "p2-1", 8080);
     let dst = format!("{}:8080", cluster.pod("p2-1").unwrap().ip);
     // ~1.6 s of paced transfer through node-2's HBONE listener.
-    let long = {
-        let view = palisade_sandbox::Cluster::attach(cluster.info.clone());
-        let dst = dst.clone();
-        std::thread::spawn(move || connect_with(&view, "p1-1", &dst, 1 << 20, &["--pace-ms", "100"]))
-    };
+    let long = paced_transfer(&cluster, &dst, 1 << 20, 100);
     wait_flow(&cluster, "node-1", |f| f["observer"] == "kernel" && f["dst"] == dst.as_str());
     std::thread::sleep(Duration::from_millis(300));
     let status = cluster.stop_ztunnel("node-2", libc::SIGTERM).unwrap();

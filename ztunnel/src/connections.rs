@@ -59,14 +59,6 @@ impl Connections {
         Registration { id, connections: self.clone(), closed }
     }
 
-    pub fn len(&self) -> usize {
-        self.live.lock().expect("connections lock").len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-
     /// Closes every connection `snapshot` denies; returns how many.
     pub fn revalidate(&self, snapshot: &Snapshot) -> usize {
         let live = self.live.lock().expect("connections lock");

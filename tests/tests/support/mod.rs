@@ -142,3 +142,11 @@ pub fn metric(cluster: &Cluster, node: &str, name: &str) -> f64 {
         .find_map(|l| l.strip_prefix(name).and_then(|rest| rest.strip_prefix(' ')).and_then(|v| v.parse().ok()))
         .unwrap_or_else(|| panic!("no metric {name} on {node}:\n{text}"))
 }
+
+/// A paced transfer from p1-1 to `dst`, in the background: established, then slowly carried
+/// (one 64 KiB chunk every `pace_ms`), so that something can happen to it in flight.
+pub fn paced_transfer(cluster: &Cluster, dst: &str, bytes: u64, pace_ms: u64) -> std::thread::JoinHandle<Value> {
+    let view = Cluster::attach(cluster.info.clone());
+    let dst = dst.to_string();
+    std::thread::spawn(move || connect_with(&view, "p1-1", &dst, bytes, &["--pace-ms", &pace_ms.to_string()]))
+}
