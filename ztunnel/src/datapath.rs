@@ -92,7 +92,12 @@ impl Kernel {
         if OBJECT.is_empty() {
             return Err(KernelError::NoObject);
         }
-        let mut ebpf = Ebpf::load(OBJECT)?;
+        // The programs use no CO-RE relocations, so the kernel's BTF (several MiB once parsed)
+        // is not needed; aya's loader parses it on creation, so drop it and give the memory
+        // back to the system.
+        let mut ebpf = aya::EbpfLoader::new().btf(None).load(OBJECT)?;
+        // SAFETY: malloc_trim only releases free heap memory.
+        unsafe { libc::malloc_trim(0) };
         for name in ["pl_connect4", "pl_connect6"] {
             let p: &mut CgroupSockAddr = program(&mut ebpf, name)?;
             p.load().map_err(prog_err(format!("verifying {name}")))?;
