@@ -2,50 +2,15 @@
 //! a good pair handshakes and each side sees the other's SPIFFE ID; a certificate from another
 //! CA, an expired one, one outside the trust domain, and a server that is not the expected
 //! workload are each refused.
+mod support;
+
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use palisade_mesh::ca_api::new_key_and_csr;
 use palisade_mesh::identity::SpiffeId;
-use palisade_mesh::tls::{
-    Credential, CredentialSlot, TrustBundle, client_config, no_sni, peer_identity, server_config,
-};
-use palisade_policy::ca::CertificateAuthority;
+use palisade_mesh::tls::{CredentialSlot, TrustBundle, client_config, no_sni, peer_identity, server_config};
+use support::ca::{TestCa, id};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-
-struct Ca {
-    ca: CertificateAuthority,
-    dir: std::path::PathBuf,
-}
-
-impl Ca {
-    fn new(name: &str, trust_domain: &str) -> Ca {
-        let dir = std::env::temp_dir().join(format!("plsd-mtls-{name}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        Ca { ca: CertificateAuthority::open_or_init(&dir, trust_domain).unwrap(), dir }
-    }
-    fn issue(&self, id: &SpiffeId, validity: Option<(SystemTime, SystemTime)>) -> Arc<CredentialSlot> {
-        let (key, csr) = new_key_and_csr().unwrap();
-        let (chain, _) = match validity {
-            None => self.ca.sign_workload(&csr, id).unwrap(),
-            Some((a, b)) => self.ca.sign_workload_between(&csr, id, a, b).unwrap(),
-        };
-        CredentialSlot::new(Credential::from_pem(&chain, &key).unwrap())
-    }
-    fn bundle(&self) -> TrustBundle {
-        TrustBundle::from_pem(&self.ca.bundle_pem(), "cluster.local").unwrap()
-    }
-}
-
-impl Drop for Ca {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
-
-fn id(ns: &str, sa: &str) -> SpiffeId {
-    SpiffeId::new("cluster.local", ns, sa)
-}
 
 /// Runs one handshake + echo; returns what each side saw, or the first error.
 async fn handshake(
@@ -91,7 +56,7 @@ async fn handshake(
 
 #[tokio::test]
 async fn mutual_tls_proves_both_identities() {
-    let ca = Ca::new("good", "cluster.local");
+    let ca = TestCa::new("good", "cluster.local");
     let (web, db) = (id("shop", "web"), id("shop", "db"));
     let (server_id, client_id) =
         handshake(ca.issue(&db, None), ca.bundle(), ca.issue(&web, None), ca.bundle(), db.clone()).await.unwrap();
@@ -101,9 +66,9 @@ async fn mutual_tls_proves_both_identities() {
 
 #[tokio::test]
 async fn bad_client_certificates_are_refused() {
-    let ca = Ca::new("main", "cluster.local");
-    let other = Ca::new("other", "cluster.local");
-    let foreign_domain = Ca::new("foreign", "cluster.local");
+    let ca = TestCa::new("main", "cluster.local");
+    let other = TestCa::new("other", "cluster.local");
+    let foreign_domain = TestCa::new("foreign", "cluster.local");
     let (web, db) = (id("shop", "web"), id("shop", "db"));
     let now = SystemTime::now();
     let expired = ca.issue(&web, Some((now - Duration::from_secs(7200), now - Duration::from_secs(3600))));
@@ -128,7 +93,7 @@ async fn bad_client_certificates_are_refused() {
 
 #[tokio::test]
 async fn a_server_that_is_not_the_expected_workload_is_refused() {
-    let ca = Ca::new("expect", "cluster.local");
+    let ca = TestCa::new("expect", "cluster.local");
     let (web, db, impostor) = (id("shop", "web"), id("shop", "db"), id("shop", "cache"));
     let result = handshake(ca.issue(&impostor, None), ca.bundle(), ca.issue(&web, None), ca.bundle(), db).await;
     let err = result.expect_err("an impostor server was accepted");

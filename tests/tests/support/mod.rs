@@ -8,6 +8,8 @@ use std::path::PathBuf;
 use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
+pub mod ca;
+
 use palisade_sandbox::{Cluster, ClusterSpec, PodTemplate};
 use serde_json::Value;
 
