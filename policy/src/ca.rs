@@ -36,6 +36,8 @@ pub enum CaError {
         #[source]
         source: std::io::Error,
     },
+    #[error("no root CA in {dir}: create it once with `palisade ca --dir {dir} init`")]
+    NoRoot { dir: PathBuf },
     #[error("root {path}: {detail}")]
     BadRoot { path: PathBuf, detail: String },
     #[error("certificate signing request: {0}")]
@@ -84,19 +86,37 @@ fn write_private(path: &Path, contents: &str) -> Result<(), CaError> {
 }
 
 impl CertificateAuthority {
-    /// Opens the CA in `dir`, creating the first root if (and only if) there is none.
-    pub fn open_or_init(dir: &Path, trust_domain: &str) -> Result<Self, CaError> {
+    /// Opens the CA in `dir`. A directory without a root is an error, never a new CA: a
+    /// mistyped path or a wiped volume must not silently replace the mesh's root of trust.
+    pub fn open(dir: &Path, trust_domain: &str) -> Result<Self, CaError> {
+        let ca = Self::load(dir, trust_domain)?;
+        if ca.roots.is_empty() {
+            return Err(CaError::NoRoot { dir: dir.to_path_buf() });
+        }
+        Ok(ca)
+    }
+
+    /// Creates the first root if (and only if) there is none; says whether it did.
+    pub fn init(dir: &Path, trust_domain: &str) -> Result<(Self, bool), CaError> {
+        let mut ca = Self::load(dir, trust_domain)?;
+        if !ca.roots.is_empty() {
+            return Ok((ca, false));
+        }
         let roots_dir = dir.join("roots");
         fs::create_dir_all(&roots_dir).map_err(io(&roots_dir))?;
+        ca.create_root(&roots_dir, 1, false)?;
+        Ok((ca, true))
+    }
+
+    fn load(dir: &Path, trust_domain: &str) -> Result<Self, CaError> {
         let mut ca = CertificateAuthority {
             trust_domain: trust_domain.into(),
             roots: Vec::new(),
             workload_ttl: DEFAULT_WORKLOAD_TTL,
         };
-        ca.load_roots(&roots_dir)?;
-        if ca.roots.is_empty() {
-            tracing::warn!(dir = %dir.display(), "no root CA found: creating root 1 (this happens once)");
-            ca.create_root(&roots_dir, 1, false)?;
+        let roots_dir = dir.join("roots");
+        if roots_dir.exists() {
+            ca.load_roots(&roots_dir)?;
         }
         Ok(ca)
     }
@@ -219,6 +239,13 @@ impl CertificateAuthority {
     /// The names in the request are ignored: the certificate carries `uri` and nothing else.
     fn sign(&self, csr_pem: &str, uri: &str, not_before: SystemTime, not_after: SystemTime) -> Result<String, CaError> {
         let csr = CertificateSigningRequestParams::from_pem(csr_pem).map_err(|e| CaError::BadCsr(e.to_string()))?;
+        // Mesh SVIDs are ECDSA P-256 only: one algorithm every peer (Istio's too) accepts.
+        if csr.public_key.algorithm() != &rcgen::PKCS_ECDSA_P256_SHA256 {
+            return Err(CaError::BadCsr(format!(
+                "key is {:?}; only ECDSA P-256 is signed",
+                csr.public_key.algorithm()
+            )));
+        }
         let mut params = CertificateParams::default();
         params.distinguished_name = DistinguishedName::new();
         params.subject_alt_names =
@@ -249,7 +276,10 @@ mod tests {
     #[test]
     fn signs_spiffe_svids_and_keeps_its_root() {
         let dir = tmp("sign");
-        let ca = CertificateAuthority::open_or_init(&dir, "cluster.local").unwrap();
+        let err = CertificateAuthority::open(&dir, "cluster.local").err().expect("no root yet");
+        assert!(err.to_string().contains("palisade ca"), "{err}");
+        let (ca, created) = CertificateAuthority::init(&dir, "cluster.local").unwrap();
+        assert!(created);
         let bundle = ca.bundle_pem();
         let id = SpiffeId::new("cluster.local", "shop", "web");
         let (key, csr) = new_key_and_csr().unwrap();
@@ -258,17 +288,41 @@ mod tests {
         assert_eq!(cred.workload_id(), Some(id.clone()));
         assert_eq!(spiffe_id_of(&certs_from_pem(&chain, "c").unwrap()[0]).unwrap(), id);
         // Reopening uses the same root, never a new one.
-        let again = CertificateAuthority::open_or_init(&dir, "cluster.local").unwrap();
+        let again = CertificateAuthority::open(&dir, "cluster.local").unwrap();
         assert_eq!(again.bundle_pem(), bundle);
+        let (again, created) = CertificateAuthority::init(&dir, "cluster.local").unwrap();
+        assert!(!created);
+        assert_eq!(again.bundle_pem(), bundle);
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn only_p256_keys_are_signed() {
+        let dir = tmp("p256");
+        let (ca, _) = CertificateAuthority::init(&dir, "cluster.local").unwrap();
+        let id = SpiffeId::new("cluster.local", "shop", "web");
+        let p384 = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P384_SHA384).unwrap();
+        let csr = CertificateParams::default().serialize_request(&p384).unwrap().pem().unwrap();
+        let err = ca.sign_workload(&csr, &id).expect_err("a P-384 key was signed");
+        assert!(err.to_string().contains("only ECDSA P-256"), "{err}");
+        // What ztunnel sends is P-256, and the certificate carries that key.
+        let (_, csr) = new_key_and_csr().unwrap();
+        let chain = ca.sign_workload(&csr, &id).unwrap().0;
+        let der = certs_from_pem(&chain, "c").unwrap().remove(0);
+        let (_, x509) = x509_parser::parse_x509_certificate(&der).unwrap();
+        let spki = x509.public_key();
+        assert_eq!(spki.algorithm.algorithm, x509_parser::oid_registry::OID_KEY_TYPE_EC_PUBLIC_KEY);
+        let curve = spki.algorithm.parameters.as_ref().and_then(|p| p.as_oid().ok());
+        assert_eq!(curve, Some(x509_parser::oid_registry::OID_EC_P256));
         fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]
     fn a_root_without_its_key_is_an_error_not_a_new_root() {
         let dir = tmp("nokey");
-        CertificateAuthority::open_or_init(&dir, "cluster.local").unwrap();
+        CertificateAuthority::init(&dir, "cluster.local").unwrap();
         fs::remove_file(dir.join("roots/1/key.pem")).unwrap();
-        let err = CertificateAuthority::open_or_init(&dir, "cluster.local").err().expect("must fail");
+        let err = CertificateAuthority::init(&dir, "cluster.local").err().expect("must fail");
         assert!(err.to_string().contains("key.pem"), "{err}");
         assert!(!dir.join("roots/2").exists());
         fs::remove_dir_all(&dir).unwrap();
@@ -277,7 +331,7 @@ mod tests {
     #[test]
     fn rotation_keeps_the_old_root_in_the_bundle() {
         let dir = tmp("rotate");
-        let mut ca = CertificateAuthority::open_or_init(&dir, "cluster.local").unwrap();
+        let (mut ca, _) = CertificateAuthority::init(&dir, "cluster.local").unwrap();
         let old = ca.bundle_pem();
         let id = SpiffeId::new("cluster.local", "shop", "web");
         let issuer_of = |ca: &CertificateAuthority| {
@@ -293,7 +347,7 @@ mod tests {
         assert_eq!(certs_from_pem(&both, "b").unwrap().len(), 2);
         // Pending: trusted, but root 1 still signs — also after reopening.
         assert!(issuer_of(&ca).contains("root 1"));
-        let mut ca = CertificateAuthority::open_or_init(&dir, "cluster.local").unwrap();
+        let mut ca = CertificateAuthority::open(&dir, "cluster.local").unwrap();
         assert!(issuer_of(&ca).contains("root 1"));
         assert_eq!(ca.activate(&dir).unwrap(), Some(2));
         assert!(issuer_of(&ca).contains("root 2"));

@@ -61,7 +61,7 @@ impl CaService {
 
     /// Picks up `palisade ca rotate` / `activate` made while serving.
     fn reload_if_rotated(&self, ca: &mut CertificateAuthority) {
-        if let Ok(fresh) = CertificateAuthority::open_or_init(&self.dir, ca.trust_domain())
+        if let Ok(fresh) = CertificateAuthority::open(&self.dir, ca.trust_domain())
             && fresh.state() != ca.state()
         {
             let ttl = ca.workload_ttl;

@@ -9,7 +9,9 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::IpAddr;
 
-use palisade_ebpf_common::{IDENTITY_ANY, IDENTITY_WORLD, PORT_ANY, RULE_DEFAULT_ALLOW, RULE_DEFAULT_DENY};
+use palisade_ebpf_common::{
+    IDENTITY_ANY, IDENTITY_WORLD, PORT_ANY, RULE_DEFAULT_ALLOW, RULE_DEFAULT_DENY, RULE_NOT_AT_SOURCE,
+};
 use serde::Serialize;
 
 use crate::cidr::Cidr;
@@ -197,6 +199,7 @@ impl Snapshot {
         match rule {
             RULE_DEFAULT_ALLOW => format!("default allow ({})", default_reason()),
             RULE_DEFAULT_DENY => format!("default deny ({})", default_reason()),
+            RULE_NOT_AT_SOURCE => "the proven identity is not the workload at the source address".into(),
             n => match self.rules.get(n as usize) {
                 Some(r) => format!("{} rule {}", r.policy, r.index),
                 None => format!("rule #{n}"),
@@ -228,16 +231,20 @@ impl Snapshot {
 
     /// The exact evaluation of one connection. `proven` is the source's SPIFFE identity when a
     /// certificate proved it (`namespace`, `service account`); otherwise the source is known by
-    /// its address only.
+    /// its address only. A proven identity must be the workload at `src`: a tunnel comes from
+    /// its workload's own address, so anything else is a certificate used from elsewhere.
     pub fn authorize(&self, src: IpAddr, proven: Option<(&str, &str)>, dst: IpAddr, port: u16) -> Decision {
         let src_identity = self.identity_of(src);
         let dst_identity = self.identity_of(dst);
         let at_address = self.identity(src_identity);
         let labels_at = at_address.map(|i| &i.labels);
+        let verdict = |action, rule| Verdict { action, rule, src_identity, dst_identity };
         let (namespace, service_account, labels) = match proven {
             Some((ns, sa)) => {
-                let same = labels_at.filter(|l| l.namespace == ns && l.service_account == sa);
-                (Some(ns), Some(sa), same.map(|l| &l.labels))
+                let Some(same) = labels_at.filter(|l| l.namespace == ns && l.service_account == sa) else {
+                    return Decision { verdict: verdict(Action::Deny, RULE_NOT_AT_SOURCE), audit_deny: None };
+                };
+                (Some(ns), Some(sa), Some(&same.labels))
             }
             None => (
                 labels_at.map(|l| l.namespace.as_str()),
@@ -249,7 +256,6 @@ impl Snapshot {
         let in_block = |c: &Cidr| Match::from_bool(c.contains(src));
         let facts =
             SourceFacts { principal: principal.as_deref(), namespace, service_account, labels, in_block: &in_block };
-        let verdict = |action, rule| Verdict { action, rule, src_identity, dst_identity };
         let Some(dst_ident) = self.identity(dst_identity) else {
             // Not a workload: no policy selects it.
             return Decision { verdict: verdict(Action::Allow, RULE_DEFAULT_ALLOW), audit_deny: None };

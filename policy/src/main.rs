@@ -35,10 +35,13 @@ enum Command {
         /// Destination address and port.
         #[arg(long)]
         to: SocketAddr,
+        /// The mesh's trust domain (principals in policies are matched within it).
+        #[arg(long, env = "PALISADE_TRUST_DOMAIN", default_value = palisade_mesh::identity::DEFAULT_TRUST_DOMAIN)]
+        trust_domain: String,
     },
     /// The mesh certificate authority.
     Ca {
-        /// Directory of the CA's roots (created on first use, never regenerated).
+        /// Directory of the CA's roots (created by `init` only, never regenerated).
         #[arg(long, env = "PALISADE_CA_DIR")]
         dir: PathBuf,
         #[arg(long, env = "PALISADE_TRUST_DOMAIN", default_value = palisade_mesh::identity::DEFAULT_TRUST_DOMAIN)]
@@ -80,9 +83,21 @@ enum CaCommand {
 
 fn ca_command(dir: PathBuf, trust_domain: String, command: CaCommand) -> anyhow::Result<()> {
     use palisade_policy::ca::CertificateAuthority;
-    let mut ca = CertificateAuthority::open_or_init(&dir, &trust_domain)?;
+    if let CaCommand::Init = command {
+        let (ca, created) = CertificateAuthority::init(&dir, &trust_domain)?;
+        match created {
+            true => {
+                eprintln!("created root 1 in {} (keep this directory: it is the mesh's root of trust)", dir.display())
+            }
+            false => eprintln!("root CA already in {}: nothing created", dir.display()),
+        }
+        print!("{}", ca.bundle_pem());
+        return Ok(());
+    }
+    let mut ca = CertificateAuthority::open(&dir, &trust_domain)?;
     match command {
-        CaCommand::Init | CaCommand::Bundle => print!("{}", ca.bundle_pem()),
+        CaCommand::Init => unreachable!("handled above"),
+        CaCommand::Bundle => print!("{}", ca.bundle_pem()),
         CaCommand::Rotate => println!(
             "root {} added to the trust bundle (pending); run `palisade ca activate` once every ztunnel has it",
             ca.rotate(&dir)?
@@ -145,28 +160,30 @@ fn main() -> ExitCode {
                 println!("note: {a}");
             }
         }),
-        Command::Explain { paths, from, principal, to } => palisade_policy::load_snapshot(&paths).map(|s| {
-            let proven = principal.as_deref().and_then(|p| p.split_once('/'));
-            let d = s.authorize(from, proven, to.ip(), to.port());
-            let v = &d.verdict;
-            let who = match principal {
-                Some(p) => format!("{p}, proven"),
-                None => s.identity_name(v.src_identity),
-            };
-            println!(
-                "{:?}: {from} ({who}) -> {to} ({}) decided by {}",
-                v.action,
-                s.identity_name(v.dst_identity),
-                s.describe_rule(v.rule, v.dst_identity)
-            );
-            if let Some(rule) = d.audit_deny {
-                println!("audit: would be denied by {}", s.describe_rule(rule, v.dst_identity));
-            }
-            let kernel = s.verdict(from, to.ip(), to.port());
-            if kernel.action != v.action {
-                println!("in the kernel: {:?} at connect(); ztunnel's proxy decides the rest", kernel.action);
-            }
-        }),
+        Command::Explain { paths, from, principal, to, trust_domain } => {
+            palisade_policy::load_snapshot_for(&paths, &trust_domain).map(|s| {
+                let proven = principal.as_deref().and_then(|p| p.split_once('/'));
+                let d = s.authorize(from, proven, to.ip(), to.port());
+                let v = &d.verdict;
+                let who = match principal {
+                    Some(p) => format!("{p}, proven"),
+                    None => s.identity_name(v.src_identity),
+                };
+                println!(
+                    "{:?}: {from} ({who}) -> {to} ({}) decided by {}",
+                    v.action,
+                    s.identity_name(v.dst_identity),
+                    s.describe_rule(v.rule, v.dst_identity)
+                );
+                if let Some(rule) = d.audit_deny {
+                    println!("audit: would be denied by {}", s.describe_rule(rule, v.dst_identity));
+                }
+                let kernel = s.verdict(from, to.ip(), to.port());
+                if kernel.action != v.action {
+                    println!("in the kernel: {:?} at connect(); ztunnel's proxy decides the rest", kernel.action);
+                }
+            })
+        }
         Command::Ca { .. } => unreachable!("handled above"),
     };
     match result {

@@ -294,6 +294,7 @@ impl Cluster {
     /// Creates the CA's root and a credential per node, then serves the CA on the fabric.
     fn start_ca(&mut self, palisade: &Path, workload_ttl: Duration) -> Result<()> {
         let ca_dir = self.info.state_dir.join("ca");
+        sys::run(palisade.to_str().context("palisade path")?, &["ca", "--dir", ca_dir.to_str().unwrap(), "init"])?;
         for node in &self.info.nodes {
             let out = self.info.state_dir.join(format!("credential-{}", node.name));
             sys::run(

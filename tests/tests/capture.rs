@@ -31,6 +31,10 @@ fn same_node_and_cross_node_connections_go_through_ztunnel() {
             f["observer"] == "proxy" && f["direction"] == "inbound" && f["dst"] == dst.as_str()
         });
         assert!(inb["src"].as_str().unwrap().starts_with(&format!("{src}:")), "{inb}");
+        // The client's own port comes with the tunnel (`forwarded`). (The client's socket is
+        // bound on loopback, where connect4 sent it; its port is the one the pod uses.)
+        let client_port = r["local"].as_str().unwrap().rsplit(':').next().unwrap();
+        assert_eq!(inb["src"], format!("{src}:{client_port}"), "{inb} / {r}");
         assert_eq!(inb["bytes_received"], 100_000, "{inb}");
         // Between enrolled pods the hop is HBONE, and each side saw the other's proven identity.
         let dst_sa = if node_of_dst == "node-1" { "p1-2" } else { "p2-1" };
@@ -38,6 +42,21 @@ fn same_node_and_cross_node_connections_go_through_ztunnel() {
         assert_eq!(out["peer_spiffe_id"], format!("spiffe://cluster.local/ns/default/sa/{dst_sa}"), "{out}");
         assert_eq!(inb["transport"], "hbone", "{inb}");
         assert_eq!(inb["peer_spiffe_id"], "spiffe://cluster.local/ns/default/sa/p1-1", "{inb}");
+        // The destination's access log names the client's proven identity too.
+        let log = cluster.node(node_of_dst).unwrap().log.clone();
+        let logged = || {
+            std::fs::read_to_string(&log).unwrap_or_default().lines().any(|l| {
+                l.contains(" access: ")
+                    && l.contains("direction=Inbound")
+                    && l.contains(&format!("dst={dst}"))
+                    && l.contains("peer=\"spiffe://cluster.local/ns/default/sa/p1-1\"")
+            })
+        };
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while !logged() {
+            assert!(std::time::Instant::now() < deadline, "no inbound access log line for {dst} in {}", log.display());
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
         // The source's kernel took the verdict at connect().
         wait_flow(&cluster, "node-1", |f| {
             f["observer"] == "kernel"

@@ -138,3 +138,61 @@ async fn a_pooled_connection_whose_peer_went_silent_is_never_reused() {
     assert_eq!(relay.accepted.load(Ordering::SeqCst), 2);
     drop(tunnel);
 }
+
+#[tokio::test]
+async fn idle_connections_expire() {
+    let ca = TestCa::new("idle", "cluster.local");
+    let bundle = ca.bundle();
+    let (client, server) = (id("shop", "web"), id("shop", "db"));
+    let client_cred = ca.issue(&client, None);
+    let endpoint = hbone_server(ca.issue(&server, None), &bundle).await;
+    let idle = Duration::from_millis(300);
+    let pool = Pool::new(PoolConfig { idle_timeout: idle, ..PoolConfig::default() });
+    let key = PoolKey { src: client, dst: server, endpoint };
+
+    let held = open_stream(&pool, &key, &client_cred, &bundle).await;
+    tokio::time::sleep(idle * 3).await;
+    assert_eq!(live_connections(&pool, &key), 1, "a connection with a stream in flight expired");
+    drop(held);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while live_connections(&pool, &key) > 0 {
+        assert!(Instant::now() < deadline, "an idle connection was still pooled after 5 s");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    drop(open_stream(&pool, &key, &client_cred, &bundle).await);
+    assert_eq!(pool.opened_total(), 2, "the expired connection was reused");
+}
+
+#[tokio::test]
+async fn a_renewed_or_expired_certificate_retires_the_pooled_connection() {
+    let ca = TestCa::new("retire", "cluster.local");
+    let bundle = ca.bundle();
+    let (client, server) = (id("shop", "web"), id("shop", "db"));
+    let client_cred = ca.issue(&client, None);
+    // The server's first certificate lives 3 s.
+    let now = std::time::SystemTime::now();
+    let server_cred = ca.issue(&server, Some((now - Duration::from_secs(60), now + Duration::from_secs(3))));
+    let endpoint = hbone_server(server_cred.clone(), &bundle).await;
+    let pool = Pool::new(PoolConfig::default());
+    let key = PoolKey { src: client.clone(), dst: server.clone(), endpoint };
+
+    // The client's certificate is renewed while a stream is in flight: that stream goes on,
+    // the next one gets a connection made with the new certificate.
+    let in_flight = open_stream(&pool, &key, &client_cred, &bundle).await;
+    client_cred.set(ca.issue(&client, None).get().unwrap());
+    let after_renewal = open_stream(&pool, &key, &client_cred, &bundle).await;
+    assert_eq!(pool.opened_total(), 2, "a stream rode on a connection made with the old certificate");
+    assert_eq!(live_connections(&pool, &key), 2, "the retired connection was closed under its stream");
+    drop(in_flight);
+    drop(after_renewal);
+    drop(open_stream(&pool, &key, &client_cred, &bundle).await);
+    assert_eq!(pool.opened_total(), 2, "the connection made with the current certificate was not reused");
+    assert_eq!(live_connections(&pool, &key), 1, "the retired connection stayed pooled without streams");
+
+    // The server renews too, but the pooled connection was made with its old certificate:
+    // once that expires, the connection is not used again.
+    server_cred.set(ca.issue(&server, None).get().unwrap());
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    drop(open_stream(&pool, &key, &client_cred, &bundle).await);
+    assert_eq!(pool.opened_total(), 3, "a stream rode on a connection whose peer certificate had expired");
+}

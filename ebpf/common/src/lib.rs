@@ -33,6 +33,9 @@ pub const IDENTITY_DEFAULT_DENY: u32 = 1;
 /// Rule numbers at or above this value name a default verdict, not a policy rule.
 pub const RULE_DEFAULT_ALLOW: u32 = u32::MAX - 1;
 pub const RULE_DEFAULT_DENY: u32 = u32::MAX;
+/// User space only (the kernel never sees a proven identity): a certificate proved an
+/// identity that is not the workload at the connection's source address.
+pub const RULE_NOT_AT_SOURCE: u32 = u32::MAX - 2;
 
 /// Flow event kinds written to the `EVENTS` ring buffer.
 pub const EVENT_CONNECT_ALLOW: u32 = 1;

@@ -5,12 +5,17 @@
 //! per key so a burst of new streams shares the connections it creates. Each connection sends
 //! an HTTP/2 PING when idle for `keepalive`; a peer that does not answer, or a connection that
 //! ended, is marked dead and never handed to a new stream. Idle connections expire.
+//!
+//! A connection also stops taking new streams (it is *retired*; its streams finish) once the
+//! source's certificate has been renewed or either end's certificate has expired: every new
+//! stream is carried under the identities' current certificates, so a renewal or a root
+//! rotation takes effect on the wire at once, and nothing rides on an expired certificate.
 use std::collections::HashMap;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
 use h2::client::SendRequest;
@@ -19,7 +24,7 @@ use tokio::net::TcpStream;
 
 use super::{CONNECTION_WINDOW, DEFAULT_MAX_STREAMS, HboneError, MAX_FRAME, STREAM_WINDOW};
 use crate::identity::SpiffeId;
-use crate::tls::{CredentialSlot, TrustBundle, client_config, no_sni};
+use crate::tls::{CredentialSlot, TrustBundle, client_config, no_sni, not_after};
 
 #[derive(Clone, Debug)]
 pub struct PoolConfig {
@@ -51,12 +56,23 @@ struct Conn {
     active: AtomicUsize,
     dead: Arc<AtomicBool>,
     last_used: Mutex<Instant>,
+    /// The source certificate the handshake presented.
+    presented: Arc<rustls::sign::CertifiedKey>,
+    /// When the first of the two certificates expires.
+    valid_until: SystemTime,
 }
 
 impl Conn {
-    fn try_acquire(&self, max: usize) -> bool {
+    /// Usable for new streams: alive, and handshaken with the source's current certificate,
+    /// neither end's certificate expired.
+    fn fresh(&self, current: Option<&Arc<rustls::sign::CertifiedKey>>, now: SystemTime) -> bool {
         !self.dead.load(Ordering::Acquire)
-            && self.active.fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (n < max).then_some(n + 1)).is_ok()
+            && now < self.valid_until
+            && current.is_some_and(|c| Arc::ptr_eq(c, &self.presented))
+    }
+
+    fn try_acquire(&self, max: usize) -> bool {
+        self.active.fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (n < max).then_some(n + 1)).is_ok()
     }
 }
 
@@ -126,11 +142,23 @@ impl Pool {
         self.opened.load(Ordering::Relaxed)
     }
 
-    fn acquire(&self, key: &PoolKey) -> (Option<StreamSlot>, Arc<tokio::sync::Mutex<()>>) {
+    fn acquire(
+        &self,
+        key: &PoolKey,
+        current: Option<&Arc<rustls::sign::CertifiedKey>>,
+    ) -> (Option<StreamSlot>, Arc<tokio::sync::Mutex<()>>) {
+        let now = SystemTime::now();
         let mut entries = self.entries.lock().expect("pool lock");
         let entry = entries.entry(key.clone()).or_default();
-        entry.conns.retain(|c| !c.dead.load(Ordering::Acquire));
-        let slot = entry.conns.iter().find(|c| c.try_acquire(self.config.max_streams)).map(|c| StreamSlot(c.clone()));
+        // Retired connections stay listed only while their streams finish.
+        entry.conns.retain(|c| {
+            !c.dead.load(Ordering::Acquire) && (c.fresh(current, now) || c.active.load(Ordering::Acquire) > 0)
+        });
+        let slot = entry
+            .conns
+            .iter()
+            .find(|c| c.fresh(current, now) && c.try_acquire(self.config.max_streams))
+            .map(|c| StreamSlot(c.clone()));
         (slot, entry.opening.clone())
     }
 
@@ -149,12 +177,13 @@ impl Pool {
         D: FnOnce() -> F,
         F: Future<Output = std::io::Result<TcpStream>>,
     {
-        let slot = match self.acquire(&key) {
+        let current = credential.get().map(|c| c.certified);
+        let slot = match self.acquire(&key, current.as_ref()) {
             (Some(slot), _) => slot,
             (None, opening) => {
                 let _guard = opening.lock().await;
                 // Someone may have opened a connection while we waited.
-                match self.acquire(&key).0 {
+                match self.acquire(&key, current.as_ref()).0 {
                     Some(slot) => slot,
                     None => {
                         let conn = self.open(&key, credential, bundle, dial).await?;
@@ -195,6 +224,7 @@ impl Pool {
         F: Future<Output = std::io::Result<TcpStream>>,
     {
         let endpoint = key.endpoint;
+        let own = credential.get().ok_or_else(|| HboneError::NoCredential(key.src.to_string()))?;
         let config = client_config(Some(credential), bundle, Some(key.dst.clone()), &[super::ALPN])?;
         let tcp = dial().await.map_err(|source| HboneError::Dial { endpoint, source })?;
         let _ = tcp.set_nodelay(true);
@@ -202,6 +232,10 @@ impl Pool {
             .connect(no_sni(), tcp)
             .await
             .map_err(|source| HboneError::Tls { endpoint, source })?;
+        // Had a renewal slipped in before the handshake, the connection is merely retired early.
+        let presented = own.certified.clone();
+        let peer_until = tls.get_ref().1.peer_certificates().and_then(|c| c.first()).map(not_after).transpose()?;
+        let valid_until = peer_until.map_or(own.not_after, |p| p.min(own.not_after));
         let (sender, mut connection) = h2::client::Builder::new()
             .initial_window_size(STREAM_WINDOW)
             .initial_connection_window_size(CONNECTION_WINDOW)
@@ -215,6 +249,8 @@ impl Pool {
             active: AtomicUsize::new(0),
             dead: dead.clone(),
             last_used: Mutex::new(Instant::now()),
+            presented,
+            valid_until,
         });
         let ping_pong = connection.ping_pong();
         tokio::spawn({

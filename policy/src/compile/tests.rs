@@ -193,6 +193,15 @@ fn identity_rules_principals_namespaces_blocks_and_negations() {
                 Action::Deny,
                 "default deny (selected by Allow policy shop/db-access)",
             ),
+            // A certificate used from an address where its workload does not run.
+            (
+                "10.0.2.11",
+                Some(("shop", "web")),
+                "10.0.2.10",
+                5432,
+                Action::Deny,
+                "the proven identity is not the workload at the source address",
+            ),
             // Namespace deny beats every allow.
             ("10.0.2.11", None, "10.0.1.10", 80, Action::Deny, "shop/no-ops rule 0"),
             ("10.0.2.11", Some(("ops", "probe")), "10.0.2.10", 5432, Action::Deny, "shop/no-ops rule 0"),

@@ -11,6 +11,7 @@ use palisade_policy::ca::CertificateAuthority;
 pub struct TestCa {
     pub ca: CertificateAuthority,
     dir: std::path::PathBuf,
+    trust_domain: String,
 }
 
 impl TestCa {
@@ -18,7 +19,7 @@ impl TestCa {
     pub fn new(name: &str, trust_domain: &str) -> TestCa {
         let dir = std::env::temp_dir().join(format!("plsd-ca-{name}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
-        TestCa { ca: CertificateAuthority::open_or_init(&dir, trust_domain).unwrap(), dir }
+        TestCa { ca: CertificateAuthority::init(&dir, trust_domain).unwrap().0, dir, trust_domain: trust_domain.into() }
     }
 
     /// A certificate for `id` (valid for the CA's default lifetime, or between the given times).
@@ -32,7 +33,7 @@ impl TestCa {
     }
 
     pub fn bundle(&self) -> TrustBundle {
-        TrustBundle::from_pem(&self.ca.bundle_pem(), "cluster.local").unwrap()
+        TrustBundle::from_pem(&self.ca.bundle_pem(), &self.trust_domain).unwrap()
     }
 }
 

@@ -3,7 +3,7 @@
 //!
 //! ```text
 //! palisade-probe serve --port 8080 [--log FILE]      echo server; logs each connection
-//! palisade-probe connect --to IP:PORT [--bytes N] [--timeout-ms T] [--pace-ms P] [--parallel C]
+//! palisade-probe connect --to IP:PORT [--bytes N] [--timeout-ms T] [--pace-ms P] [--parallel C [--together]]
 //! palisade-probe latency --to IP:PORT --rate R --conns C --duration-ms D [--size S]
 //! palisade-probe connrate --to IP:PORT --duration-ms D [--size S]
 //! palisade-probe connect-timing --to IP:PORT --count N
@@ -11,9 +11,12 @@
 //! The last three are the benchmark's load generators (see `load.rs`).
 //! `connect` sends N bytes of a deterministic pattern (one 64 KiB chunk every P ms when
 //! paced), half-closes, reads the echo to EOF and checks it byte for byte. With `--parallel C`
-//! it opens C such connections at once and reports a summary.
+//! it opens C such connections at once and reports a summary; `--together` also holds every
+//! connection open, after its first echoed bytes, until all C have echoed (so that all C are
+//! live end to end at the same moment), and reports whether that moment came.
 use std::io::{Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use serde_json::json;
@@ -99,19 +102,20 @@ fn connect(args: &[String]) {
     let pace = Duration::from_millis(arg(args, "--pace-ms").and_then(|t| t.parse().ok()).unwrap_or(0));
     let parallel: usize = arg(args, "--parallel").and_then(|n| n.parse().ok()).unwrap_or(1);
     if parallel <= 1 {
-        println!("{}", one_connection(to, bytes, timeout, pace));
+        println!("{}", one_connection(to, bytes, timeout, pace, None));
         return;
     }
+    let together = args.iter().any(|a| a == "--together").then(|| Arc::new(Rendezvous::new(parallel, timeout)));
     // Everyone connects at the same moment.
-    let barrier = std::sync::Arc::new(std::sync::Barrier::new(parallel));
+    let barrier = Arc::new(std::sync::Barrier::new(parallel));
     let workers: Vec<_> = (0..parallel)
         .map(|_| {
-            let barrier = barrier.clone();
+            let (barrier, together) = (barrier.clone(), together.clone());
             std::thread::Builder::new()
                 .stack_size(256 << 10)
                 .spawn(move || {
                     barrier.wait();
-                    one_connection(to, bytes, timeout, pace)
+                    one_connection(to, bytes, timeout, pace, together)
                 })
                 .expect("spawn connection thread")
         })
@@ -119,13 +123,47 @@ fn connect(args: &[String]) {
     let results: Vec<serde_json::Value> = workers.into_iter().map(|w| w.join().expect("connection thread")).collect();
     let verified = results.iter().filter(|r| r["verified"] == true).count();
     let failures: Vec<&serde_json::Value> = results.iter().filter(|r| r["verified"] != true).take(5).collect();
+    let all_live_at_once = together.map(|t| t.completed());
     println!(
         "{}",
-        json!({"ok": verified == parallel, "count": parallel, "verified_count": verified, "failures": failures})
+        json!({"ok": verified == parallel, "count": parallel, "verified_count": verified, "failures": failures,
+            "all_live_at_once": all_live_at_once})
     );
 }
 
-fn one_connection(to: SocketAddr, bytes: u64, timeout: Duration, pace: Duration) -> serde_json::Value {
+/// Where `--together` connections wait for each other (bounded by the timeout, so that one
+/// failed connection cannot hang the others).
+struct Rendezvous {
+    expected: usize,
+    arrived: Mutex<usize>,
+    all_here: Condvar,
+    timeout: Duration,
+}
+
+impl Rendezvous {
+    fn new(expected: usize, timeout: Duration) -> Self {
+        Rendezvous { expected, arrived: Mutex::new(0), all_here: Condvar::new(), timeout }
+    }
+
+    fn arrive_and_wait(&self) {
+        let mut arrived = self.arrived.lock().expect("rendezvous");
+        *arrived += 1;
+        self.all_here.notify_all();
+        let _ = self.all_here.wait_timeout_while(arrived, self.timeout, |n| *n < self.expected);
+    }
+
+    fn completed(&self) -> bool {
+        *self.arrived.lock().expect("rendezvous") == self.expected
+    }
+}
+
+fn one_connection(
+    to: SocketAddr,
+    bytes: u64,
+    timeout: Duration,
+    pace: Duration,
+    together: Option<Arc<Rendezvous>>,
+) -> serde_json::Value {
     let start = Instant::now();
     let stream = match TcpStream::connect_timeout(&to, timeout) {
         Ok(s) => s,
@@ -138,6 +176,9 @@ fn one_connection(to: SocketAddr, bytes: u64, timeout: Duration, pace: Duration)
     let local = stream.local_addr().ok();
     stream.set_read_timeout(Some(timeout.max(Duration::from_secs(60)))).ok();
     let mut writer = stream.try_clone().expect("clone socket");
+    // With a rendezvous, the sender stops after its first chunk until everyone has arrived.
+    let (go, gate) = std::sync::mpsc::channel::<()>();
+    let gated = together.is_some();
     let sender = std::thread::spawn(move || -> std::io::Result<u64> {
         let mut buf = vec![0u8; 64 * 1024];
         let mut sent = 0u64;
@@ -147,6 +188,9 @@ fn one_connection(to: SocketAddr, bytes: u64, timeout: Duration, pace: Duration)
                 *b = pattern(sent + i as u64);
             }
             writer.write_all(&buf[..n])?;
+            if gated && sent == 0 {
+                let _ = gate.recv();
+            }
             sent += n as u64;
             if !pace.is_zero() {
                 std::thread::sleep(pace);
@@ -158,8 +202,15 @@ fn one_connection(to: SocketAddr, bytes: u64, timeout: Duration, pace: Duration)
     let mut reader = stream;
     let mut buf = vec![0u8; 64 * 1024];
     let (mut received, mut mismatch_at) = (0u64, None);
+    let mut together = together;
     let read_result = loop {
-        match reader.read(&mut buf) {
+        let read = reader.read(&mut buf);
+        if let Some(rendezvous) = together.take() {
+            // The first echoed bytes (or the failure) prove this connection's path is up.
+            rendezvous.arrive_and_wait();
+            let _ = go.send(());
+        }
+        match read {
             Ok(0) => break Ok(()),
             Ok(n) => {
                 if mismatch_at.is_none()
