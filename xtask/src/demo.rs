@@ -4,7 +4,7 @@ use std::io::{BufRead, BufReader};
 use std::process::Stdio;
 use std::time::Duration;
 
-use anyhow::{Context, Result};
+use anyhow::{Context, Result, ensure};
 use palisade_sandbox::{Cluster, ClusterSpec, PodTemplate};
 use serde_json::Value;
 
@@ -55,7 +55,8 @@ pub fn run() -> Result<()> {
     println!(
         "== 1. frontend (shop/frontend, node-1) -> backend {backend} (node-2): allowed by shop/frontend-to-backend"
     );
-    let r = client("frontend")?;
+    let allowed = client("frontend")?;
+    let r = &allowed;
     println!("   client: ok={} sent={} received={} byte-exact={}", r["ok"], r["sent"], r["received"], r["verified"]);
     println!("\n== 2. scanner (tools/scanner, node-1) -> backend {backend}: shop denies what it does not allow");
     let r = client("scanner")?;
@@ -64,13 +65,35 @@ pub fn run() -> Result<()> {
         r["ok"], r["error"], r["errno"]
     );
 
+    let denied = r;
+
     std::thread::sleep(Duration::from_millis(300));
     println!("\n== Flow events (ztunnel admin API, GET /flows on each node)");
+    let mut flows = Vec::new();
     for node in ["node-1", "node-2"] {
         for f in cluster.flows(node)? {
             println!("{}", describe(&f));
+            flows.push(f);
         }
     }
+    // The demo is also run by `cargo xtask test`: it fails when its story did not happen.
+    ensure!(allowed["verified"] == true, "the allowed flow did not arrive byte-exact: {allowed}");
+    ensure!(
+        denied["errno"] == 1, // EPERM
+        "the denied connect() did not fail with EPERM: {denied}"
+    );
+    ensure!(
+        flows.iter().any(|f| f["direction"] == "inbound"
+            && f["verdict"] == "allow"
+            && f["peer_spiffe_id"] == "spiffe://cluster.local/ns/shop/sa/frontend"),
+        "no inbound flow event names the frontend's proven identity"
+    );
+    ensure!(
+        flows
+            .iter()
+            .any(|f| f["observer"] == "kernel" && f["verdict"] == "deny" && f["src_identity"] == "tools/scanner"),
+        "no kernel deny event for the scanner"
+    );
     println!("\nLive view: GET /flows?follow=1 on 127.0.0.1:15000 inside a node; metrics: GET /metrics.");
     let _ = server.kill();
     let _ = server.wait();

@@ -1,5 +1,6 @@
 //! `cargo xtask test`: the whole suite — formatting, clippy, unit tests and the end-to-end
-//! tests on sandbox clusters — then a check that no test left anything behind.
+//! tests on sandbox clusters — then a check that no test left anything behind, and the demo
+//! (a newcomer's first command must keep working; it fails when its story does not happen).
 use anyhow::{Result, bail};
 
 use crate::cmd;
@@ -26,5 +27,6 @@ pub fn run(extra: &[String]) -> Result<()> {
         bail!("tests left network namespaces behind: {}", left.join(", "));
     }
     println!("all tests passed; nothing left behind");
+    crate::demo::run()?;
     Ok(())
 }
