@@ -1,5 +1,6 @@
 //! Code shared by ztunnel and waypoint: SPIFFE identities, mutual TLS, workload certificates
 //! (the CA API, its client and the certificate manager) and HBONE.
+pub mod accept;
 pub mod ca_api;
 pub mod ca_client;
 pub mod hbone;
