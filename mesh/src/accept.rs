@@ -9,8 +9,11 @@
 //! `BACKOFF_MAX`, reset by the next success), are logged at most once per `LOG_EVERY` with a
 //! count of the ones not logged, and are never returned: a listener that stops serving
 //! because of a transient shortage is worse than one that serves late.
+use std::collections::HashMap;
 use std::io;
+use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 /// First pause after a resource error.
@@ -141,6 +144,84 @@ impl Backoff {
     }
 }
 
+/// Bounds concurrent handshakes (TLS, then HTTP/2) of a listener or of a whole process: a
+/// handshake costs a descriptor, a task and the TLS state (tens of KiB) while a client that
+/// sends nothing holds it until its timeout. Over either bound the caller accepts and closes
+/// at once, so that the kernel's accept queue keeps moving for legitimate clients.
+pub struct HandshakeLimit {
+    overall: usize,
+    per_source: usize,
+    state: Mutex<HandshakeState>,
+    refused: AtomicU64,
+}
+
+#[derive(Default)]
+struct HandshakeState {
+    total: usize,
+    by_source: HashMap<IpAddr, usize>,
+}
+
+/// Why a handshake was not admitted.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Refused {
+    Overall,
+    PerSource,
+}
+
+impl HandshakeLimit {
+    pub fn new(overall: usize, per_source: usize) -> Arc<Self> {
+        Arc::new(HandshakeLimit { overall, per_source, state: Mutex::default(), refused: AtomicU64::new(0) })
+    }
+
+    /// A permit for one handshake from `source`, held until the handshake ends (drop).
+    pub fn try_admit(self: &Arc<Self>, source: IpAddr) -> Result<HandshakePermit, Refused> {
+        let mut state = self.state.lock().expect("handshake limit");
+        let refused = if state.total >= self.overall {
+            Some(Refused::Overall)
+        } else if state.by_source.get(&source).is_some_and(|n| *n >= self.per_source) {
+            Some(Refused::PerSource)
+        } else {
+            None
+        };
+        if let Some(why) = refused {
+            self.refused.fetch_add(1, Ordering::Relaxed);
+            return Err(why);
+        }
+        state.total += 1;
+        *state.by_source.entry(source).or_default() += 1;
+        Ok(HandshakePermit { limit: self.clone(), source })
+    }
+
+    /// Handshakes in progress.
+    pub fn in_progress(&self) -> usize {
+        self.state.lock().expect("handshake limit").total
+    }
+
+    /// Handshakes refused since start.
+    pub fn refused_total(&self) -> u64 {
+        self.refused.load(Ordering::Relaxed)
+    }
+}
+
+/// One admitted handshake; dropping it frees the slot.
+pub struct HandshakePermit {
+    limit: Arc<HandshakeLimit>,
+    source: IpAddr,
+}
+
+impl Drop for HandshakePermit {
+    fn drop(&mut self) {
+        let mut state = self.limit.state.lock().expect("handshake limit");
+        state.total -= 1;
+        if let Some(n) = state.by_source.get_mut(&self.source) {
+            *n -= 1;
+            if *n == 0 {
+                state.by_source.remove(&self.source);
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -175,6 +256,22 @@ mod tests {
         assert_eq!(b.unlogged, 101, "only the first error of the second is logged");
         b.failure("t", &emfile(), now + LOG_EVERY);
         assert_eq!(b.unlogged, 0);
+    }
+
+    #[test]
+    fn handshakes_are_bounded_per_source_and_overall_and_slots_come_back() {
+        let limit = HandshakeLimit::new(3, 2);
+        let (a, b): (IpAddr, IpAddr) = ("10.0.0.1".parse().unwrap(), "10.0.0.2".parse().unwrap());
+        let a1 = limit.try_admit(a).unwrap();
+        let _a2 = limit.try_admit(a).unwrap();
+        assert_eq!(limit.try_admit(a).err(), Some(Refused::PerSource));
+        let _b1 = limit.try_admit(b).unwrap();
+        assert_eq!(limit.try_admit(b).err(), Some(Refused::Overall));
+        assert_eq!(limit.refused_total(), 2);
+        drop(a1);
+        assert_eq!(limit.in_progress(), 2);
+        let _b2 = limit.try_admit(b).unwrap();
+        assert!(limit.state.lock().unwrap().by_source.len() == 2);
     }
 
     #[tokio::test]

@@ -11,6 +11,7 @@ use std::net::IpAddr;
 
 use palisade_ebpf_common::{
     IDENTITY_ANY, IDENTITY_WORLD, PORT_ANY, RULE_DEFAULT_ALLOW, RULE_DEFAULT_DENY, RULE_NOT_AT_SOURCE,
+    RULE_PLAINTEXT_FROM_MESH, RULE_UNKNOWN_ADDRESS,
 };
 use serde::Serialize;
 
@@ -200,6 +201,8 @@ impl Snapshot {
             RULE_DEFAULT_ALLOW => format!("default allow ({})", default_reason()),
             RULE_DEFAULT_DENY => format!("default deny ({})", default_reason()),
             RULE_NOT_AT_SOURCE => "the proven identity is not the workload at the source address".into(),
+            RULE_PLAINTEXT_FROM_MESH => "plaintext from a mesh workload (it must use HBONE)".into(),
+            RULE_UNKNOWN_ADDRESS => "the destination address is not registered for the enrolled pod".into(),
             n => match self.rules.get(n as usize) {
                 Some(r) => format!("{} rule {}", r.policy, r.index),
                 None => format!("rule #{n}"),
@@ -233,6 +236,23 @@ impl Snapshot {
     /// certificate proved it (`namespace`, `service account`); otherwise the source is known by
     /// its address only. A proven identity must be the workload at `src`: a tunnel comes from
     /// its workload's own address, so anything else is a certificate used from elsewhere.
+    /// A plaintext connection: no identity proven. Where the mesh requires HBONE (it has a
+    /// CA), a mesh workload never connects in plaintext (its ztunnel tunnels everything), so
+    /// plaintext from a workload's address is refused whatever the policy says: the address
+    /// alone never stands in for an identity that should have been proven.
+    pub fn authorize_plaintext(&self, src: IpAddr, dst: IpAddr, port: u16, require_hbone: bool) -> Decision {
+        if require_hbone && self.addresses.contains_key(&src) {
+            let verdict = Verdict {
+                action: Action::Deny,
+                rule: RULE_PLAINTEXT_FROM_MESH,
+                src_identity: self.identity_of(src),
+                dst_identity: self.identity_of(dst),
+            };
+            return Decision { verdict, audit_deny: None };
+        }
+        self.authorize(src, None, dst, port)
+    }
+
     pub fn authorize(&self, src: IpAddr, proven: Option<(&str, &str)>, dst: IpAddr, port: u16) -> Decision {
         let src_identity = self.identity_of(src);
         let dst_identity = self.identity_of(dst);

@@ -1,10 +1,26 @@
 //! Reading resources from YAML files, with errors that name the file, the line and the field.
+//!
+//! Every input is bounded before it is parsed: a file's size ([`MAX_FILE_BYTES`]), its YAML
+//! nesting ([`MAX_DEPTH`], checked by a linear scan because the parser's time is quadratic
+//! in it) and its number of documents ([`MAX_DOCUMENTS`]). Which files a directory means is
+//! decided in one place, [`policy_files`] (see `files` for the rules).
 use std::fmt;
 use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
 use crate::resource::{API_VERSION, Document, Resource};
+
+mod depth;
+mod files;
+#[cfg(test)]
+mod tests;
+
+pub use depth::MAX_DEPTH;
+pub use files::{ChangeDetector, MAX_DIR_DEPTH, MAX_FILE_BYTES, policy_files, read_bounded};
+
+/// Most YAML documents (resources) in one file.
+pub const MAX_DOCUMENTS: usize = 10_000;
 
 /// Where a resource came from.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -34,42 +50,35 @@ pub enum LoadError {
         #[source]
         source: std::io::Error,
     },
+    #[error("{file}: refused: larger than the limit of {limit} bytes ({} MiB)", limit >> 20)]
+    TooLarge { file: PathBuf, limit: u64 },
+    #[error("{file}:{line}: refused: YAML nested deeper than the limit of {limit} levels")]
+    TooDeep { file: PathBuf, line: usize, limit: usize },
+    #[error("{file}:{line}: refused: more than the limit of {limit} YAML documents in one file")]
+    TooManyDocuments { file: PathBuf, line: usize, limit: usize },
+    #[error("{dir}: refused: directories nested deeper than the limit of {limit} levels")]
+    TooDeepTree { dir: PathBuf, limit: usize },
     #[error("{file}:{line}: {message}")]
     Parse { file: PathBuf, line: usize, message: String },
 }
 
-/// Reads every resource of every file (a directory means its `*.yaml`/`*.yml` files, sorted).
+/// Reads every resource of every file (a directory: see [`policy_files`]).
 pub fn load_paths(paths: &[PathBuf]) -> Result<Vec<Located>, LoadError> {
     let mut out = Vec::new();
-    for path in paths {
-        for file in yaml_files(path)? {
-            let text =
-                std::fs::read_to_string(&file).map_err(|source| LoadError::Read { file: file.clone(), source })?;
-            out.extend(parse_str(&file, &text)?);
-        }
+    for file in policy_files(paths)? {
+        let text = read_bounded(&file)?;
+        out.extend(parse_str(&file, &text)?);
     }
     Ok(out)
 }
 
-fn yaml_files(path: &Path) -> Result<Vec<PathBuf>, LoadError> {
-    let read_err = |source| LoadError::Read { file: path.to_path_buf(), source };
-    if !path.is_dir() {
-        return Ok(vec![path.to_path_buf()]);
-    }
-    let mut files: Vec<PathBuf> = std::fs::read_dir(path)
-        .map_err(read_err)?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.extension().is_some_and(|e| e == "yaml" || e == "yml"))
-        .collect();
-    files.sort();
-    Ok(files)
-}
-
 /// Parses a multi-document YAML text. Empty documents are skipped.
 pub fn parse_str(file: &Path, text: &str) -> Result<Vec<Located>, LoadError> {
+    depth::check(file, text)?;
     let mut out = Vec::new();
-    for (start_line, doc) in split_documents(text) {
-        if doc.lines().all(|l| l.trim().is_empty() || l.trim_start().starts_with('#')) {
+    for (start_line, doc) in split_documents(file, text)? {
+        // Comments and directives (`%YAML 1.2`) only: nothing to load.
+        if doc.lines().all(|l| l.trim().is_empty() || l.trim_start().starts_with('#') || l.starts_with('%')) {
             continue;
         }
         let parse_err = |line: usize, message: String| LoadError::Parse { file: file.to_path_buf(), line, message };
@@ -138,50 +147,42 @@ fn describe_serde_error(message: &str) -> String {
     }
 }
 
-/// Splits on `---` separator lines, returning each document with its first line number.
-fn split_documents(text: &str) -> Vec<(usize, String)> {
+/// A document marker line (`---` or `...`, alone or followed by a space and more): what
+/// follows the marker on its line.
+fn document_marker(line: &str) -> Option<(&str, &str)> {
+    ["---", "..."].into_iter().find_map(|m| {
+        let rest = line.strip_prefix(m)?;
+        (rest.is_empty() || rest.starts_with([' ', '\t'])).then_some((m, rest.trim()))
+    })
+}
+
+/// Splits on document markers, returning each document with its first line number. `---`
+/// may be followed by a comment (`--- # web tier`) or by the document's first node
+/// (`--- {kind: ...}`); `...` ends a document.
+fn split_documents(file: &Path, text: &str) -> Result<Vec<(usize, String)>, LoadError> {
+    let text = text.strip_prefix('\u{feff}').unwrap_or(text);
     let mut docs = Vec::new();
     let mut current = String::new();
     let mut start = 1;
     for (i, line) in text.lines().enumerate() {
-        if line.trim_end() == "---" {
-            docs.push((start, std::mem::take(&mut current)));
-            start = i + 2;
-        } else {
+        let Some((marker, rest)) = document_marker(line) else {
             current.push_str(line);
             current.push('\n');
+            continue;
+        };
+        docs.push((start, std::mem::take(&mut current)));
+        if docs.len() > MAX_DOCUMENTS {
+            return Err(LoadError::TooManyDocuments { file: file.to_path_buf(), line: i + 1, limit: MAX_DOCUMENTS });
+        }
+        if marker == "---" && !rest.is_empty() && !rest.starts_with('#') {
+            // The document starts on the marker's own line.
+            start = i + 1;
+            current.push_str(rest);
+            current.push('\n');
+        } else {
+            start = i + 2;
         }
     }
     docs.push((start, current));
-    docs
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn errors_name_file_line_and_field() {
-        let text = "apiVersion: palisade.dev/v1alpha1\nkind: Namespace\nmetadata: {name: a}\n---\n\
-                    apiVersion: palisade.dev/v1alpha1\nkind: SegmentationPolicy\nmetadata: {name: p, namespace: a}\n\
-                    spec:\n  action: Allw\n  rules: []\n";
-        let err = parse_str(Path::new("p.yaml"), text).unwrap_err().to_string();
-        assert!(err.starts_with("p.yaml:9: "), "{err}");
-        assert!(err.contains("Allw"), "{err}");
-    }
-
-    #[test]
-    fn unknown_field_is_named() {
-        let text =
-            "apiVersion: palisade.dev/v1alpha1\nkind: Namespace\nmetadata: {name: a}\nspec:\n  defaultActon: Deny\n";
-        let err = parse_str(Path::new("n.yaml"), text).unwrap_err().to_string();
-        assert!(err.contains("defaultActon") && err.starts_with("n.yaml:5"), "{err}");
-    }
-
-    #[test]
-    fn wrong_api_version_is_refused() {
-        let text = "apiVersion: v1\nkind: Namespace\nmetadata: {name: a}\n";
-        let err = parse_str(Path::new("n.yaml"), text).unwrap_err().to_string();
-        assert!(err.contains("apiVersion"), "{err}");
-    }
+    Ok(docs)
 }

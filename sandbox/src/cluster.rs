@@ -127,13 +127,25 @@ pub struct Cluster {
     pub info: ClusterInfo,
     extra_policy: String,
     ztunnels: Vec<Child>,
+    /// How each node's ztunnel was started (binary, with a CA), to start it again.
+    started: Vec<(PathBuf, bool)>,
+    /// Restarts per node, to name their logs.
+    ztunnel_generation: BTreeMap<usize, u32>,
     /// Other processes of the cluster (the CA).
     processes: Vec<Child>,
+    /// ztunnels replaced by [`Cluster::start_new_ztunnel`] (draining after a hand-over, or dead).
+    retired: Vec<Child>,
     teardown_on_drop: bool,
 }
 
 fn netns_name(id: &str, suffix: &str) -> String {
     format!("{PREFIX}{id}-{suffix}")
+}
+
+/// Where the ztunnels of cluster `id` pin their maps and links (one directory per node). The
+/// kernel side outlives the processes, so teardown removes it.
+pub fn pin_root(id: &str) -> PathBuf {
+    PathBuf::from(format!("/sys/fs/bpf/{PREFIX}{id}"))
 }
 
 impl Cluster {
@@ -151,7 +163,10 @@ impl Cluster {
             },
             extra_policy: spec.policy.clone(),
             ztunnels: Vec::new(),
+            started: Vec::new(),
+            ztunnel_generation: BTreeMap::new(),
             processes: Vec::new(),
+            retired: Vec::new(),
             teardown_on_drop: true,
         };
         match cluster.build(&spec) {
@@ -333,28 +348,48 @@ impl Cluster {
         Ok(())
     }
 
-    fn start_ztunnel(&mut self, i: usize, bin: &Path, with_ca: bool) -> Result<()> {
-        let node = self.info.nodes[i].clone();
+    /// The command line of a node's ztunnel.
+    fn ztunnel_command(&self, i: usize, bin: &Path, with_ca: bool) -> Command {
+        let node = &self.info.nodes[i];
         let mut cmd = Command::new(bin);
         cmd.args(["--node", &node.name])
             .arg("--policy")
             .arg(&self.info.policy_file)
             .arg("--enroll-socket")
             .arg(&node.enroll_socket)
+            .arg("--pin-dir")
+            .arg(pin_root(&self.info.id).join(&node.name))
+            .arg("--state-dir")
+            .arg(self.info.state_dir.join(format!("ztunnel-{}", node.name)))
             .args(["--policy-poll-ms", "100"]);
         if with_ca {
             cmd.args(["--ca-addr", CA_ADDR, "--bundle-refresh-secs", "1"])
                 .arg("--node-credential-dir")
                 .arg(self.info.state_dir.join(format!("credential-{}", node.name)));
+        } else {
+            cmd.arg("--insecure-plaintext");
         }
+        cmd
+    }
+
+    fn start_ztunnel(&mut self, i: usize, bin: &Path, with_ca: bool) -> Result<()> {
+        let node = self.info.nodes[i].clone();
+        let cmd = self.ztunnel_command(i, bin, with_ca);
         let child = self.spawn_in(&node.netns, &format!("ztunnel-{}", node.name), cmd, &node.log)?;
         self.ztunnels.push(child);
+        self.started.push((bin.to_path_buf(), with_ca));
+        self.wait_ztunnel_ready(i)
+    }
+
+    /// Waits until the ztunnel of node `i` answers on its enrollment socket.
+    fn wait_ztunnel_ready(&mut self, i: usize) -> Result<()> {
+        let node = self.info.nodes[i].clone();
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             if self.enroll_request(&node, &serde_json::json!({"op": "list"})).is_ok() {
                 return Ok(());
             }
-            if let Some(status) = self.ztunnels.last_mut().and_then(|c| c.try_wait().ok().flatten()) {
+            if let Some(status) = self.ztunnels.get_mut(i).and_then(|c| c.try_wait().ok().flatten()) {
                 bail!("ztunnel on {} exited during start-up ({status})", node.name);
             }
             if Instant::now() > deadline {
@@ -362,6 +397,51 @@ impl Cluster {
             }
             std::thread::sleep(Duration::from_millis(50));
         }
+    }
+
+    /// Starts a new ztunnel on `node` while the old one may still run: with the old one alive
+    /// this is an upgrade (the new process takes over its listeners and the old one drains);
+    /// after a kill, a restart over the pinned state. Returns once the new one serves
+    /// enrollment requests; the old process, if any, is kept and reaped at teardown.
+    pub fn start_new_ztunnel(&mut self, node: &str) -> Result<()> {
+        let i = self.info.nodes.iter().position(|n| n.name == node).with_context(|| format!("no node {node}"))?;
+        let (bin, with_ca) = self.started.get(i).cloned().context("this handle did not start the ztunnels")?;
+        let info = self.info.nodes[i].clone();
+        let generation = self.ztunnel_generation.entry(i).or_insert(0);
+        *generation += 1;
+        let log = self.info.state_dir.join(format!("ztunnel-{}.{}.log", info.name, generation));
+        let cmd = self.ztunnel_command(i, &bin, with_ca);
+        let child = self.spawn_in(&info.netns, &format!("ztunnel-{}", info.name), cmd, &log)?;
+        let old = std::mem::replace(&mut self.ztunnels[i], child);
+        self.retired.push(old);
+        self.info.nodes[i].log = log;
+        self.save()?;
+        // The old process answers enrollment requests until it has handed over; wait for the
+        // new one's log line.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let text = std::fs::read_to_string(&self.info.nodes[i].log).unwrap_or_default();
+            if text.contains("ztunnel ready") {
+                return self.wait_ztunnel_ready(i);
+            }
+            if let Some(status) = self.ztunnels[i].try_wait()? {
+                bail!("new ztunnel on {node} exited during start-up ({status}):\n{text}");
+            }
+            if Instant::now() > deadline {
+                bail!("new ztunnel on {node} not ready after 30 s:\n{text}");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// ztunnels replaced by [`Self::start_new_ztunnel`] that are still running.
+    pub fn retired_ztunnels_running(&mut self) -> usize {
+        self.retired.iter_mut().map(|c| c.try_wait().ok().flatten().is_none()).filter(|running| *running).count()
+    }
+
+    /// Sends one request to a node's enrollment API (what a CNI plugin would send).
+    pub fn enroll_raw(&self, node: &str, request: &serde_json::Value) -> Result<serde_json::Value> {
+        self.enroll_request(self.node(node)?, request)
     }
 
     fn enroll_request(&self, node: &NodeInfo, request: &serde_json::Value) -> Result<serde_json::Value> {
@@ -548,7 +628,10 @@ impl Cluster {
             info,
             extra_policy: String::new(),
             ztunnels: Vec::new(),
+            started: Vec::new(),
+            ztunnel_generation: BTreeMap::new(),
             processes: Vec::new(),
+            retired: Vec::new(),
             teardown_on_drop: false,
         }
     }
@@ -568,7 +651,7 @@ impl Cluster {
         self.processes.clear();
     }
 
-    /// Stops ztunnels gracefully (they detach their programs), then removes everything.
+    /// Stops ztunnels gracefully, then removes everything (their pins included).
     pub fn down(&mut self) -> Result<()> {
         for child in &mut self.ztunnels {
             // SAFETY: plain kill(2) on our own child.
@@ -581,12 +664,13 @@ impl Cluster {
             }
         }
         teardown(&self.info.id, &self.info.state_dir)?;
-        for child in self.ztunnels.iter_mut().chain(&mut self.processes) {
+        for child in self.ztunnels.iter_mut().chain(&mut self.processes).chain(&mut self.retired) {
             let _ = child.kill();
             let _ = child.wait();
         }
         self.ztunnels.clear();
         self.processes.clear();
+        self.retired.clear();
         Ok(())
     }
 }
@@ -610,6 +694,11 @@ impl Drop for Cluster {
 pub fn teardown(id: &str, state_dir: &Path) -> Result<()> {
     let cgroup = sys::cgroup2_root()?.join(format!("{PREFIX}{id}"));
     sys::remove_cgroup_tree(&cgroup)?;
+    // Unpinning the links detaches the programs; the maps go with the last reference.
+    let pins = pin_root(id);
+    if pins.exists() {
+        std::fs::remove_dir_all(&pins).with_context(|| format!("remove {}", pins.display()))?;
+    }
     let prefix = format!("{PREFIX}{id}-");
     for ns in list_netns()?.into_iter().filter(|n| n.starts_with(&prefix)) {
         ip(&["netns", "del", &ns])?;

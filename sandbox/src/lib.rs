@@ -39,6 +39,14 @@ pub fn sweep_stale_test_clusters() -> Result<Vec<String>> {
             }),
         );
     }
+    // Pins outlive everything else (a test killed after its namespaces were removed).
+    if let Ok(entries) = std::fs::read_dir("/sys/fs/bpf") {
+        ids.extend(
+            entries.flatten().filter_map(|e| {
+                e.file_name().to_str().and_then(|n| n.strip_prefix(cluster::PREFIX)).map(str::to_string)
+            }),
+        );
+    }
     ids.sort();
     ids.dedup();
     let mut removed = Vec::new();

@@ -43,9 +43,11 @@ fn denied_egress_connect_fails_with_eperm_and_sends_no_packet() {
 }
 
 #[test]
-fn denied_inbound_plaintext_never_reaches_the_application() {
-    let cluster = mesh(2, 2, &deny_policy("no-ssh-from-p1-1", "p2-1", "p1-1", 2222));
-    // p1-1 leaves the mesh: its traffic arrives at p2-1 as plain, uncaptured TCP.
+fn plaintext_from_a_mesh_workload_never_reaches_the_application() {
+    // No policy: everything is allowed, but only through HBONE.
+    let cluster = mesh(2, 2, "");
+    // p1-1 leaves the mesh (its ztunnel bypassed): its traffic arrives at p2-1 as plain TCP
+    // from a mesh workload's address, which must never stand in for a proven identity.
     cluster.unenroll("p1-1").unwrap();
     let server = serve(&cluster, "p2-1", 2222);
     let dst = cluster.pod("p2-1").unwrap().ip.clone();
@@ -53,12 +55,12 @@ fn denied_inbound_plaintext_never_reaches_the_application() {
     let r = connect(&cluster, "p1-1", &format!("{dst}:2222"), 10);
     assert_eq!(r["ok"], false, "{r}");
     assert_eq!(r["errno"], ECONNREFUSED, "refused by a reset, not left to time out: {r}");
-    assert!(server.connections().is_empty(), "the application saw a denied connection: {:?}", server.connections());
+    assert!(server.connections().is_empty(), "the application saw a plaintext connection: {:?}", server.connections());
     let ev = wait_flow(&cluster, "node-2", |f| f["verdict"] == "deny" && f["direction"] == "inbound");
-    assert_eq!(ev["policy"], "default/no-ssh-from-p1-1 rule 0");
+    assert_eq!(ev["policy"], "plaintext from a mesh workload (it must use HBONE)");
     assert_eq!(ev["src_identity"], "default/p1-1");
 
-    // Allowed plaintext from outside the mesh is carried by the inbound proxy.
+    // The same workload through its ztunnel (HBONE) is carried.
     let ok = connect(&cluster, "p1-2", &format!("{dst}:2222"), 1000);
     assert_eq!(ok["verified"], true, "{ok}");
     assert_eq!(server.connections().len(), 1);

@@ -1,11 +1,17 @@
 //! The admin API (15000), metrics (15020) and readiness (15021): one small HTTP/1.1 service
-//! on three listeners.
+//! on three listeners, each answering only for its [`Role`].
 //!
+//! The admin listener (localhost only) serves everything:
 //! - `GET /flows` — recent flow events as a JSON array; `/flows?follow=1` streams new events
 //!   live, one JSON object per line.
 //! - `GET /config_dump` — configuration, policy in force, enrolled pods.
-//! - `GET /metrics` — Prometheus text format.
+//! - `GET /metrics` (alias `/stats/prometheus`) — Prometheus text format.
 //! - `GET /healthz/ready` — 200 once ztunnel serves.
+//!
+//! The metrics and readiness listeners bind every address (Prometheus and the kubelet reach
+//! them from outside the node), so they answer only `/metrics` and `/healthz/ready`
+//! respectively: flows and the config dump name every workload, identity and rule of the
+//! node and must not be readable from pods or the node network.
 use std::convert::Infallible;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -31,14 +37,41 @@ pub struct AdminState {
 
 type RespBody = BoxBody<Bytes, Infallible>;
 
-pub async fn serve(listener: TcpListener, state: Arc<AdminState>) {
+/// What a listener serves.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Role {
+    /// Every endpoint; bound to localhost.
+    Admin,
+    /// Prometheus metrics only.
+    Metrics,
+    /// The readiness probe only.
+    Ready,
+}
+
+impl Role {
+    /// Whether a listener of this role answers `path`.
+    fn serves(self, path: &str) -> bool {
+        match self {
+            Role::Admin => true,
+            Role::Metrics => matches!(path, "/metrics" | "/stats/prometheus"),
+            Role::Ready => path == "/healthz/ready",
+        }
+    }
+}
+
+pub async fn serve(listener: TcpListener, state: Arc<AdminState>, role: Role) {
+    if role == Role::Admin && listener.local_addr().is_ok_and(|a| !a.ip().is_loopback()) {
+        tracing::warn!(addr = ?listener.local_addr().ok(), "the admin API (flows, config dump) listens beyond localhost");
+    }
+    let name = format!("admin {}", listener.local_addr().map_or_else(|e| e.to_string(), |a| a.to_string()));
+    let mut acceptor = palisade_mesh::accept::Acceptor::new(name, listener);
     loop {
-        let Ok((stream, _)) = listener.accept().await else { continue };
+        let (stream, _) = acceptor.accept().await;
         let state = state.clone();
         tokio::spawn(async move {
             let svc = service_fn(move |req| {
                 let state = state.clone();
-                async move { Ok::<_, Infallible>(route(&state, req)) }
+                async move { Ok::<_, Infallible>(route(&state, role, req)) }
             });
             let _ = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), svc).await;
         });
@@ -59,9 +92,17 @@ fn json(value: &impl serde::Serialize) -> Response<RespBody> {
     full(StatusCode::OK, "application/json", body)
 }
 
-fn route(state: &AdminState, req: Request<Incoming>) -> Response<RespBody> {
+fn not_found(path: &str) -> Response<RespBody> {
+    full(StatusCode::NOT_FOUND, "text/plain", format!("no such endpoint: {path}\n"))
+}
+
+fn route(state: &AdminState, role: Role, req: Request<Incoming>) -> Response<RespBody> {
+    let path = req.uri().path();
+    if !role.serves(path) {
+        return not_found(path);
+    }
     let follow = req.uri().query().is_some_and(|q| q.split('&').any(|kv| kv == "follow=1" || kv == "follow=true"));
-    match req.uri().path() {
+    match path {
         "/flows" if follow => live_flows(state.ctx.hub.subscribe()),
         "/flows" => json(&state.ctx.hub.recent()),
         "/config_dump" => {
@@ -91,7 +132,7 @@ fn route(state: &AdminState, req: Request<Incoming>) -> Response<RespBody> {
                 "hbone_pool": pool,
             }))
         }
-        "/metrics" => {
+        "/metrics" | "/stats/prometheus" => {
             let mut text = state.ctx.metrics.render();
             if let Some(mesh) = &state.ctx.mesh {
                 let pooled: usize = mesh.pool.connections().iter().map(|(_, n)| n).sum();
@@ -108,7 +149,7 @@ fn route(state: &AdminState, req: Request<Incoming>) -> Response<RespBody> {
             full(StatusCode::OK, "text/plain; version=0.0.4", text)
         }
         "/healthz/ready" => full(StatusCode::OK, "text/plain", "ready\n"),
-        other => full(StatusCode::NOT_FOUND, "text/plain", format!("no such endpoint: {other}\n")),
+        other => not_found(other),
     }
 }
 

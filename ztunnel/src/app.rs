@@ -7,11 +7,15 @@ use std::time::Duration;
 use anyhow::Context;
 use tokio::net::TcpListener;
 
+use std::os::fd::OwnedFd;
+
 use crate::admin::{self, AdminState};
 use crate::config::Config;
 use crate::datapath::Kernel;
+use crate::datapath::pins::Pins;
 use crate::enroll;
 use crate::flows::FlowHub;
+use crate::handoff::{self, NodeListeners};
 use crate::metrics::Metrics;
 use crate::pods::Pods;
 use crate::policy_source::PolicySource;
@@ -19,23 +23,40 @@ use crate::proxy::ProxyCtx;
 
 pub async fn run(config: Config) -> anyhow::Result<()> {
     tracing::info!(config = %serde_json::to_string(&config)?, "starting ztunnel");
-    raise_fd_limit();
-    let kernel = Kernel::load().context("loading the kernel programs")?;
+    if config.insecure_plaintext {
+        tracing::warn!(
+            "--insecure-plaintext: no CA, no workload identities; traffic between pods is NOT encrypted and \
+             identities are taken from addresses"
+        );
+    }
+    process_limits();
+    std::fs::create_dir_all(&config.state_dir)
+        .with_context(|| format!("create state directory {}", config.state_dir.display()))?;
+    let pins = Pins::prepare(&config.pin_dir).with_context(|| format!("pin directory {}", config.pin_dir.display()))?;
+    let kernel = Kernel::load(pins, config.ca_addr.is_some()).context("loading the kernel programs")?;
+    // A running predecessor hands over its listeners (upgrade); it stops writing the maps
+    // before it answers, so this process owns them from here on.
+    let handoff_socket = config.state_dir.join("handoff.sock");
+    let inherited = {
+        let socket = handoff_socket.clone();
+        tokio::task::spawn_blocking(move || handoff::take_over(&socket))
+            .await?
+            .context("taking over from the running ztunnel")?
+    };
+    if inherited.is_some() {
+        tracing::info!("took over the listeners of the running ztunnel");
+    }
     let metrics = Arc::new(Metrics::default());
+    let retire = kernel.policy.retire_switch();
     let (mut policy, snapshot) =
         PolicySource::new(config.policy.clone(), config.trust_domain.clone(), kernel.policy, metrics.clone());
     let stats = policy.reload().await.context("initial policy")?;
     tracing::info!(stats = ?stats, "policy in force");
 
-    let hub = Arc::new(FlowHub::new(config.node.clone(), metrics.clone(), snapshot.clone()));
+    let hub = Arc::new(FlowHub::new(config.node.clone(), metrics.clone(), snapshot.clone(), policy.generations()));
     let mesh = match config.ca_addr {
         Some(addr) => Some(mesh(&config, addr).context("identity set-up")?),
-        None => {
-            tracing::warn!(
-                "no CA configured (--ca-addr): no workload identities; traffic between pods is NOT encrypted"
-            );
-            None
-        }
+        None => None,
     };
     let ctx = Arc::new(ProxyCtx {
         hub: hub.clone(),
@@ -46,34 +67,132 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         connections: Arc::default(),
     });
     tokio::spawn(crate::connections::revalidate_on_change(ctx.connections.clone(), snapshot.clone()));
-    let pods = Arc::new(Pods::new(kernel.capture, ctx.clone()));
+    let pods = Arc::new(Pods::new(kernel.capture, ctx.clone(), &config.state_dir));
 
-    let bind = |addr| async move { TcpListener::bind(addr).await.with_context(|| format!("bind {addr}")) };
-    let listeners = [bind(config.admin_addr).await?, bind(config.metrics_addr).await?, bind(config.ready_addr).await?];
-    let enroll_listener = enroll::bind(&config.enroll_socket)
-        .with_context(|| format!("bind enrollment socket {}", config.enroll_socket.display()))?;
-
+    let (node_listeners, inherited_pods) = match inherited {
+        Some(i) => (i.node, i.pods),
+        None => (bind_node_listeners(&config).await?, Default::default()),
+    };
+    let kept = node_listeners.try_clone().context("duplicate node listeners")?;
     let events = tokio::spawn(crate::flows::drain_kernel_events(kernel.events, hub.clone()));
     let state = Arc::new(AdminState { config: config.clone(), ctx: ctx.clone(), pods: pods.clone() });
-    for l in listeners {
-        tokio::spawn(admin::serve(l, state.clone()));
+    let mut serving = Vec::new();
+    let roles = [admin::Role::Admin, admin::Role::Metrics, admin::Role::Ready];
+    for (fd, role) in [node_listeners.admin, node_listeners.metrics, node_listeners.ready].into_iter().zip(roles) {
+        serving.push(tokio::spawn(admin::serve(tcp_listener(fd)?, state.clone(), role)));
     }
-    tokio::spawn(enroll::serve(enroll_listener, pods.clone()));
-    tokio::spawn(policy.watch(Duration::from_millis(config.policy_poll_ms)));
+    pods.restore(inherited_pods).await;
+    serving.push(tokio::spawn(enroll::serve(unix_listener(node_listeners.enroll)?, pods.clone())));
+    let policy_task = tokio::spawn(policy.watch(Duration::from_millis(config.policy_poll_ms)));
+    let handed_over = serve_successor(&handoff_socket, pods.clone(), kept, serving, events, retire)?;
     tracing::info!(node = %config.node, "ztunnel ready");
 
-    shutdown_signal().await;
-    tracing::info!(drain_secs = config.drain_secs, "shutting down: draining connections");
-    pods.stop_accepting();
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(config.drain_secs);
+    let drain = tokio::select! {
+        _ = shutdown_signal() => {
+            tracing::info!(drain_secs = config.drain_secs, "shutting down: draining connections");
+            pods.stop_accepting();
+            Duration::from_secs(config.drain_secs)
+        }
+        successor = handed_over => {
+            tracing::info!(successor = ?successor.ok(), drain_secs = config.upgrade_drain_secs,
+                "handed over to a new ztunnel: carrying established connections until they end");
+            Duration::from_secs(config.upgrade_drain_secs)
+        }
+    };
+    let deadline = tokio::time::Instant::now() + drain;
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     while ctx.metrics.active_connections() > 0 && tokio::time::Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_millis(50)) => {}
+            // A second SIGTERM during an upgrade drain ends it.
+            _ = term.recv() => break,
+        }
     }
-    tracing::info!(still_active = ctx.metrics.active_connections(), "detaching programs");
-    pods.shutdown();
-    events.abort();
-    let _ = std::fs::remove_file(&config.enroll_socket);
+    policy_task.abort();
+    // Nothing is detached: the pinned programs keep enforcing the last policy until the next
+    // ztunnel adopts them (allowed connections are refused meanwhile, never let through).
+    tracing::info!(still_active = ctx.metrics.active_connections(), "exiting; the kernel keeps enforcing");
     Ok(())
+}
+
+async fn bind_node_listeners(config: &Config) -> anyhow::Result<NodeListeners> {
+    let bind = |addr: std::net::SocketAddr| async move {
+        let l = TcpListener::bind(addr).await.with_context(|| format!("bind {addr}"))?;
+        Ok::<_, anyhow::Error>(OwnedFd::from(l.into_std()?))
+    };
+    let enroll = enroll::bind(&config.enroll_socket)
+        .with_context(|| format!("bind enrollment socket {}", config.enroll_socket.display()))?;
+    Ok(NodeListeners {
+        admin: bind(config.admin_addr).await?,
+        metrics: bind(config.metrics_addr).await?,
+        ready: bind(config.ready_addr).await?,
+        enroll: OwnedFd::from(enroll.into_std()?),
+    })
+}
+
+fn tcp_listener(fd: OwnedFd) -> std::io::Result<TcpListener> {
+    let l = std::net::TcpListener::from(fd);
+    l.set_nonblocking(true)?;
+    TcpListener::from_std(l)
+}
+
+fn unix_listener(fd: OwnedFd) -> std::io::Result<tokio::net::UnixListener> {
+    let l = std::os::unix::net::UnixListener::from(fd);
+    l.set_nonblocking(true)?;
+    tokio::net::UnixListener::from_std(l)
+}
+
+/// Listens for a successor on `socket`; the returned future completes once one took over.
+/// Until then this process serves; after, it has stopped accepting, reading kernel events and
+/// writing the maps, and only carries its established connections.
+fn serve_successor(
+    socket: &std::path::Path,
+    pods: Arc<Pods>,
+    node: NodeListeners,
+    serving: Vec<tokio::task::JoinHandle<()>>,
+    events: tokio::task::JoinHandle<()>,
+    retire: Arc<std::sync::atomic::AtomicBool>,
+) -> anyhow::Result<impl std::future::Future<Output = Result<u32, tokio::sync::oneshot::error::RecvError>>> {
+    let _ = std::fs::remove_file(socket);
+    let listener = tokio::net::UnixListener::bind(socket)
+        .with_context(|| format!("bind hand-over socket {}", socket.display()))?;
+    let (done, handed_over) = tokio::sync::oneshot::channel();
+    tokio::spawn(async move {
+        let mut give = Some((node, serving, events, retire));
+        loop {
+            let stream = match listener.accept().await {
+                Ok((s, _)) => s,
+                Err(e) => {
+                    tracing::warn!(error = %e, "hand-over accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            };
+            let Ok(stream) = stream.into_std().and_then(|s| s.set_nonblocking(false).map(|()| s)) else { continue };
+            let Some((node, serving, events, retire)) = give.take() else { return };
+            let pods = pods.clone();
+            let result = tokio::task::spawn_blocking(move || {
+                handoff::hand_over(stream, move || {
+                    retire.store(true, std::sync::atomic::Ordering::Release);
+                    events.abort();
+                    serving.iter().for_each(tokio::task::JoinHandle::abort);
+                    (node, pods.hand_over())
+                })
+            })
+            .await;
+            match result {
+                Ok(Ok(successor)) => {
+                    let _ = done.send(successor);
+                    return;
+                }
+                Ok(Err(e)) => tracing::error!(error = %e, "hand-over failed"),
+                Err(e) => tracing::error!(error = %e, "hand-over task failed"),
+            }
+            // A failed exchange after `give` ran cannot be undone: the listeners are gone.
+            return;
+        }
+    });
+    Ok(handed_over)
 }
 
 /// Node credential, trust bundle, CA client, certificate manager and HBONE pool.
@@ -93,17 +212,11 @@ fn mesh(config: &Config, ca_addr: std::net::SocketAddr) -> anyhow::Result<crate:
     Ok(crate::proxy::hbone::Mesh { secrets, pool, trust_domain: config.trust_domain.clone() })
 }
 
-/// Every proxied connection holds two sockets (four with HBONE); lift the soft limit on open
-/// files to the hard one.
-fn raise_fd_limit() {
-    let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
-    // SAFETY: plain getrlimit/setrlimit with a valid struct.
-    unsafe {
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 && limit.rlim_cur < limit.rlim_max {
-            limit.rlim_cur = limit.rlim_max;
-            libc::setrlimit(libc::RLIMIT_NOFILE, &limit);
-        }
-    }
+/// Descriptor limit, malloc arenas (see `limits`; `main` applies them once before the runtime
+/// starts, so that its threads share the capped arenas) and the memory trimmer.
+fn process_limits() {
+    crate::limits::init_process();
+    tokio::spawn(crate::limits::trim_memory_after_activity());
 }
 
 async fn shutdown_signal() {

@@ -30,10 +30,21 @@ pub struct Config {
     /// How often the policy files are checked for changes, in milliseconds.
     #[arg(long, env = "PALISADE_POLICY_POLL_MS", default_value_t = 200)]
     pub policy_poll_ms: u64,
-    /// The certificate authority (`palisade ca serve`). Without one, ztunnel has no identities
-    /// and carries traffic between pods in plain TCP.
-    #[arg(long, env = "PALISADE_CA_ADDR")]
+    /// The certificate authority (`palisade ca serve`). Required unless `--insecure-plaintext`.
+    #[arg(long, env = "PALISADE_CA_ADDR", required_unless_present = "insecure_plaintext")]
     pub ca_addr: Option<SocketAddr>,
+    /// Run without a CA: no workload identities, traffic between pods in plain TCP, identity
+    /// taken from addresses. Only for trials; logged loudly at start-up.
+    #[arg(long, env = "PALISADE_INSECURE_PLAINTEXT", conflicts_with = "ca_addr")]
+    pub insecure_plaintext: bool,
+    /// Where maps and links are pinned (bpffs; mounted at /sys/fs/bpf when none is). They
+    /// outlive ztunnel: the kernel keeps enforcing while it restarts.
+    #[arg(long, env = "PALISADE_PIN_DIR", default_value = "/sys/fs/bpf/palisade")]
+    pub pin_dir: PathBuf,
+    /// Enrollments survive restarts here (`pods.json`); the hand-over socket of upgrades
+    /// (`handoff.sock`) lives here too.
+    #[arg(long, env = "PALISADE_STATE_DIR", default_value = "/var/run/palisade/state")]
+    pub state_dir: PathBuf,
     /// Directory with this node's credential for the CA (node.pem, node-key.pem) and the
     /// initial trust bundle (bundle.pem).
     #[arg(long, env = "PALISADE_NODE_CREDENTIAL_DIR", default_value = "/var/run/palisade/node")]
@@ -47,6 +58,10 @@ pub struct Config {
     /// How long a graceful shutdown waits for connections in flight, in seconds.
     #[arg(long, env = "PALISADE_DRAIN_SECS", default_value_t = 5)]
     pub drain_secs: u64,
+    /// After handing its listeners to a newer ztunnel (upgrade), how long this one keeps
+    /// carrying its established connections before it exits, in seconds.
+    #[arg(long, env = "PALISADE_UPGRADE_DRAIN_SECS", default_value_t = 3600)]
+    pub upgrade_drain_secs: u64,
     /// Threads of the proxy runtime.
     #[arg(long, env = "PALISADE_WORKER_THREADS", default_value_t = 2)]
     pub worker_threads: usize,

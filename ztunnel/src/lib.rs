@@ -5,6 +5,8 @@ pub mod connections;
 pub mod datapath;
 pub mod enroll;
 pub mod flows;
+pub mod limits;
+pub mod handoff;
 pub mod metrics;
 pub mod netns;
 pub mod pods;

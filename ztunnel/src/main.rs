@@ -11,6 +11,8 @@ fn main() -> anyhow::Result<()> {
     } else {
         builder.init();
     }
+    // Before any worker thread exists: they then share the capped malloc arenas.
+    palisade_ztunnel::limits::init_process();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(config.worker_threads.max(1))
         .enable_all()

@@ -194,6 +194,7 @@ impl Metrics {
         ] {
             let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {value}");
         }
+        crate::limits::render(&mut out);
         out
     }
 }

@@ -22,6 +22,8 @@ pub struct PolicySource {
     digest: Option<u64>,
     metrics: Arc<Metrics>,
     publish: watch::Sender<Arc<Snapshot>>,
+    /// Recent generations' snapshots, to name kernel events with the policy that decided.
+    generations: Arc<crate::flows::Generations>,
 }
 
 /// Hash of every file's name and content (directories: their YAML files).
@@ -49,7 +51,13 @@ impl PolicySource {
         metrics: Arc<Metrics>,
     ) -> (Self, watch::Receiver<Arc<Snapshot>>) {
         let (publish, rx) = watch::channel(Arc::new(Snapshot::default()));
-        (PolicySource { paths, trust_domain, maps: Some(maps), digest: None, metrics, publish }, rx)
+        let generations = Arc::default();
+        (PolicySource { paths, trust_domain, maps: Some(maps), digest: None, metrics, publish, generations }, rx)
+    }
+
+    /// The snapshots of recent generations, recorded as each is put in force.
+    pub fn generations(&self) -> Arc<crate::flows::Generations> {
+        self.generations.clone()
     }
 
     /// Loads the files and puts the result in force. Errors leave the last good policy.
@@ -80,7 +88,9 @@ impl PolicySource {
         let (snapshot, stats) = result?;
         self.metrics.policy_generation.store(generation.into(), Ordering::Relaxed);
         self.metrics.policy_applied(&stats);
-        self.publish.send_replace(Arc::new(snapshot));
+        let snapshot = Arc::new(snapshot);
+        self.generations.record(generation, snapshot.clone());
+        self.publish.send_replace(snapshot);
         Ok(Some(stats))
     }
 

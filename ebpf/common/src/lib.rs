@@ -22,6 +22,21 @@ pub const PORT_ANY: u16 = 0;
 
 pub const PROTO_TCP: u8 = 6;
 
+/// Pods one ztunnel can capture: the size of the per-pod maps and of its slot table.
+pub const MAX_PODS: u32 = 1_024;
+/// Addresses per pod (IPv4 and IPv6, a few of each); `INBOUND_ADDRS` holds `MAX_PODS` times this.
+pub const MAX_ADDRS_PER_POD: u32 = 4;
+
+/// Layout version of the pinned maps. The maps outlive ztunnel (they are pinned so that the
+/// kernel keeps enforcing while it restarts); a ztunnel adopts only maps of its own layout,
+/// which it finds under a directory named after this number. Bump it with any change to a
+/// map's key, value or size.
+pub const MAPS_LAYOUT: u32 = 2;
+
+/// [`Config::flags`]: the mesh has a CA, so a mesh workload never talks plaintext to an
+/// enrolled pod; a plaintext connection from a workload address is refused.
+pub const CONFIG_REQUIRE_HBONE: u32 = 1;
+
 /// [`PolicyValue::action`]: the rule allows.
 pub const ACTION_ALLOW: u32 = 1;
 /// [`PolicyValue::action`]: the rule denies (beats any allow).
@@ -29,6 +44,8 @@ pub const ACTION_DENY: u32 = 2;
 
 /// [`IdentityValue::flags`]: traffic to this identity that no rule allows is denied.
 pub const IDENTITY_DEFAULT_DENY: u32 = 1;
+/// [`IdentityValue::flags`]: the address is a mesh workload's (not a CIDR block or the world).
+pub const IDENTITY_WORKLOAD: u32 = 2;
 
 /// Rule numbers at or above this value name a default verdict, not a policy rule.
 pub const RULE_DEFAULT_ALLOW: u32 = u32::MAX - 1;
@@ -36,6 +53,13 @@ pub const RULE_DEFAULT_DENY: u32 = u32::MAX;
 /// User space only (the kernel never sees a proven identity): a certificate proved an
 /// identity that is not the workload at the connection's source address.
 pub const RULE_NOT_AT_SOURCE: u32 = u32::MAX - 2;
+/// A mesh workload connected in plaintext where the mesh requires HBONE (its own ztunnel is
+/// down or bypassed): refused whatever the policy says, identity is never taken from an address
+/// of a workload that should have proven it.
+pub const RULE_PLAINTEXT_FROM_MESH: u32 = u32::MAX - 3;
+/// The destination address of an inbound connection is not registered for the enrolled pod it
+/// reached (never "allow" for a missing entry).
+pub const RULE_UNKNOWN_ADDRESS: u32 = u32::MAX - 4;
 
 /// Flow event kinds written to the `EVENTS` ring buffer.
 pub const EVENT_CONNECT_ALLOW: u32 = 1;
@@ -89,7 +113,8 @@ pub struct Config {
     /// Generation of the policy maps that programs must read. Flipped atomically by ztunnel
     /// after a complete new generation has been written, so a reload has no gap.
     pub generation: u32,
-    pub _pad: u32,
+    /// `CONFIG_*` flags.
+    pub flags: u32,
 }
 
 /// LPM key data for `IDENTITIES`: prefix length = 32 (generation) + address prefix bits.
@@ -185,6 +210,10 @@ pub struct FlowEventRaw {
     pub src_identity: u32,
     pub dst_identity: u32,
     pub rule: u32,
+    /// The policy generation whose maps took the verdict: ztunnel names the identities and
+    /// the rule with that generation's snapshot, not with whatever is in force when it reads.
+    pub generation: u32,
+    pub _pad: u32,
     pub netns_cookie: u64,
     pub socket_cookie: u64,
     /// `bpf_ktime_get_ns` at the verdict.
@@ -219,7 +248,9 @@ mod tests {
         assert_eq!(size_of::<PodValue>(), 24);
         assert_eq!(size_of::<OrigDst>(), 40);
         assert_eq!(size_of::<SockKey>(), 16);
-        assert_eq!(size_of::<FlowEventRaw>(), 80);
+        assert_eq!(size_of::<FlowEventRaw>(), 88);
+        assert_eq!(core::mem::offset_of!(FlowEventRaw, generation), 56);
+        assert_eq!(core::mem::offset_of!(FlowEventRaw, netns_cookie), 64);
     }
 
     #[test]

@@ -12,7 +12,6 @@ use palisade_ebpf_common::*;
 /// reload.
 const MAX_WORKLOAD_PREFIXES: u32 = 2 * 65_536;
 const MAX_POLICY_CELLS: u32 = 2 * 524_288;
-const MAX_PODS: u32 = 1_024;
 const MAX_INFLIGHT: u32 = 65_536;
 
 const SOCK_STREAM: u32 = 1;
@@ -26,7 +25,7 @@ static POLICY: HashMap<PolicyKey, PolicyValue> = HashMap::with_max_entries(MAX_P
 #[map]
 static PODS: HashMap<u64, PodValue> = HashMap::with_max_entries(MAX_PODS, 0);
 #[map]
-static INBOUND_ADDRS: HashMap<Addr, u32> = HashMap::with_max_entries(MAX_PODS, 0);
+static INBOUND_ADDRS: HashMap<Addr, u32> = HashMap::with_max_entries(MAX_PODS * MAX_ADDRS_PER_POD, 0);
 #[map]
 static INBOUND_SOCKETS: SockMap = SockMap::with_max_entries(MAX_PODS, 0);
 #[map]
@@ -50,11 +49,18 @@ struct Verdict {
     rule: u32,
     src_identity: u32,
     dst_identity: u32,
+    /// The policy generation read for this verdict (carried in its flow event).
+    generation: u32,
 }
 
 #[inline(always)]
 fn generation() -> u32 {
     CONFIG.get(0).map(|c| c.generation).unwrap_or(0)
+}
+
+#[inline(always)]
+fn config_flags() -> u32 {
+    CONFIG.get(0).map(|c| c.flags).unwrap_or(0)
 }
 
 #[inline(always)]
@@ -90,7 +96,7 @@ fn decide(src: Addr, dst: Addr, port: u16) -> Verdict {
     for (src_identity, port) in probes {
         let (action, rule) = cell(generation, src_identity, d.identity, port);
         if action == ACTION_DENY {
-            return Verdict { action, rule, src_identity: s.identity, dst_identity: d.identity };
+            return Verdict { action, rule, src_identity: s.identity, dst_identity: d.identity, generation };
         }
         if action == ACTION_ALLOW && !allowed {
             allowed = true;
@@ -104,7 +110,7 @@ fn decide(src: Addr, dst: Addr, port: u16) -> Verdict {
     } else {
         (ACTION_ALLOW, RULE_DEFAULT_ALLOW)
     };
-    Verdict { action, rule, src_identity: s.identity, dst_identity: d.identity }
+    Verdict { action, rule, src_identity: s.identity, dst_identity: d.identity, generation }
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -128,6 +134,8 @@ fn emit(
         src_identity: v.src_identity,
         dst_identity: v.dst_identity,
         rule: v.rule,
+        generation: v.generation,
+        _pad: 0,
         netns_cookie,
         socket_cookie,
         ktime_ns: unsafe { bpf_ktime_get_ns() },
@@ -269,11 +277,42 @@ pub fn pl_inbound(ctx: SkLookupContext) -> u32 {
     if src == dst || is_loopback(&src) {
         return sk_action::SK_PASS;
     }
+    let src_port = u16::from_be(ctx_read!(l, remote_port));
+    // This program runs only in the namespaces of enrolled pods, so an address without an
+    // entry is one of the pod's that ztunnel was not told about (or whose entry a conflicting
+    // enrollment would have taken): refuse, never let it bypass the proxy.
     let index = match INBOUND_ADDRS.get_ptr(&dst) {
         Some(i) => unsafe { *i },
-        None => return sk_action::SK_PASS,
+        None => {
+            let v = Verdict {
+                action: ACTION_DENY,
+                rule: RULE_UNKNOWN_ADDRESS,
+                src_identity: 0,
+                dst_identity: 0,
+                generation: generation(),
+            };
+            emit(EVENT_INBOUND_DENY, family, (src, src_port), (dst, port), &v, 0, 0);
+            return sk_action::SK_DROP;
+        }
     };
-    let src_port = u16::from_be(ctx_read!(l, remote_port));
+    // With a CA, mesh workloads reach each other only through HBONE (15008, passed above):
+    // plaintext from a workload's address means its ztunnel is down or bypassed.
+    if config_flags() & CONFIG_REQUIRE_HBONE != 0 {
+        let generation = generation();
+        let s = identity(generation, src);
+        if s.flags & IDENTITY_WORKLOAD != 0 {
+            let dst_identity = identity(generation, dst).identity;
+            let v = Verdict {
+                action: ACTION_DENY,
+                rule: RULE_PLAINTEXT_FROM_MESH,
+                src_identity: s.identity,
+                dst_identity,
+                generation,
+            };
+            emit(EVENT_INBOUND_DENY, family, (src, src_port), (dst, port), &v, 0, 0);
+            return sk_action::SK_DROP;
+        }
+    }
     let verdict = decide(src, dst, port);
     if verdict.action == ACTION_DENY {
         emit(EVENT_INBOUND_DENY, family, (src, src_port), (dst, port), &verdict, 0, 0);

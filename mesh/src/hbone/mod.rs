@@ -8,10 +8,12 @@
 //!
 //! [`pool`] multiplexes streams over pooled connections; [`server`] accepts them.
 pub mod pool;
+pub mod request;
 pub mod server;
 
 use std::future::poll_fn;
 use std::io;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use bytes::{Bytes, BytesMut};
 use h2::{RecvStream, SendStream};
@@ -25,6 +27,21 @@ pub const DEFAULT_MAX_STREAMS: usize = 100;
 pub const STREAM_WINDOW: u32 = 4 << 20;
 pub const CONNECTION_WINDOW: u32 = 16 << 20;
 pub const MAX_FRAME: u32 = 256 << 10;
+/// Largest decoded header list either end accepts (SETTINGS_MAX_HEADER_LIST_SIZE). A CONNECT
+/// head is a few hundred bytes; h2's default (16 MiB) let one request hold that much memory.
+/// A larger request is refused (431 and a stream reset; a header block that keeps growing
+/// past it ends the connection).
+pub const MAX_HEADER_LIST_SIZE: u32 = 16 << 10;
+/// Bytes one stream may queue for sending before it stops asking for capacity: a full frame,
+/// so a stream never waits on its own buffer, while a connection of `DEFAULT_MAX_STREAMS`
+/// streams stays bounded.
+pub const MAX_SEND_BUFFER: usize = MAX_FRAME as usize;
+/// Locally reset streams whose state is kept (further frames on them are ignored); the oldest
+/// is forgotten beyond this. Explicit so that a change of h2's default does not move it.
+pub const MAX_CONCURRENT_RESET_STREAMS: usize = 50;
+/// Streams the peer reset before they were accepted (the "rapid reset" attack): beyond this
+/// the connection ends with ENHANCE_YOUR_CALM.
+pub const MAX_PENDING_ACCEPT_RESET_STREAMS: usize = 20;
 const READ_CHUNK: usize = 64 << 10;
 
 #[derive(Debug, thiserror::Error)]
@@ -49,6 +66,9 @@ pub enum HboneError {
     Config(#[from] crate::tls::TlsError),
     #[error("no certificate yet for {0}")]
     NoCredential(String),
+    /// A peer that stalled: `stage` did not finish within `after`.
+    #[error("{stage} with {endpoint} timed out after {after:?}")]
+    Timeout { stage: &'static str, endpoint: std::net::SocketAddr, after: std::time::Duration },
 }
 
 /// Bytes moved by [`pump`], seen from the TCP side.
@@ -61,31 +81,60 @@ pub struct Pumped {
     pub error: Option<String>,
 }
 
+/// Running byte counts of a [`pump_counted`], updated as bytes move: readable while it runs
+/// and after it was cancelled (a connection cut short still reports what it carried).
+#[derive(Debug, Default)]
+pub struct Progress {
+    /// Read from the TCP stream and handed to the tunnel.
+    pub to_tunnel: AtomicU64,
+    /// Received from the tunnel and written to the TCP stream.
+    pub from_tunnel: AtomicU64,
+}
+
+impl Progress {
+    fn pumped(&self, error: Option<String>) -> Pumped {
+        Pumped {
+            to_tunnel: self.to_tunnel.load(Ordering::Relaxed),
+            from_tunnel: self.from_tunnel.load(Ordering::Relaxed),
+            error,
+        }
+    }
+}
+
 /// Copies between a TCP stream and an HTTP/2 stream until both directions are finished.
 /// EOF on TCP ends the h2 stream (END_STREAM) and vice versa, so half-close crosses the
-/// tunnel; an error on either side resets the other.
+/// tunnel; an error on either side resets the other. The counts include what moved before
+/// an error.
 pub async fn pump<T>(tcp: T, send: SendStream<Bytes>, recv: RecvStream) -> Pumped
 where
     T: AsyncRead + AsyncWrite + Send,
 {
+    pump_counted(tcp, send, recv, &Progress::default()).await
+}
+
+/// [`pump`], counting into `progress` as bytes move, for callers that may cancel it.
+pub async fn pump_counted<T>(tcp: T, send: SendStream<Bytes>, recv: RecvStream, progress: &Progress) -> Pumped
+where
+    T: AsyncRead + AsyncWrite + Send,
+{
     let (rd, wr) = tokio::io::split(tcp);
-    let up = tcp_to_h2(rd, send);
-    let down = h2_to_tcp(recv, wr);
+    let up = tcp_to_h2(rd, send, &progress.to_tunnel);
+    let down = h2_to_tcp(recv, wr, &progress.from_tunnel);
     tokio::pin!(up, down);
-    let (mut to_tunnel, mut from_tunnel) = (None, None);
+    let (mut up_done, mut down_done) = (false, false);
     loop {
         tokio::select! {
-            r = &mut up, if to_tunnel.is_none() => match r {
-                Ok(n) => to_tunnel = Some(n),
-                Err(e) => return Pumped { error: Some(format!("to tunnel: {e}")), ..Default::default() },
+            r = &mut up, if !up_done => match r {
+                Ok(()) => up_done = true,
+                Err(e) => return progress.pumped(Some(format!("to tunnel: {e}"))),
             },
-            r = &mut down, if from_tunnel.is_none() => match r {
-                Ok(n) => from_tunnel = Some(n),
-                Err(e) => return Pumped { error: Some(format!("from tunnel: {e}")), ..Default::default() },
+            r = &mut down, if !down_done => match r {
+                Ok(()) => down_done = true,
+                Err(e) => return progress.pumped(Some(format!("from tunnel: {e}"))),
             },
         }
-        if let (Some(to_tunnel), Some(from_tunnel)) = (to_tunnel, from_tunnel) {
-            return Pumped { to_tunnel, from_tunnel, error: None };
+        if up_done && down_done {
+            return progress.pumped(None);
         }
     }
 }
@@ -94,8 +143,7 @@ fn h2_io(e: h2::Error) -> io::Error {
     io::Error::other(e)
 }
 
-async fn tcp_to_h2<R: AsyncRead + Unpin>(mut rd: R, mut send: SendStream<Bytes>) -> io::Result<u64> {
-    let mut total = 0u64;
+async fn tcp_to_h2<R: AsyncRead + Unpin>(mut rd: R, mut send: SendStream<Bytes>, total: &AtomicU64) -> io::Result<()> {
     let mut buf = BytesMut::with_capacity(READ_CHUNK);
     loop {
         buf.reserve(READ_CHUNK);
@@ -108,9 +156,8 @@ async fn tcp_to_h2<R: AsyncRead + Unpin>(mut rd: R, mut send: SendStream<Bytes>)
         };
         if n == 0 {
             send.send_data(Bytes::new(), true).map_err(h2_io)?;
-            return Ok(total);
+            return Ok(());
         }
-        total += n as u64;
         let mut chunk = buf.split().freeze();
         while !chunk.is_empty() {
             send.reserve_capacity(chunk.len());
@@ -122,22 +169,23 @@ async fn tcp_to_h2<R: AsyncRead + Unpin>(mut rd: R, mut send: SendStream<Bytes>)
                 n => n,
             };
             let part = chunk.split_to(granted.min(chunk.len()));
+            let len = part.len() as u64;
             send.send_data(part, false).map_err(h2_io)?;
+            total.fetch_add(len, Ordering::Relaxed);
         }
     }
 }
 
-async fn h2_to_tcp<W: AsyncWrite + Unpin>(mut recv: RecvStream, mut wr: W) -> io::Result<u64> {
-    let mut total = 0u64;
+async fn h2_to_tcp<W: AsyncWrite + Unpin>(mut recv: RecvStream, mut wr: W, total: &AtomicU64) -> io::Result<()> {
     while let Some(chunk) = recv.data().await {
         let chunk = chunk.map_err(h2_io)?;
         let n = chunk.len();
         wr.write_all(&chunk).await?;
-        total += n as u64;
+        total.fetch_add(n as u64, Ordering::Relaxed);
         let _ = recv.flow_control().release_capacity(n);
     }
     wr.shutdown().await?;
-    Ok(total)
+    Ok(())
 }
 
 /// A W3C trace context header value with fresh random ids.

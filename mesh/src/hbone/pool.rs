@@ -26,12 +26,23 @@ use super::{CONNECTION_WINDOW, DEFAULT_MAX_STREAMS, HboneError, MAX_FRAME, STREA
 use crate::identity::SpiffeId;
 use crate::tls::{CredentialSlot, TrustBundle, client_config, no_sni, not_after};
 
+/// Bound on getting a connection for a stream: waiting for another stream's opening of the
+/// key, then the dial, TLS and HTTP/2 handshakes. Opening is serialized per key, so without
+/// it one stalled peer would hold every stream to it (and the task that opens) forever.
+pub const OPEN_TIMEOUT: Duration = Duration::from_secs(5);
+/// Bound on the peer's answer to a CONNECT (it answers once its upstream connect is done).
+pub const RESPONSE_TIMEOUT: Duration = Duration::from_secs(10);
+
 #[derive(Clone, Debug)]
 pub struct PoolConfig {
     pub max_streams: usize,
     pub idle_timeout: Duration,
     /// PING a connection that has been idle this long; no answer within the same time kills it.
     pub keepalive: Duration,
+    /// See [`OPEN_TIMEOUT`].
+    pub open_timeout: Duration,
+    /// See [`RESPONSE_TIMEOUT`].
+    pub response_timeout: Duration,
 }
 
 impl Default for PoolConfig {
@@ -40,6 +51,8 @@ impl Default for PoolConfig {
             max_streams: DEFAULT_MAX_STREAMS,
             idle_timeout: Duration::from_secs(60),
             keepalive: Duration::from_secs(10),
+            open_timeout: OPEN_TIMEOUT,
+            response_timeout: RESPONSE_TIMEOUT,
         }
     }
 }
@@ -178,34 +191,53 @@ impl Pool {
         F: Future<Output = std::io::Result<TcpStream>>,
     {
         let current = credential.get().map(|c| c.certified);
+        let endpoint = key.endpoint;
         let slot = match self.acquire(&key, current.as_ref()) {
             (Some(slot), _) => slot,
             (None, opening) => {
-                let _guard = opening.lock().await;
-                // Someone may have opened a connection while we waited.
-                match self.acquire(&key, current.as_ref()).0 {
-                    Some(slot) => slot,
-                    None => {
-                        let conn = self.open(&key, credential, bundle, dial).await?;
-                        conn.active.store(1, Ordering::Release);
-                        let mut entries = self.entries.lock().expect("pool lock");
-                        entries.entry(key.clone()).or_default().conns.push(conn.clone());
-                        StreamSlot(conn)
+                let open = async {
+                    let _guard = opening.lock().await;
+                    // Someone may have opened a connection while we waited.
+                    match self.acquire(&key, current.as_ref()).0 {
+                        Some(slot) => Ok(slot),
+                        None => {
+                            let conn = self.open(&key, credential, bundle, dial).await?;
+                            conn.active.store(1, Ordering::Release);
+                            let mut entries = self.entries.lock().expect("pool lock");
+                            entries.entry(key.clone()).or_default().conns.push(conn.clone());
+                            Ok::<_, HboneError>(StreamSlot(conn))
+                        }
                     }
-                }
+                };
+                let after = self.config.open_timeout;
+                tokio::time::timeout(after, open).await.map_err(|_| HboneError::Timeout {
+                    stage: "opening an HBONE connection",
+                    endpoint,
+                    after,
+                })??
             }
         };
-        let mut sender =
-            slot.0.sender.clone().ready().await.inspect_err(|_| slot.0.dead.store(true, Ordering::Release))?;
-        let req = http::Request::builder()
-            .method(http::Method::CONNECT)
-            .uri(request.authority.to_string())
-            .header("forwarded", format!("for=\"{}\"", request.forwarded_for))
-            .header("traceparent", super::new_traceparent())
-            .body(())
-            .expect("static request parts");
-        let (response, send) = sender.send_request(req, false)?;
-        let response = response.await?;
+        let after = self.config.response_timeout;
+        let answered = tokio::time::timeout(after, async {
+            let mut sender =
+                slot.0.sender.clone().ready().await.inspect_err(|_| slot.0.dead.store(true, Ordering::Release))?;
+            let req = http::Request::builder()
+                .method(http::Method::CONNECT)
+                .uri(request.authority.to_string())
+                .header("forwarded", format!("for=\"{}\"", request.forwarded_for))
+                .header("traceparent", super::new_traceparent())
+                .body(())
+                .expect("static request parts");
+            let (response, send) = sender.send_request(req, false)?;
+            Ok::<_, HboneError>((response.await?, send))
+        });
+        // A stream that timed out is reset when its handles drop; the connection stays pooled
+        // (its PING keepalive judges whether the peer as a whole still answers).
+        let (response, send) = answered.await.map_err(|_| HboneError::Timeout {
+            stage: "waiting for the CONNECT response",
+            endpoint,
+            after,
+        })??;
         if response.status() != http::StatusCode::OK {
             return Err(HboneError::Status { status: response.status(), authority: request.authority.to_string() });
         }
@@ -241,6 +273,10 @@ impl Pool {
             .initial_connection_window_size(CONNECTION_WINDOW)
             .max_frame_size(MAX_FRAME)
             .max_concurrent_streams(self.config.max_streams as u32)
+            .max_header_list_size(super::MAX_HEADER_LIST_SIZE)
+            .max_send_buffer_size(super::MAX_SEND_BUFFER)
+            .max_concurrent_reset_streams(super::MAX_CONCURRENT_RESET_STREAMS)
+            .max_pending_accept_reset_streams(super::MAX_PENDING_ACCEPT_RESET_STREAMS)
             .handshake::<_, Bytes>(tls)
             .await?;
         let dead = Arc::new(AtomicBool::new(false));

@@ -3,6 +3,7 @@
 //! that authorizes it, connects upstream, and answers.
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -11,12 +12,28 @@ use h2::{RecvStream, SendStream};
 use http::StatusCode;
 use tokio::net::TcpStream;
 
-use super::{CONNECTION_WINDOW, DEFAULT_MAX_STREAMS, MAX_FRAME, STREAM_WINDOW};
+use super::request::parse_connect;
+use super::{
+    CONNECTION_WINDOW, DEFAULT_MAX_STREAMS, MAX_CONCURRENT_RESET_STREAMS, MAX_FRAME, MAX_HEADER_LIST_SIZE,
+    MAX_PENDING_ACCEPT_RESET_STREAMS, MAX_SEND_BUFFER, STREAM_WINDOW,
+};
 use crate::identity::SpiffeId;
 use crate::tls::peer_identity;
 
-/// Bound on the TLS and HTTP/2 handshakes of an inbound connection.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Bound on the TLS handshake of an inbound connection: a client that sends nothing holds a
+/// descriptor, a task and a handshake slot until then. A real client needs one round trip.
+pub const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+/// Bound on the HTTP/2 connection preface that follows TLS.
+pub const H2_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Inbound handshakes that failed or timed out, process-wide (logged at debug only: a flood of
+/// garbage must not become a flood of log lines).
+static HANDSHAKE_FAILURES: AtomicU64 = AtomicU64::new(0);
+
+/// Inbound HBONE handshakes that failed or timed out since start.
+pub fn handshake_failures_total() -> u64 {
+    HANDSHAKE_FAILURES.load(Ordering::Relaxed)
+}
 
 /// One CONNECT stream, before it is answered.
 pub struct InboundStream {
@@ -54,8 +71,25 @@ pub async fn serve_connection<H, F>(
     tcp: TcpStream,
     tls: Arc<rustls::ServerConfig>,
     handler: Arc<H>,
+    shutdown: tokio::sync::watch::Receiver<bool>,
+) where
+    H: Fn(InboundStream) -> F + Send + Sync + 'static,
+    F: std::future::Future<Output = ()> + Send + 'static,
+{
+    serve_connection_admitted(tcp, (), tls, handler, shutdown).await
+}
+
+/// [`serve_connection`] for a connection admitted by a handshake limit: `permit` (e.g. a
+/// [`crate::accept::HandshakePermit`]) is held while the handshakes run and released as soon
+/// as they end, whatever their outcome.
+pub async fn serve_connection_admitted<P, H, F>(
+    tcp: TcpStream,
+    permit: P,
+    tls: Arc<rustls::ServerConfig>,
+    handler: Arc<H>,
     mut shutdown: tokio::sync::watch::Receiver<bool>,
 ) where
+    P: Send,
     H: Fn(InboundStream) -> F + Send + Sync + 'static,
     F: std::future::Future<Output = ()> + Send + 'static,
 {
@@ -65,26 +99,34 @@ pub async fn serve_connection<H, F>(
     };
     let _ = tcp.set_nodelay(true);
     let handshake = async {
-        let tls_stream = tokio_rustls::TlsAcceptor::from(tls).accept(tcp).await.map_err(|e| e.to_string())?;
+        let tls_stream = tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, tokio_rustls::TlsAcceptor::from(tls).accept(tcp))
+            .await
+            .map_err(|_| format!("TLS handshake timed out after {TLS_HANDSHAKE_TIMEOUT:?}"))?
+            .map_err(|e| format!("TLS: {e}"))?;
         let peer = peer_identity(tls_stream.get_ref().1).ok_or("client presented no SPIFFE identity")?;
-        let conn = h2::server::Builder::new()
+        let h2 = h2::server::Builder::new()
             .initial_window_size(STREAM_WINDOW)
             .initial_connection_window_size(CONNECTION_WINDOW)
             .max_frame_size(MAX_FRAME)
             .max_concurrent_streams(DEFAULT_MAX_STREAMS as u32)
-            .handshake::<_, Bytes>(tls_stream)
+            .max_header_list_size(MAX_HEADER_LIST_SIZE)
+            .max_send_buffer_size(MAX_SEND_BUFFER)
+            .max_concurrent_reset_streams(MAX_CONCURRENT_RESET_STREAMS)
+            .max_pending_accept_reset_streams(MAX_PENDING_ACCEPT_RESET_STREAMS)
+            .handshake::<_, Bytes>(tls_stream);
+        let conn = tokio::time::timeout(H2_HANDSHAKE_TIMEOUT, h2)
             .await
-            .map_err(|e| e.to_string())?;
+            .map_err(|_| format!("HTTP/2 handshake timed out after {H2_HANDSHAKE_TIMEOUT:?}"))?
+            .map_err(|e| format!("HTTP/2: {e}"))?;
         Ok::<_, String>((peer, conn))
     };
-    let (peer, mut conn) = match tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake).await {
-        Ok(Ok(v)) => v,
-        Ok(Err(e)) => {
-            tracing::info!(%peer_addr, error = %e, "HBONE handshake refused");
-            return;
-        }
-        Err(_) => {
-            tracing::info!(%peer_addr, "HBONE handshake timed out");
+    let handshaken = handshake.await;
+    drop(permit);
+    let (peer, mut conn) = match handshaken {
+        Ok(v) => v,
+        Err(e) => {
+            HANDSHAKE_FAILURES.fetch_add(1, Ordering::Relaxed);
+            tracing::debug!(%peer_addr, error = %e, "HBONE handshake failed");
             return;
         }
     };
@@ -120,23 +162,13 @@ fn inbound_stream(
     request: http::Request<RecvStream>,
     respond: SendResponse<Bytes>,
 ) -> InboundStream {
-    let header = |name: &str| request.headers().get(name).and_then(|v| v.to_str().ok()).map(str::to_string);
-    let authority = if request.method() != http::Method::CONNECT {
-        Err(format!("method {} is not CONNECT", request.method()))
-    } else {
-        request
-            .uri()
-            .authority()
-            .ok_or_else(|| "missing :authority".to_string())
-            .and_then(|a| a.as_str().parse::<SocketAddr>().map_err(|_| format!(":authority {a} is not ip:port")))
-    };
-    let (forwarded_for, traceparent) = (header("forwarded"), header("traceparent"));
+    let head = parse_connect(request.method(), request.uri(), request.headers());
     InboundStream {
         peer: peer.clone(),
         peer_addr,
-        authority,
-        forwarded_for,
-        traceparent,
+        authority: head.authority,
+        forwarded_for: head.forwarded,
+        traceparent: head.traceparent,
         respond,
         recv: request.into_body(),
     }

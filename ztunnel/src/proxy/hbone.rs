@@ -9,7 +9,9 @@ use std::time::Instant;
 
 use http::StatusCode;
 use palisade_mesh::hbone::pool::{ConnectRequest, Pool, PoolKey};
-use palisade_mesh::hbone::server::{InboundStream, serve_connection};
+use palisade_mesh::hbone::request::forwarded_for;
+use palisade_mesh::accept::Acceptor;
+use palisade_mesh::hbone::server::{InboundStream, serve_connection_admitted};
 use palisade_mesh::hbone::{ALPN, PORT, pump};
 use palisade_mesh::identity::SpiffeId;
 use palisade_mesh::secrets::SecretManager;
@@ -20,6 +22,7 @@ use tokio::sync::watch;
 
 use super::{Decided, Finished, PodNet, ProxyCtx, connect_from, record, socket_reset};
 use crate::flows::{Transport, Verdict};
+use crate::limits;
 use crate::metrics::Direction;
 
 /// Identity and tunnelling, present when ztunnel has a CA.
@@ -119,27 +122,31 @@ pub async fn serve_inbound(
         Arc::new(move |stream: InboundStream| handle(ctx.clone(), pod.clone(), stream))
     };
     let mut stop = shutdown.clone();
+    let mut acceptor = Acceptor::new(format!("hbone {}", pod.name), listener);
     loop {
         tokio::select! {
-            accepted = listener.accept() => {
-                let Ok((tcp, _)) = accepted else { continue };
+            (tcp, peer) = acceptor.accept() => {
+                // Over a bound, close at once (a reset: no TIME_WAIT is kept for a flood), so
+                // that the accept queue keeps moving for legitimate clients.
+                let Ok(permit) = limits::hbone_handshakes().try_admit(peer.ip()) else {
+                    let _ = socket_reset(&tcp);
+                    continue;
+                };
+                // The tunnel's socket and the first stream's upstream socket.
+                if !limits::fds().admit(2) {
+                    let _ = socket_reset(&tcp);
+                    continue;
+                }
                 if bundles.has_changed().unwrap_or(false)
                     && let Ok(t) = make_tls(&bundles.borrow_and_update())
                 {
                     tls = t;
                 }
-                tokio::spawn(serve_connection(tcp, tls.clone(), handler.clone(), shutdown.clone()));
+                tokio::spawn(serve_connection_admitted(tcp, permit, tls.clone(), handler.clone(), shutdown.clone()));
             }
             _ = stop.changed() => return,
         }
     }
-}
-
-/// `for="ip:port"` of a `forwarded` header.
-fn forwarded_for(header: &Option<String>) -> Option<SocketAddr> {
-    let v = header.as_deref()?;
-    let start = v.find("for=")? + 4;
-    v[start..].split([';', ',']).next()?.trim_matches('"').parse().ok()
 }
 
 async fn handle(ctx: Arc<ProxyCtx>, pod: Arc<PodNet>, stream: InboundStream) {
@@ -159,8 +166,9 @@ async fn handle(ctx: Arc<ProxyCtx>, pod: Arc<PodNet>, stream: InboundStream) {
     };
     // The tunnel comes from the source pod's own address (ztunnel dials from inside the pod),
     // so `forwarded` may only add the client's port; an address that disagrees is ignored.
-    let src =
-        forwarded_for(&stream.forwarded_for).filter(|f| f.ip() == stream.peer_addr.ip()).unwrap_or(stream.peer_addr);
+    let src = forwarded_for(stream.forwarded_for.as_deref())
+        .filter(|f| f.ip() == stream.peer_addr.ip())
+        .unwrap_or(stream.peer_addr);
     let snapshot = ctx.snapshot.borrow().clone();
     let proven = (stream.peer.namespace.clone(), stream.peer.service_account.clone());
     let decision = snapshot.authorize(stream.peer_addr.ip(), Some((&proven.0, &proven.1)), dst.ip(), dst.port());

@@ -9,26 +9,27 @@
 use std::sync::Arc;
 use std::time::Instant;
 
+use palisade_mesh::accept::Acceptor;
 use palisade_policy::Action;
 use tokio::net::TcpListener;
 
 use super::{Decided, Finished, PodNet, ProxyCtx, carry, record, socket_reset};
 use crate::flows::{Transport, Verdict};
+use crate::limits;
 use crate::metrics::Direction;
 
 pub async fn serve(listener: TcpListener, pod: Arc<PodNet>, ctx: Arc<ProxyCtx>) {
+    let mut acceptor = Acceptor::new(format!("inbound {}", pod.name), listener);
     loop {
-        let (client, peer) = match listener.accept().await {
-            Ok(c) => c,
-            Err(e) => {
-                tracing::warn!(pod = %pod.name, error = %e, "inbound accept failed");
-                tokio::time::sleep(std::time::Duration::from_millis(10)).await;
-                continue;
-            }
-        };
+        let (client, peer) = acceptor.accept().await;
+        // The client's socket and the upstream one inside the pod.
+        if !limits::fds().admit(2) {
+            let _ = socket_reset(&client);
+            continue;
+        }
         let Ok(dst) = client.local_addr() else { continue };
         let snapshot = ctx.snapshot.borrow().clone();
-        let d = snapshot.authorize(peer.ip(), None, dst.ip(), dst.port());
+        let d = snapshot.authorize_plaintext(peer.ip(), dst.ip(), dst.port(), ctx.mesh.is_some());
         let v = d.verdict;
         let policy = snapshot.describe_rule(v.rule, v.dst_identity);
         if v.action == Action::Deny {

@@ -3,23 +3,24 @@
 //! `ORIG_DST` map, keyed by the pod's netns cookie and the client's port.
 use std::sync::Arc;
 
+use palisade_mesh::accept::Acceptor;
 use tokio::net::TcpListener;
 
 use super::hbone::{self, workload_identity};
-use super::{Decided, PodNet, ProxyCtx, carry};
+use super::{Decided, PodNet, ProxyCtx, carry, socket_reset};
 use crate::datapath::orig_dst_addr;
+use crate::limits;
 use crate::metrics::Direction;
 
 pub async fn serve(listener: TcpListener, pod: Arc<PodNet>, ctx: Arc<ProxyCtx>) {
+    let mut acceptor = Acceptor::new(format!("outbound {}", pod.name), listener);
     loop {
-        let (client, peer) = match listener.accept().await {
-            Ok(c) => c,
-            Err(e) => {
-                tracing::warn!(pod = %pod.name, error = %e, "outbound accept failed");
-                tokio::time::sleep(std::time::Duration::from_millis(10)).await;
-                continue;
-            }
-        };
+        let (client, peer) = acceptor.accept().await;
+        // The client's socket and the upstream one (or a share of a pooled HBONE connection).
+        if !limits::fds().admit(2) {
+            let _ = socket_reset(&client);
+            continue;
+        }
         let Some(orig) = ctx.orig_dst.get(pod.netns.cookie(), peer.port()) else {
             // Not captured by our programs (someone dialled 15001 directly): refuse.
             ctx.metrics.missing_orig_dst();
