@@ -30,6 +30,8 @@ pub enum TlsError {
     Pem { what: &'static str, detail: String },
     #[error("certificate has no valid SPIFFE URI SAN: {0}")]
     NoSpiffeId(String),
+    #[error("peer identity mismatch: expected {expected}, got {got}")]
+    PeerMismatch { expected: Box<SpiffeId>, got: Box<SpiffeId> },
     #[error("TLS configuration: {0}")]
     Config(#[from] rustls::Error),
 }
@@ -269,7 +271,10 @@ impl ServerCertVerifier for SpiffeServerVerifier {
         if let Some(expected) = &self.expected
             && *expected != id
         {
-            return Err(reject(format!("server is {id}, expected {expected}")));
+            let mismatch = TlsError::PeerMismatch { expected: Box::new(expected.clone()), got: Box::new(id) };
+            return Err(rustls::Error::InvalidCertificate(CertificateError::Other(rustls::OtherError(Arc::new(
+                mismatch,
+            )))));
         }
         Ok(ServerCertVerified::assertion())
     }

@@ -199,7 +199,10 @@ impl FlowHub {
         let mut rule = s.describe_rule(raw.rule, raw.dst_identity);
         if let Some(current) = fallback {
             tracing::debug!(generation = raw.generation, "kernel event of a generation no longer known");
-            rule.push_str(&format!(" (decided by policy generation {}, named with generation {current})", raw.generation));
+            rule.push_str(&format!(
+                " (decided by policy generation {}, named with generation {current})",
+                raw.generation
+            ));
         }
         (src, dst, rule)
     }

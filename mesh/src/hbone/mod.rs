@@ -71,6 +71,23 @@ pub enum HboneError {
     Timeout { stage: &'static str, endpoint: std::net::SocketAddr, after: std::time::Duration },
 }
 
+impl HboneError {
+    /// `(expected, got)` when the TLS handshake failed because the server proved another
+    /// identity than the one required: the caller must not report the expected one as proven.
+    pub fn identity_mismatch(&self) -> Option<(&crate::identity::SpiffeId, &crate::identity::SpiffeId)> {
+        let HboneError::Tls { source, .. } = self else { return None };
+        let rustls::Error::InvalidCertificate(rustls::CertificateError::Other(other)) =
+            source.get_ref()?.downcast_ref::<rustls::Error>()?
+        else {
+            return None;
+        };
+        match other.0.downcast_ref::<crate::tls::TlsError>()? {
+            crate::tls::TlsError::PeerMismatch { expected, got } => Some((expected, got)),
+            _ => None,
+        }
+    }
+}
+
 /// Bytes moved by [`pump`], seen from the TCP side.
 #[derive(Debug, Default, Clone)]
 pub struct Pumped {

@@ -8,11 +8,11 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use http::StatusCode;
+use palisade_mesh::accept::Acceptor;
 use palisade_mesh::hbone::pool::{ConnectRequest, Pool, PoolKey};
 use palisade_mesh::hbone::request::forwarded_for;
-use palisade_mesh::accept::Acceptor;
 use palisade_mesh::hbone::server::{InboundStream, serve_connection_admitted};
-use palisade_mesh::hbone::{ALPN, PORT, pump};
+use palisade_mesh::hbone::{ALPN, HboneError, PORT, Progress, pump, pump_counted};
 use palisade_mesh::identity::SpiffeId;
 use palisade_mesh::secrets::SecretManager;
 use palisade_mesh::tls::server_config;
@@ -71,7 +71,8 @@ pub(super) async fn outbound(
         dst_identity: short(&dst_id),
         policy,
         transport: Transport::Hbone,
-        peer: Some(dst_id.to_string()),
+        // Set only once the destination has proven `dst_id` (the pool requires it).
+        peer: None,
         sent: 0,
         received: 0,
         started,
@@ -80,6 +81,7 @@ pub(super) async fn outbound(
     };
     match mesh.pool.connect(key, credential.clone(), &bundle, || connect_from(pod, endpoint), request).await {
         Ok(tunnel) => {
+            finished.peer = Some(dst_id.to_string());
             let pumped = pump(client, tunnel.send, tunnel.recv).await;
             drop(tunnel.slot);
             finished.sent = pumped.to_tunnel;
@@ -89,11 +91,28 @@ pub(super) async fn outbound(
         Err(e) => {
             ctx.metrics.proxy_error(Direction::Outbound);
             let _ = socket_reset(&client);
-            if let palisade_mesh::hbone::HboneError::Status { status: StatusCode::UNAUTHORIZED, .. } = e {
-                finished.verdict = Verdict::Deny;
-                finished.policy = "denied by the destination's authorization".into();
+            match &e {
+                // The handshake completed, so the destination proved `dst_id`, then refused.
+                HboneError::Status { status, .. } => {
+                    finished.peer = Some(dst_id.to_string());
+                    if *status == StatusCode::UNAUTHORIZED {
+                        finished.verdict = Verdict::Deny;
+                        finished.policy = "denied by the destination's authorization".into();
+                    }
+                }
+                HboneError::H2(_) => finished.peer = Some(dst_id.to_string()),
+                _ => {}
             }
-            finished.error = Some(e.to_string());
+            finished.error = Some(match e.identity_mismatch() {
+                // Another workload (or an impostor with a certificate of the mesh) answered at
+                // the destination's address: refused, and the event says who it was.
+                Some((expected, got)) => {
+                    finished.verdict = Verdict::Deny;
+                    finished.policy = "refused: the destination did not prove its identity".into();
+                    format!("peer identity mismatch: expected {expected}, got {got}")
+                }
+                None => e.to_string(),
+            });
         }
     }
     ctx.metrics.connection_closed(Direction::Outbound, finished.sent, finished.received);
@@ -207,15 +226,16 @@ async fn handle(ctx: Arc<ProxyCtx>, pod: Arc<PodNet>, stream: InboundStream) {
         }
         Ok(upstream) => match stream.accept() {
             Ok((send, recv)) => {
+                // Counted as bytes move, so a connection closed by a policy change reports
+                // what it carried until then.
+                let progress = Progress::default();
                 tokio::select! {
-                    pumped = pump(upstream, send, recv) => {
-                        // Seen from the client: what it sent arrived from the tunnel.
-                        finished.sent = pumped.from_tunnel;
-                        finished.received = pumped.to_tunnel;
-                        finished.error = pumped.error;
-                    }
+                    pumped = pump_counted(upstream, send, recv, &progress) => finished.error = pumped.error,
                     reason = registration.until_closed() => finished.error = Some(reason),
                 }
+                // Seen from the client: what it sent arrived from the tunnel.
+                finished.sent = progress.from_tunnel.load(std::sync::atomic::Ordering::Relaxed);
+                finished.received = progress.to_tunnel.load(std::sync::atomic::Ordering::Relaxed);
             }
             Err(e) => finished.error = Some(format!("answer CONNECT: {e}")),
         },

@@ -8,10 +8,15 @@ pub mod hbone;
 pub mod inbound;
 pub mod outbound;
 
+use std::io::IoSlice;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 
 use crate::datapath::OrigDstTable;
@@ -92,26 +97,37 @@ async fn carry(
             if direction == Direction::Outbound {
                 src = upstream.local_addr().unwrap_or(src);
             }
-            let copy = tokio::io::copy_bidirectional_with_sizes(&mut client, &mut upstream, COPY_BUFFER, COPY_BUFFER);
+            // Counted as written, so that a copy cut short by an error or a policy change
+            // still reports what crossed (seen from the client: sent went upstream).
+            let (sent, received) = (AtomicU64::new(0), AtomicU64::new(0));
+            let mut client_side = CountWrites { io: &mut client, written: &received };
+            let mut upstream_side = CountWrites { io: &mut upstream, written: &sent };
+            let copy = tokio::io::copy_bidirectional_with_sizes(
+                &mut client_side,
+                &mut upstream_side,
+                COPY_BUFFER,
+                COPY_BUFFER,
+            );
             let closed = async {
                 match registration.as_mut() {
                     Some(r) => r.until_closed().await,
                     None => std::future::pending().await,
                 }
             };
-            tokio::select! {
+            let error = tokio::select! {
                 copied = copy => match copied {
-                    Ok((sent, received)) => (sent, received, None),
+                    Ok(_) => None,
                     Err(e) => {
                         ctx.metrics.proxy_error(direction);
-                        (0, 0, Some(format!("copy: {e}")))
+                        Some(format!("copy: {e}"))
                     }
                 },
                 reason = closed => {
                     let _ = socket_reset(&client);
-                    (0, 0, Some(reason))
+                    Some(reason)
                 }
-            }
+            };
+            (sent.into_inner(), received.into_inner(), error)
         }
     };
     ctx.metrics.connection_closed(direction, sent, received);
@@ -136,6 +152,54 @@ async fn carry(
             audit: decided.audit,
         },
     );
+}
+
+/// One side of a copy, counting the bytes written to it as they are written.
+struct CountWrites<'a, T> {
+    io: T,
+    written: &'a AtomicU64,
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for CountWrites<'_, T> {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_read(cx, buf)
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for CountWrites<'_, T> {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
+        let this = self.get_mut();
+        let polled = Pin::new(&mut this.io).poll_write(cx, buf);
+        if let Poll::Ready(Ok(n)) = polled {
+            this.written.fetch_add(n as u64, Ordering::Relaxed);
+        }
+        polled
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        let this = self.get_mut();
+        let polled = Pin::new(&mut this.io).poll_write_vectored(cx, bufs);
+        if let Poll::Ready(Ok(n)) = polled {
+            this.written.fetch_add(n as u64, Ordering::Relaxed);
+        }
+        polled
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
+    }
 }
 
 /// A proxied connection that ended (or was refused), for its flow event.
@@ -175,6 +239,7 @@ fn record(ctx: &ProxyCtx, f: Finished) {
         transport: Some(f.transport),
         peer_spiffe_id: f.peer,
         audit: f.audit,
+        policy_generation: None,
     });
 }
 
