@@ -2,6 +2,7 @@
 //! test suite. The product's logic lives in the crates it drives.
 mod bench;
 mod demo;
+mod fuzz;
 mod sandbox;
 mod setup;
 mod test;
@@ -36,6 +37,15 @@ enum Command {
         /// A short run for comparisons during development.
         #[arg(long)]
         quick: bool,
+    },
+    /// Fuzz the parsers and the policy compiler with cargo-fuzz (nightly; installs cargo-fuzz
+    /// when missing). Fails when a target finds a crash, a timeout or an out-of-memory input.
+    Fuzz {
+        /// Seconds per target.
+        #[arg(long, default_value_t = 60)]
+        secs: u64,
+        /// One target (policy_load, policy_compile, enroll_request, hbone_connect); all by default.
+        target: Option<String>,
     },
     /// The whole suite: formatting, clippy, unit and end-to-end tests.
     Test {
@@ -74,6 +84,7 @@ fn main() -> anyhow::Result<()> {
         Command::Sandbox { command } => sandbox::run(command),
         Command::Demo => demo::run(),
         Command::Bench { quick } => bench::run(quick),
+        Command::Fuzz { secs, target } => fuzz::run(secs, target),
         Command::Test { args } => test::run(&args),
     }
 }
