@@ -36,9 +36,13 @@ pub fn node_of_uri<'a>(uri: &'a str, trust_domain: &str) -> Option<&'a str> {
     uri.strip_prefix("spiffe://")?.strip_prefix(trust_domain)?.strip_prefix("/node/").filter(|n| !n.contains('/'))
 }
 
+/// The control plane's own namespace: its identities (the CA's among them) are never issued
+/// to a node, whatever the workload inventory says.
+pub const CONTROL_PLANE_NAMESPACE: &str = "palisade-system";
+
 /// The identity the CA's own endpoint presents.
 pub fn ca_identity(trust_domain: &str) -> SpiffeId {
-    SpiffeId::new(trust_domain, "palisade-system", "palisade-ca")
+    SpiffeId::new(trust_domain, CONTROL_PLANE_NAMESPACE, "palisade-ca")
 }
 
 /// A fresh ECDSA P-256 key pair and a CSR for it, both PEM. Keys are made where they are used

@@ -1,57 +1,86 @@
 //! The CA's endpoint (see `palisade_mesh::ca_api`): HTTP/1.1 over mutual TLS. Callers prove
 //! their node with a node credential; a node gets certificates only for identities of
-//! workloads scheduled on it (the `Workload` resources' `spec.node`). Refusals are logged with
-//! the node that asked.
+//! workloads scheduled on it (the `Workload` resources' `spec.node`), never for the control
+//! plane's own (`palisade-system`, which holds the CA's serving identity). Refusals are
+//! logged with the node that asked.
+//!
+//! The endpoint must outlive hostile or broken peers: accept errors (descriptors exhausted)
+//! are waited out, never fatal; each connection must finish its TLS handshake within
+//! [`HANDSHAKE_TIMEOUT`] and its request within [`CONNECTION_DEADLINE`]; connections beyond
+//! [`MAX_CONNECTIONS`] (or [`MAX_CONNECTIONS_PER_SOURCE`] from one address) are accepted and
+//! closed at once, so a flood neither grows without bound nor leaves legitimate clients
+//! waiting in the kernel's accept queue. Files (inventory, roots) are read outside the CA's
+//! lock, by a refresh task, and the last good inventory is kept when the files go bad.
+use std::collections::HashMap;
 use std::convert::Infallible;
+use std::net::IpAddr;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
 use hyper::{Request, Response, StatusCode};
-use palisade_mesh::ca_api::{SignRequest, SignResponse, ca_identity, new_key_and_csr, node_of_uri};
+use palisade_mesh::accept::Acceptor;
+use palisade_mesh::ca_api::{
+    CONTROL_PLANE_NAMESPACE, SignRequest, SignResponse, ca_identity, new_key_and_csr, node_of_uri,
+};
 use palisade_mesh::identity::SpiffeId;
 use palisade_mesh::tls::{Clients, Credential, CredentialSlot, TrustBundle, server_config_for, spiffe_uri_of};
 use tokio::net::TcpListener;
 
 use crate::ca::CertificateAuthority;
-use crate::resource::Resource;
+
+pub mod inventory;
+
+use inventory::{Inventory, REFRESH_EVERY};
 
 /// Lifetime of the CA endpoint's own certificate; re-issued on restart.
 const SERVING_TTL: Duration = Duration::from_secs(30 * 24 * 3600);
 const MAX_BODY: usize = 64 << 10;
+/// A client must complete its TLS handshake within this.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// A client must send its request head within this once TLS is up.
+pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+/// Longest life of a connection after its handshake (one request, a slow body included).
+pub const CONNECTION_DEADLINE: Duration = Duration::from_secs(30);
+/// Largest request head buffered (hyper's minimum is 8 KiB).
+const MAX_HEAD_BYTES: usize = 16 << 10;
+/// Connections served at once (in handshake or request).
+pub const MAX_CONNECTIONS: usize = 256;
+/// Connections served at once from one source address.
+pub const MAX_CONNECTIONS_PER_SOURCE: usize = 16;
+
+type Refusal = (StatusCode, String);
 
 pub struct CaService {
-    pub ca: Mutex<CertificateAuthority>,
-    pub dir: PathBuf,
-    /// Resource files that say which workload runs on which node.
-    pub inventory: Vec<PathBuf>,
+    ca: Mutex<CertificateAuthority>,
+    dir: PathBuf,
+    trust_domain: String,
+    /// Which workload runs on which node (node authorization).
+    pub inventory: Inventory,
 }
 
 impl CaService {
-    /// Decides and signs one request from `node`.
-    pub fn sign(&self, node: &str, request: &SignRequest) -> Result<SignResponse, (StatusCode, String)> {
-        let mut ca = self.ca.lock().expect("ca lock");
-        if request.identity.trust_domain != ca.trust_domain() {
-            return Err((
-                StatusCode::FORBIDDEN,
-                format!("{} is outside trust domain {}", request.identity, ca.trust_domain()),
-            ));
+    /// The service over an opened CA; reads the inventory once (a bad one is logged, and
+    /// signing answers 503 until a good one appears).
+    pub fn new(ca: CertificateAuthority, dir: PathBuf, inventory: Vec<PathBuf>) -> CaService {
+        let trust_domain = ca.trust_domain().to_string();
+        CaService { ca: Mutex::new(ca), dir, trust_domain, inventory: Inventory::new(inventory) }
+    }
+
+    /// Decides and signs one request from `node`. Blocking (file checks, signing).
+    pub fn sign(&self, node: &str, request: &SignRequest) -> Result<SignResponse, Refusal> {
+        let id = &request.identity;
+        if let Err(refusal) = self.authorize(node, id) {
+            tracing::warn!(node, identity = %id, reason = %refusal.1, "refused");
+            return Err(refusal);
         }
-        if !self.scheduled_on(node, &request.identity)? {
-            tracing::warn!(node, identity = %request.identity, "refused: identity is not scheduled on the requesting node");
-            return Err((
-                StatusCode::FORBIDDEN,
-                format!("no workload with identity {} is scheduled on node {node}", request.identity),
-            ));
-        }
-        self.reload_if_rotated(&mut ca);
-        let (chain_pem, not_after) = ca
-            .sign_workload(&request.csr_pem, &request.identity)
-            .map_err(|e| (StatusCode::BAD_REQUEST, e.to_string()))?;
-        tracing::info!(node, identity = %request.identity, root = ca.state().1, "signed workload certificate");
+        let ca = self.ca.lock().expect("ca lock");
+        let (chain_pem, not_after) =
+            ca.sign_workload(&request.csr_pem, id).map_err(|e| (StatusCode::BAD_REQUEST, e.to_string()))?;
+        tracing::info!(node, identity = %id, root = ca.state().1, "signed workload certificate");
         Ok(SignResponse {
             chain_pem,
             bundle_pem: ca.bundle_pem(),
@@ -59,11 +88,52 @@ impl CaService {
         })
     }
 
-    /// Picks up `palisade ca rotate` / `activate` made while serving.
-    fn reload_if_rotated(&self, ca: &mut CertificateAuthority) {
-        if let Ok(fresh) = CertificateAuthority::open(&self.dir, ca.trust_domain())
-            && fresh.state() != ca.state()
-        {
+    /// Whether `node` may have a certificate for `id`.
+    fn authorize(&self, node: &str, id: &SpiffeId) -> Result<(), Refusal> {
+        let forbidden = |m: String| Err((StatusCode::FORBIDDEN, m));
+        if id.trust_domain != self.trust_domain {
+            return forbidden(format!("{id} is outside trust domain {}", self.trust_domain));
+        }
+        if *id == ca_identity(&self.trust_domain) {
+            return forbidden(format!("{id} is the CA's own serving identity: never issued to a node"));
+        }
+        if id.namespace == CONTROL_PLANE_NAMESPACE {
+            return forbidden(format!(
+                "{id} is in the control plane's namespace {CONTROL_PLANE_NAMESPACE}: never issued to a node"
+            ));
+        }
+        let allowed = |s: &Option<Arc<inventory::Schedule>>| s.as_ref().is_some_and(|s| s.allows(node, id));
+        let mut schedule = self.inventory.current();
+        if !allowed(&schedule) {
+            // Perhaps scheduled a moment ago: look at the files before refusing.
+            self.inventory.refresh(true);
+            schedule = self.inventory.current();
+        }
+        match schedule {
+            None => Err((
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!(
+                    "no workload inventory loaded yet: {}",
+                    self.inventory.last_error().unwrap_or_else(|| "not read".into())
+                ),
+            )),
+            Some(_) if allowed(&schedule) => Ok(()),
+            Some(_) => forbidden(format!("no workload with identity {id} is scheduled on node {node}")),
+        }
+    }
+
+    /// Picks up `palisade ca rotate` / `activate` made while serving. The roots are read
+    /// before the lock is taken.
+    fn refresh_roots(&self) {
+        let fresh = match CertificateAuthority::open(&self.dir, &self.trust_domain) {
+            Ok(fresh) => fresh,
+            Err(e) => {
+                tracing::debug!(error = %e, "roots unreadable; keeping the ones in use");
+                return;
+            }
+        };
+        let mut ca = self.ca.lock().expect("ca lock");
+        if fresh.state() != ca.state() {
             let ttl = ca.workload_ttl;
             *ca = fresh;
             ca.workload_ttl = ttl;
@@ -71,24 +141,9 @@ impl CaService {
         }
     }
 
-    /// The trust bundle, after picking up a rotation.
+    /// The trust bundle in use.
     pub fn bundle(&self) -> String {
-        let mut ca = self.ca.lock().expect("ca lock");
-        self.reload_if_rotated(&mut ca);
-        ca.bundle_pem()
-    }
-
-    fn scheduled_on(&self, node: &str, id: &SpiffeId) -> Result<bool, (StatusCode, String)> {
-        let resources = crate::load::load_paths(&self.inventory)
-            .map_err(|e| (StatusCode::SERVICE_UNAVAILABLE, format!("workload inventory unreadable: {e}")))?;
-        Ok(resources.iter().any(|r| match &r.resource {
-            Resource::Workload { metadata, spec, .. } => {
-                spec.node == node
-                    && metadata.namespace.as_deref() == Some(id.namespace.as_str())
-                    && spec.service_account == id.service_account
-            }
-            _ => false,
-        }))
+        self.ca.lock().expect("ca lock").bundle_pem()
     }
 
     /// The CA endpoint's own credential, issued by the CA itself.
@@ -96,7 +151,7 @@ impl CaService {
         let ca = self.ca.lock().expect("ca lock");
         let (key, csr) = new_key_and_csr().map_err(|e| e.to_string())?;
         let now = SystemTime::now();
-        let id = ca_identity(ca.trust_domain());
+        let id = ca_identity(&self.trust_domain);
         let (chain, _) = ca
             .sign_workload_between(&csr, &id, now - Duration::from_secs(300), now + SERVING_TTL)
             .map_err(|e| e.to_string())?;
@@ -104,52 +159,153 @@ impl CaService {
     }
 }
 
-/// Serves the CA API until the process ends.
+/// Re-reads the inventory and the roots when they change, off the request path.
+async fn refresh_forever(service: Arc<CaService>) {
+    loop {
+        tokio::time::sleep(REFRESH_EVERY).await;
+        let s = service.clone();
+        let _ = tokio::task::spawn_blocking(move || {
+            s.inventory.refresh(false);
+            s.refresh_roots();
+        })
+        .await;
+    }
+}
+
+/// Counts the connections in service, overall and per source address.
+#[derive(Default)]
+struct Admission {
+    state: Mutex<AdmissionState>,
+}
+
+#[derive(Default)]
+struct AdmissionState {
+    total: usize,
+    per_source: HashMap<IpAddr, usize>,
+    refused: u64,
+    last_log: Option<Instant>,
+}
+
+/// A connection's place in [`Admission`]; given back on drop.
+struct Admitted {
+    admission: Arc<Admission>,
+    source: IpAddr,
+}
+
+impl Admission {
+    fn admit(self: &Arc<Self>, source: IpAddr) -> Option<Admitted> {
+        let mut s = self.state.lock().expect("admission lock");
+        let from_source = s.per_source.get(&source).copied().unwrap_or(0);
+        if s.total >= MAX_CONNECTIONS || from_source >= MAX_CONNECTIONS_PER_SOURCE {
+            s.refused += 1;
+            if s.last_log.is_none_or(|t| t.elapsed() >= Duration::from_secs(1)) {
+                tracing::warn!(
+                    %source,
+                    in_service = s.total,
+                    from_source,
+                    refused_total = s.refused,
+                    "CA connection limit reached: closing new connections at once"
+                );
+                s.last_log = Some(Instant::now());
+            }
+            return None;
+        }
+        s.total += 1;
+        *s.per_source.entry(source).or_default() += 1;
+        Some(Admitted { admission: self.clone(), source })
+    }
+}
+
+impl Drop for Admitted {
+    fn drop(&mut self) {
+        let mut s = self.admission.state.lock().expect("admission lock");
+        s.total -= 1;
+        if let Some(n) = s.per_source.get_mut(&self.source) {
+            *n -= 1;
+            if *n == 0 {
+                s.per_source.remove(&self.source);
+            }
+        }
+    }
+}
+
+/// Serves the CA API until the process ends. Only set-up errors are returned.
 pub async fn serve(listener: TcpListener, service: Arc<CaService>) -> anyhow::Result<()> {
     let credential = CredentialSlot::new(service.serving_credential().map_err(anyhow::Error::msg)?);
-    let (bundle_pem, trust_domain) = {
-        let ca = service.ca.lock().expect("ca lock");
-        (ca.bundle_pem(), ca.trust_domain().to_string())
-    };
+    let trust_domain = service.trust_domain.clone();
     let make_tls = |pem: &str| -> anyhow::Result<_> {
         let bundle = TrustBundle::from_pem(pem, &trust_domain)?;
         Ok(server_config_for(credential.clone(), &bundle, Clients::Nodes, &[b"http/1.1"])?)
     };
+    let bundle_pem = service.bundle();
     let (mut tls, mut tls_bundle) = (make_tls(&bundle_pem)?, bundle_pem);
     tracing::info!(addr = %listener.local_addr()?, "CA serving");
+    tokio::spawn(refresh_forever(service.clone()));
+    let admission = Arc::new(Admission::default());
+    let mut acceptor = Acceptor::new("ca", listener);
     loop {
-        let (tcp, peer) = listener.accept().await?;
+        let (tcp, peer) = acceptor.accept().await;
+        // Over the limit: closed at once (dropped), so the queue keeps moving.
+        let Some(admitted) = admission.admit(peer.ip()) else { continue };
         // Node credentials signed by a newly activated root are accepted without a restart.
         let current = service.bundle();
         if current != tls_bundle {
-            tls = make_tls(&current)?;
+            match make_tls(&current) {
+                Ok(config) => tls = config,
+                Err(e) => tracing::error!(error = %format!("{e:#}"), "new trust bundle unusable; keeping the last"),
+            }
             tls_bundle = current;
         }
         let (tls, service, trust_domain) = (tls.clone(), service.clone(), trust_domain.clone());
         tokio::spawn(async move {
-            let stream = match tokio_rustls::TlsAcceptor::from(tls).accept(tcp).await {
-                Ok(s) => s,
-                Err(e) => {
-                    tracing::info!(%peer, error = %e, "CA client refused at TLS");
-                    return;
-                }
-            };
-            let node = stream
-                .get_ref()
-                .1
-                .peer_certificates()
-                .and_then(|c| c.first())
-                .and_then(|c| spiffe_uri_of(c).ok())
-                .and_then(|uri| node_of_uri(&uri, &trust_domain).map(str::to_string));
-            let Some(node) = node else { return };
-            let svc = hyper::service::service_fn(move |req| {
-                let (service, node) = (service.clone(), node.clone());
-                async move { Ok::<_, Infallible>(handle(&service, &node, req).await) }
-            });
-            let _ = hyper::server::conn::http1::Builder::new()
-                .serve_connection(hyper_util::rt::TokioIo::new(stream), svc)
-                .await;
+            let _admitted = admitted;
+            connection(tcp, peer, tls, service, &trust_domain).await;
         });
+    }
+}
+
+async fn connection(
+    tcp: tokio::net::TcpStream,
+    peer: std::net::SocketAddr,
+    tls: Arc<tokio_rustls::rustls::ServerConfig>,
+    service: Arc<CaService>,
+    trust_domain: &str,
+) {
+    let handshake = tokio_rustls::TlsAcceptor::from(tls).accept(tcp);
+    let stream = match tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake).await {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => {
+            tracing::info!(%peer, error = %e, "CA client refused at TLS");
+            return;
+        }
+        Err(_) => {
+            tracing::info!(%peer, timeout_s = HANDSHAKE_TIMEOUT.as_secs(), "CA client did not finish its TLS handshake");
+            return;
+        }
+    };
+    let node = stream
+        .get_ref()
+        .1
+        .peer_certificates()
+        .and_then(|c| c.first())
+        .and_then(|c| spiffe_uri_of(c).ok())
+        .and_then(|uri| node_of_uri(&uri, trust_domain).map(str::to_string));
+    let Some(node) = node else { return };
+    let svc = {
+        let node = node.clone();
+        hyper::service::service_fn(move |req| {
+            let (service, node) = (service.clone(), node.clone());
+            async move { Ok::<_, Infallible>(handle(service, node, req).await) }
+        })
+    };
+    let mut http = hyper::server::conn::http1::Builder::new();
+    http.timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(HEADER_READ_TIMEOUT)
+        .max_buf_size(MAX_HEAD_BYTES)
+        .keep_alive(false);
+    let serving = http.serve_connection(hyper_util::rt::TokioIo::new(stream), svc);
+    if tokio::time::timeout(CONNECTION_DEADLINE, serving).await.is_err() {
+        tracing::info!(%peer, node, deadline_s = CONNECTION_DEADLINE.as_secs(), "CA request not done in time: closed");
     }
 }
 
@@ -161,7 +317,7 @@ fn reply(status: StatusCode, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
         .expect("static response")
 }
 
-async fn handle(service: &CaService, node: &str, req: Request<Incoming>) -> Response<Full<Bytes>> {
+async fn handle(service: Arc<CaService>, node: String, req: Request<Incoming>) -> Response<Full<Bytes>> {
     match (req.method().as_str(), req.uri().path()) {
         ("GET", "/v1/bundle") => reply(StatusCode::OK, service.bundle()),
         ("POST", "/v1/sign") => {
@@ -173,9 +329,11 @@ async fn handle(service: &CaService, node: &str, req: Request<Incoming>) -> Resp
                 Ok(r) => r,
                 Err(e) => return reply(StatusCode::BAD_REQUEST, format!("bad request: {e}")),
             };
-            match service.sign(node, &request) {
-                Ok(response) => reply(StatusCode::OK, serde_json::to_vec(&response).expect("response serializes")),
-                Err((status, message)) => reply(status, message),
+            // Signing and any inventory check are blocking work: off the async workers.
+            match tokio::task::spawn_blocking(move || service.sign(&node, &request)).await {
+                Ok(Ok(response)) => reply(StatusCode::OK, serde_json::to_vec(&response).expect("response serializes")),
+                Ok(Err((status, message))) => reply(status, message),
+                Err(e) => reply(StatusCode::INTERNAL_SERVER_ERROR, format!("signing failed: {e}")),
             }
         }
         (m, p) => reply(StatusCode::NOT_FOUND, format!("no endpoint {m} {p}")),

@@ -121,11 +121,7 @@ fn ca_command(dir: PathBuf, trust_domain: String, command: CaCommand) -> anyhow:
                 )
                 .init();
             ca.workload_ttl = std::time::Duration::from_secs(workload_ttl_secs);
-            let service = std::sync::Arc::new(palisade_policy::ca_server::CaService {
-                ca: std::sync::Mutex::new(ca),
-                dir,
-                inventory,
-            });
+            let service = std::sync::Arc::new(palisade_policy::ca_server::CaService::new(ca, dir, inventory));
             let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
             runtime.block_on(async {
                 let listener = tokio::net::TcpListener::bind(listen).await?;

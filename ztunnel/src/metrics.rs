@@ -33,6 +33,8 @@ pub struct Metrics {
     pub policy_generation: AtomicU64,
     policy_reloads_ok: AtomicU64,
     policy_reloads_failed: AtomicU64,
+    /// Distinct failures to read the policy files (a lasting one counts once).
+    policy_read_errors: AtomicU64,
     flow_events: AtomicU64,
     audit_would_deny: AtomicU64,
     /// Last successful reload, microseconds / count.
@@ -67,6 +69,9 @@ impl Metrics {
     }
     pub fn policy_reload(&self, ok: bool) {
         if ok { &self.policy_reloads_ok } else { &self.policy_reloads_failed }.fetch_add(1, Relaxed);
+    }
+    pub fn policy_read_error(&self) {
+        self.policy_read_errors.fetch_add(1, Relaxed);
     }
     pub fn policy_applied(&self, stats: &crate::datapath::ApplyStats) {
         self.policy_compile_us.store((stats.compile_ms * 1e3) as u64, Relaxed);
@@ -160,6 +165,12 @@ impl Metrics {
                 ("{result=\"ok\"}".into(), self.policy_reloads_ok.load(Relaxed).into()),
                 ("{result=\"rejected\"}".into(), self.policy_reloads_failed.load(Relaxed).into()),
             ],
+        );
+        family(
+            "palisade_policy_reload_errors_total",
+            "counter",
+            "Times the policy files became unreadable (missing, over a limit); a lasting failure counts once.",
+            &single(self.policy_read_errors.load(Relaxed).into()),
         );
         family(
             "palisade_flow_events_total",

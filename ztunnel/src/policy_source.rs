@@ -2,14 +2,19 @@
 //! model). The files are polled; a changed file is loaded, validated and compiled, and only a
 //! complete, valid snapshot reaches the kernel. A bad file is reported and the last good
 //! policy stays in force.
-use std::collections::hash_map::DefaultHasher;
-use std::hash::{Hash, Hasher};
+//!
+//! Which files are read, and how a change is noticed, is the loader's business
+//! (`palisade_policy::load`): the poll `stat`s the very files the loader reads and re-reads
+//! contents only when their metadata moved. A file that cannot be read (deleted, a dangling
+//! symlink, over the size limit) is logged with its path and counted once per distinct
+//! failure, not on every poll.
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use palisade_policy::Snapshot;
+use palisade_policy::load::{ChangeDetector, LoadError};
 use tokio::sync::watch;
 
 use crate::datapath::{ApplyStats, PolicyMaps};
@@ -19,28 +24,48 @@ pub struct PolicySource {
     paths: Vec<PathBuf>,
     trust_domain: String,
     maps: Option<PolicyMaps>,
-    digest: Option<u64>,
+    /// Between polls; taken by the blocking task that polls.
+    files: Option<Files>,
     metrics: Arc<Metrics>,
     publish: watch::Sender<Arc<Snapshot>>,
     /// Recent generations' snapshots, to name kernel events with the policy that decided.
     generations: Arc<crate::flows::Generations>,
 }
 
-/// Hash of every file's name and content (directories: their YAML files).
-fn digest(paths: &[PathBuf]) -> std::io::Result<u64> {
-    let mut h = DefaultHasher::new();
-    for p in paths {
-        let mut files = vec![p.clone()];
-        if p.is_dir() {
-            files = std::fs::read_dir(p)?.filter_map(|e| e.ok().map(|e| e.path())).collect();
-            files.sort();
-        }
-        for f in files {
-            f.hash(&mut h);
-            std::fs::read(&f)?.hash(&mut h);
+/// The policy files as the loader sees them, and the read failure last reported.
+struct Files {
+    changes: ChangeDetector,
+    read_error: Option<String>,
+}
+
+#[derive(Debug)]
+enum Polled {
+    Unchanged,
+    Changed,
+    /// A new read failure (a lasting one is reported once, then polls say `Unchanged`).
+    Failed(LoadError),
+}
+
+impl Files {
+    /// Blocking: lists and `stat`s the files, reads them if they moved.
+    fn poll(&mut self) -> Polled {
+        match self.changes.poll() {
+            Ok(changed) => {
+                if let Some(e) = self.read_error.take() {
+                    tracing::info!(previous_error = %e, "policy files readable again");
+                }
+                if changed { Polled::Changed } else { Polled::Unchanged }
+            }
+            Err(e) => {
+                let message = e.to_string();
+                if self.read_error.as_deref() == Some(message.as_str()) {
+                    return Polled::Unchanged;
+                }
+                self.read_error = Some(message);
+                Polled::Failed(e)
+            }
         }
     }
-    Ok(h.finish())
 }
 
 impl PolicySource {
@@ -52,7 +77,9 @@ impl PolicySource {
     ) -> (Self, watch::Receiver<Arc<Snapshot>>) {
         let (publish, rx) = watch::channel(Arc::new(Snapshot::default()));
         let generations = Arc::default();
-        (PolicySource { paths, trust_domain, maps: Some(maps), digest: None, metrics, publish, generations }, rx)
+        let files = Some(Files { changes: ChangeDetector::new(paths.clone()), read_error: None });
+        let source = PolicySource { paths, trust_domain, maps: Some(maps), files, metrics, publish, generations };
+        (source, rx)
     }
 
     /// The snapshots of recent generations, recorded as each is put in force.
@@ -62,11 +89,21 @@ impl PolicySource {
 
     /// Loads the files and puts the result in force. Errors leave the last good policy.
     pub async fn reload(&mut self) -> anyhow::Result<Option<ApplyStats>> {
-        let digest = digest(&self.paths)?;
-        if self.digest == Some(digest) {
-            return Ok(None);
+        let mut files = self.files.take().expect("policy files are owned between polls");
+        let (files, polled) = tokio::task::spawn_blocking(move || {
+            let polled = files.poll();
+            (files, polled)
+        })
+        .await?;
+        self.files = Some(files);
+        match polled {
+            Polled::Unchanged => return Ok(None),
+            Polled::Failed(e) => {
+                self.metrics.policy_read_error();
+                return Err(anyhow::Error::from(e).context("policy files unreadable"));
+            }
+            Polled::Changed => {}
         }
-        self.digest = Some(digest);
         let (paths, trust_domain) = (self.paths.clone(), self.trust_domain.clone());
         let mut maps = self.maps.take().expect("policy maps are owned between reloads");
         let (maps, result) = tokio::task::spawn_blocking(move || {
@@ -112,6 +149,56 @@ impl PolicySource {
                     tracing::error!(error = %format!("{e:#}"), "policy rejected; the previous policy stays in force")
                 }
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::symlink;
+
+    use super::*;
+
+    const NS: &str = "apiVersion: palisade.dev/v1alpha1\nkind: Namespace\nmetadata: {name: a}\n";
+
+    #[test]
+    fn polls_the_loaders_files_and_reports_a_lasting_read_failure_once() {
+        let dir = std::env::temp_dir().join(format!("palisade-policy-source-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let cleanup = RemoveOnDrop(dir.clone());
+        // A ConfigMap mount (hidden ..data) and a plain subdirectory: both used to stop ztunnel.
+        std::fs::create_dir_all(dir.join("..2026_11_25_13_00_00.1")).unwrap();
+        std::fs::write(dir.join("..2026_11_25_13_00_00.1/ns.yaml"), NS).unwrap();
+        symlink("..2026_11_25_13_00_00.1", dir.join("..data")).unwrap();
+        symlink("..data/ns.yaml", dir.join("ns.yaml")).unwrap();
+        std::fs::create_dir_all(dir.join("team")).unwrap();
+        std::fs::write(dir.join("team/more.yaml"), NS.replace("name: a", "name: b")).unwrap();
+        let paths = vec![dir.clone()];
+        palisade_policy::load_snapshot(&paths).expect("the loader accepts the directory");
+        let mut files = Files { changes: ChangeDetector::new(paths), read_error: None };
+        assert!(matches!(files.poll(), Polled::Changed));
+        assert!(matches!(files.poll(), Polled::Unchanged));
+        // The file behind a visible name disappears: named once, then quiet.
+        std::fs::remove_file(dir.join("..2026_11_25_13_00_00.1/ns.yaml")).unwrap();
+        match files.poll() {
+            Polled::Failed(e) => assert!(e.to_string().contains(&*dir.join("ns.yaml").to_string_lossy()), "{e}"),
+            other => panic!("a missing policy file was not reported: {other:?}"),
+        }
+        for _ in 0..3 {
+            assert!(matches!(files.poll(), Polled::Unchanged), "a lasting failure is reported once");
+        }
+        std::fs::write(dir.join("..2026_11_25_13_00_00.1/ns.yaml"), NS).unwrap();
+        assert!(matches!(files.poll(), Polled::Unchanged), "back as it was: nothing to reload");
+        assert!(files.read_error.is_none());
+        drop(cleanup);
+    }
+
+    /// Removes the directory when dropped, also when the test panics.
+    struct RemoveOnDrop(PathBuf);
+
+    impl Drop for RemoveOnDrop {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
         }
     }
 }

@@ -1,0 +1,149 @@
+//! The CA's view of which workload runs on which node, kept as the last good parse of the
+//! inventory files. Signing requests read it without touching the files; a refresh (every
+//! [`REFRESH_EVERY`], or at once when a node asks for an identity the current view does not
+//! give it, so a pod scheduled a moment ago gets its certificate) re-reads the files only when
+//! they changed. A bad inventory is logged once and counted, and the previous one stays in
+//! use: a typo in a ConfigMap must not stop every certificate renewal in the mesh.
+use std::collections::{HashMap, HashSet};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+use palisade_mesh::identity::SpiffeId;
+
+use crate::load::{ChangeDetector, Located, load_paths};
+use crate::resource::Resource;
+
+/// How often the inventory files are checked for changes.
+pub const REFRESH_EVERY: Duration = Duration::from_secs(1);
+
+/// node → the (namespace, service account) pairs of the workloads scheduled on it.
+#[derive(Debug, Default)]
+pub struct Schedule {
+    by_node: HashMap<String, HashSet<(String, String)>>,
+    workloads: usize,
+}
+
+impl Schedule {
+    pub fn from_resources(resources: &[Located]) -> Schedule {
+        let mut schedule = Schedule::default();
+        for r in resources {
+            if let Resource::Workload { metadata, spec, .. } = &r.resource
+                && let Some(ns) = &metadata.namespace
+            {
+                schedule
+                    .by_node
+                    .entry(spec.node.clone())
+                    .or_default()
+                    .insert((ns.clone(), spec.service_account.clone()));
+                schedule.workloads += 1;
+            }
+        }
+        schedule
+    }
+
+    /// Whether a workload with `id`'s namespace and service account is scheduled on `node`.
+    pub fn allows(&self, node: &str, id: &SpiffeId) -> bool {
+        self.by_node.get(node).is_some_and(|ids| ids.contains(&(id.namespace.clone(), id.service_account.clone())))
+    }
+}
+
+struct Refresh {
+    changes: ChangeDetector,
+    last_check: Option<Instant>,
+    /// The failure last logged, so a lasting one is logged once, not on every check.
+    last_error: Option<String>,
+    /// `last_error` came from reading the files, not from their content.
+    unreadable: bool,
+}
+
+pub struct Inventory {
+    paths: Vec<PathBuf>,
+    current: RwLock<Option<Arc<Schedule>>>,
+    /// Serialises refreshes; never held together with the CA's lock.
+    refresh: Mutex<Refresh>,
+    errors: AtomicU64,
+}
+
+impl Inventory {
+    /// Reads the inventory once; a failure is logged and retried by later refreshes.
+    pub fn new(paths: Vec<PathBuf>) -> Inventory {
+        let inventory = Inventory {
+            current: RwLock::new(None),
+            refresh: Mutex::new(Refresh {
+                changes: ChangeDetector::new(paths.clone()),
+                last_check: None,
+                last_error: None,
+                unreadable: false,
+            }),
+            paths,
+            errors: AtomicU64::new(0),
+        };
+        inventory.refresh(true);
+        inventory
+    }
+
+    /// The last good schedule, if any inventory was ever read.
+    pub fn current(&self) -> Option<Arc<Schedule>> {
+        self.current.read().expect("inventory lock").clone()
+    }
+
+    /// Inventories found bad (unreadable, over a limit, invalid YAML) since start.
+    pub fn errors_total(&self) -> u64 {
+        self.errors.load(Ordering::Relaxed)
+    }
+
+    /// The current failure, if the files are bad right now.
+    pub fn last_error(&self) -> Option<String> {
+        self.refresh.lock().expect("inventory refresh lock").last_error.clone()
+    }
+
+    /// Re-reads the files if they changed. Unless `now`, does nothing when the last check is
+    /// younger than [`REFRESH_EVERY`]. Blocking: call it from a blocking thread.
+    pub fn refresh(&self, now: bool) {
+        let mut state = self.refresh.lock().expect("inventory refresh lock");
+        let loaded = self.current().is_some();
+        // Without a good inventory every request would re-parse the files: keep to the pace.
+        let fresh = state.last_check.is_some_and(|t| t.elapsed() < REFRESH_EVERY);
+        if fresh && (!now || !loaded) {
+            return;
+        }
+        state.last_check = Some(Instant::now());
+        let polled = state.changes.poll();
+        let unreadable = polled.is_err();
+        let result = polled.and_then(|changed| match changed || !loaded {
+            true => load_paths(&self.paths).map(|r| Some(Schedule::from_resources(&r))),
+            false => Ok(None),
+        });
+        match result {
+            Ok(None) => {
+                // Files that were unreadable are back as they were (a bad content stays bad).
+                if state.unreadable {
+                    state.last_error = None;
+                    state.unreadable = false;
+                }
+            }
+            Ok(Some(schedule)) => {
+                tracing::info!(
+                    workloads = schedule.workloads,
+                    nodes = schedule.by_node.len(),
+                    "workload inventory loaded"
+                );
+                *self.current.write().expect("inventory lock") = Some(Arc::new(schedule));
+                state.last_error = None;
+                state.unreadable = false;
+            }
+            Err(e) => {
+                let message = e.to_string();
+                if state.last_error.as_deref() != Some(message.as_str()) {
+                    let errors_total = self.errors.fetch_add(1, Ordering::Relaxed) + 1;
+                    let keeping = if loaded { "the last good inventory stays in use" } else { "no inventory yet" };
+                    tracing::error!(error = %message, errors_total, "workload inventory unusable: {keeping}");
+                    state.last_error = Some(message);
+                }
+                state.unreadable = unreadable;
+            }
+        }
+    }
+}
