@@ -85,7 +85,7 @@ fn flood(target: SocketAddr, stop: Arc<AtomicBool>, opened: Arc<AtomicU64>, fail
             };
             let slot = slot.unwrap();
             n += 1;
-            let garbage = n % GARBAGE_EVERY == 0;
+            let garbage = n.is_multiple_of(GARBAGE_EVERY);
             let (opened, failed, stop) = (opened.clone(), failed.clone(), stop.clone());
             tokio::spawn(async move {
                 let _slot = slot;
