@@ -7,12 +7,18 @@
 //! 4. new connections per second, one at a time, and ztunnel CPU per 1,000 connections;
 //! 5. `connect()` time: denied in the kernel, and allowed, enrolled versus not;
 //! 6. idle RSS with 0, 10 and 100 enrolled pods;
-//! 7. compiling and loading a policy of 10,000 workloads and 100,000 rules, and map memory.
+//! 7. compiling and loading a policy of 10,000 workloads and 100,000 rules, and map memory;
+//! 8. restarts: connections alive across an upgrade under load, and the longest windows in
+//!    which a denied connection succeeded or an allowed one failed (upgrade; kill -9 + restart);
+//! 9. hostile peers: legitimate p99 latency and success while a handshake flood runs against
+//!    15008, beside the same run without it, and ztunnel RSS before, during and after.
 //!
 //! No figure is asserted anywhere: the report states them, `BENCHMARKS.md` keeps the latest.
+mod hostile;
 mod measure;
 mod procfs;
 mod report;
+mod restart;
 pub mod stats;
 
 use std::path::PathBuf;
@@ -39,6 +45,8 @@ pub struct Sizes {
     pub idle_pods: [usize; 3],
     pub scale_workloads: usize,
     pub scale_rules: usize,
+    /// Paced connections kept open across the upgrade of both nodes.
+    pub restart_streams: usize,
 }
 
 impl Sizes {
@@ -55,6 +63,7 @@ impl Sizes {
             idle_pods: [0, 10, 100],
             scale_workloads: 10_000,
             scale_rules: 100_000,
+            restart_streams: 32,
         }
     }
 
@@ -86,6 +95,7 @@ impl Sizes {
             idle_pods: [0, 1, 2],
             scale_workloads: 50,
             scale_rules: 200,
+            restart_streams: 2,
         }
     }
 }
@@ -102,5 +112,7 @@ pub fn run(options: &Options) -> anyhow::Result<Report> {
     let started = std::time::Instant::now();
     figures.extend(measure::data_path(options)?);
     figures.extend(measure::idle_and_policy_scale(options)?);
+    figures.extend(restart::restarts(options)?);
+    figures.extend(hostile::hostile(options)?);
     Ok(Report::new(options, figures, started.elapsed()))
 }

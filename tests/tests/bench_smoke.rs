@@ -14,7 +14,11 @@ fn the_benchmark_runs_end_to_end_with_tiny_sizes() {
         bins: Binaries { ztunnel: bin("ztunnel"), palisade: bin("palisade"), probe: bin("palisade-probe") },
     };
     let report = palisade_bench::run(&options).unwrap_or_else(|e| panic!("bench: {e:#}"));
-    assert_eq!(report.figures.len(), 21, "{:#?}", report.figures.iter().map(|f| &f.name).collect::<Vec<_>>());
+    let names: Vec<&String> = report.figures.iter().map(|f| &f.name).collect();
+    // The data path, idle and scale sections (34 figures), then the restart section.
+    assert!(report.figures.len() >= 39, "{names:#?}");
+    let restart: Vec<&String> = report.figures.iter().filter(|f| f.group == "restart").map(|f| &f.name).collect();
+    assert_eq!(restart.len(), 5, "{names:#?}");
     for f in &report.figures {
         assert!(f.mesh.median.is_finite() && f.mesh.median >= 0.0, "{}: {:?}", f.name, f.mesh);
         if let Some(b) = &f.baseline {

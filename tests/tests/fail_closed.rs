@@ -212,3 +212,21 @@ fn ztunnel_without_a_ca_needs_an_explicit_choice() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("--ca-addr"), "{stderr}");
 }
+
+#[test]
+fn a_failed_enrollment_leaves_no_certificate_renewing() {
+    let cluster = mesh(1, 2, "");
+    let pod = cluster.pod("p1-2").unwrap().clone();
+    cluster.unenroll("p1-2").unwrap();
+    let certificates = || {
+        let dump: serde_json::Value = serde_json::from_str(&cluster.admin_get("node-1", "/config_dump").unwrap()).unwrap();
+        dump["certificates"].to_string()
+    };
+    assert!(!certificates().contains(&pod.identity), "{}", certificates());
+    // The identity is known (so its certificate is issued), then the enrollment fails.
+    let request = serde_json::json!({"op": "enroll", "pod": {"uid": pod.uid, "name": pod.name,
+        "netns": "/nonexistent/netns", "cgroup": pod.cgroup, "ips": [pod.ip]}});
+    let err = cluster.enroll_raw("node-1", &request).unwrap_err().to_string();
+    assert!(err.contains("open network namespace"), "{err}");
+    assert!(!certificates().contains(&pod.identity), "a failed enrollment left {} renewing", pod.identity);
+}

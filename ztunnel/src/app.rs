@@ -76,12 +76,14 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let kept = node_listeners.try_clone().context("duplicate node listeners")?;
     let events = tokio::spawn(crate::flows::drain_kernel_events(kernel.events, hub.clone()));
     let state = Arc::new(AdminState { config: config.clone(), ctx: ctx.clone(), pods: pods.clone() });
+    // Pods first: readiness means every recorded pod is served again (requests wait in the
+    // listeners' queues meanwhile).
+    pods.restore(inherited_pods).await;
     let mut serving = Vec::new();
     let roles = [admin::Role::Admin, admin::Role::Metrics, admin::Role::Ready];
     for (fd, role) in [node_listeners.admin, node_listeners.metrics, node_listeners.ready].into_iter().zip(roles) {
         serving.push(tokio::spawn(admin::serve(tcp_listener(fd)?, state.clone(), role)));
     }
-    pods.restore(inherited_pods).await;
     serving.push(tokio::spawn(enroll::serve(unix_listener(node_listeners.enroll)?, pods.clone())));
     let policy_task = tokio::spawn(policy.watch(Duration::from_millis(config.policy_poll_ms)));
     let handed_over = serve_successor(&handoff_socket, pods.clone(), kept, serving, events, retire)?;
@@ -99,14 +101,11 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             Duration::from_secs(config.upgrade_drain_secs)
         }
     };
+    // SIGTERM during an upgrade drain does not cut it short: Kubernetes terminates the old pod
+    // as soon as the new one is ready, and its grace period (SIGKILL) bounds the drain.
     let deadline = tokio::time::Instant::now() + drain;
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     while ctx.metrics.active_connections() > 0 && tokio::time::Instant::now() < deadline {
-        tokio::select! {
-            _ = tokio::time::sleep(Duration::from_millis(50)) => {}
-            // A second SIGTERM during an upgrade drain ends it.
-            _ = term.recv() => break,
-        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
     policy_task.abort();
     // Nothing is detached: the pinned programs keep enforcing the last policy until the next
@@ -151,7 +150,7 @@ fn serve_successor(
     node: NodeListeners,
     serving: Vec<tokio::task::JoinHandle<()>>,
     events: tokio::task::JoinHandle<()>,
-    retire: Arc<std::sync::atomic::AtomicBool>,
+    retire: crate::datapath::RetireSwitch,
 ) -> anyhow::Result<impl std::future::Future<Output = Result<u32, tokio::sync::oneshot::error::RecvError>>> {
     let _ = std::fs::remove_file(socket);
     let listener = tokio::net::UnixListener::bind(socket)
@@ -173,7 +172,7 @@ fn serve_successor(
             let pods = pods.clone();
             let result = tokio::task::spawn_blocking(move || {
                 handoff::hand_over(stream, move || {
-                    retire.store(true, std::sync::atomic::Ordering::Release);
+                    retire.retire();
                     events.abort();
                     serving.iter().for_each(tokio::task::JoinHandle::abort);
                     (node, pods.hand_over())

@@ -63,7 +63,7 @@ pub enum EnrollError {
     Certificate {
         uid: String,
         #[source]
-        source: palisade_mesh::secrets::SecretError,
+        source: Box<palisade_mesh::secrets::SecretError>,
     },
 }
 
@@ -163,7 +163,7 @@ impl Pods {
             .secrets
             .credential(&id, FIRST_CERTIFICATE_WAIT)
             .await
-            .map_err(|source| EnrollError::Certificate { uid: spec.uid.clone(), source })?;
+            .map_err(|source| EnrollError::Certificate { uid: spec.uid.clone(), source: Box::new(source) })?;
         Ok(Some((id, slot)))
     }
 

@@ -178,6 +178,11 @@ impl Pool {
     /// Opens a CONNECT stream to `request.authority` through the endpoint of `key`, reusing a
     /// pooled connection when one has room. `dial` makes the TCP connection (from the source
     /// workload's network namespace).
+    ///
+    /// When a pooled connection fails the stream at the HTTP/2 level — typically its peer is
+    /// going away (GOAWAY: the peer ztunnel drains after an upgrade) — the stream is tried once
+    /// more on a connection opened for it (a closing one is marked dead first): an upgrade of
+    /// the peer never fails a new stream.
     pub async fn connect<D, F>(
         &self,
         key: PoolKey,
@@ -190,18 +195,47 @@ impl Pool {
         D: FnOnce() -> F,
         F: Future<Output = std::io::Result<TcpStream>>,
     {
+        let mut dial = Some(dial);
+        let first = self.connect_once(&key, &credential, bundle, &mut dial, &request).await;
+        match first {
+            Ok((tunnel, _)) => Ok(tunnel),
+            // Nothing of the client's has been sent yet (CONNECT is answered before any byte
+            // flows), so one more try is safe.
+            Err(HboneError::H2(e)) if dial.is_some() => {
+                tracing::debug!(endpoint = %key.endpoint, error = %e, "pooled HBONE connection closing; retrying on a new one");
+                self.connect_once(&key, &credential, bundle, &mut dial, &request).await.map(|(t, _)| t)
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    async fn connect_once<D, F>(
+        &self,
+        key: &PoolKey,
+        credential: &Arc<CredentialSlot>,
+        bundle: &TrustBundle,
+        dial: &mut Option<D>,
+        request: &ConnectRequest,
+    ) -> Result<(Tunnel, bool), HboneError>
+    where
+        D: FnOnce() -> F,
+        F: Future<Output = std::io::Result<TcpStream>>,
+    {
         let current = credential.get().map(|c| c.certified);
         let endpoint = key.endpoint;
-        let slot = match self.acquire(&key, current.as_ref()) {
+        let mut pooled = true;
+        let slot = match self.acquire(key, current.as_ref()) {
             (Some(slot), _) => slot,
             (None, opening) => {
                 let open = async {
                     let _guard = opening.lock().await;
                     // Someone may have opened a connection while we waited.
-                    match self.acquire(&key, current.as_ref()).0 {
+                    match self.acquire(key, current.as_ref()).0 {
                         Some(slot) => Ok(slot),
                         None => {
-                            let conn = self.open(&key, credential, bundle, dial).await?;
+                            let dial = dial.take().ok_or(HboneError::NoCredential(key.src.to_string()))?;
+                            pooled = false;
+                            let conn = self.open(key, credential.clone(), bundle, dial).await?;
                             conn.active.store(1, Ordering::Release);
                             let mut entries = self.entries.lock().expect("pool lock");
                             entries.entry(key.clone()).or_default().conns.push(conn.clone());
@@ -228,8 +262,9 @@ impl Pool {
                 .header("traceparent", super::new_traceparent())
                 .body(())
                 .expect("static request parts");
-            let (response, send) = sender.send_request(req, false)?;
-            Ok::<_, HboneError>((response.await?, send))
+            let (response, send) = sender.send_request(req, false).inspect_err(|e| mark_if_closing(&slot.0, e))?;
+            let response = response.await.inspect_err(|e| mark_if_closing(&slot.0, e))?;
+            Ok::<_, HboneError>((response, send))
         });
         // A stream that timed out is reset when its handles drop; the connection stays pooled
         // (its PING keepalive judges whether the peer as a whole still answers).
@@ -241,7 +276,7 @@ impl Pool {
         if response.status() != http::StatusCode::OK {
             return Err(HboneError::Status { status: response.status(), authority: request.authority.to_string() });
         }
-        Ok(Tunnel { send, recv: response.into_body(), slot })
+        Ok((Tunnel { send, recv: response.into_body(), slot }, pooled))
     }
 
     async fn open<D, F>(
@@ -304,6 +339,18 @@ impl Pool {
         self.opened.fetch_add(1, Ordering::Relaxed);
         tracing::debug!(src = %key.src, dst = %key.dst, %endpoint, "opened pooled HBONE connection");
         Ok(conn)
+    }
+}
+
+/// The peer refuses new streams on this connection: it is going away (GOAWAY, e.g. a draining
+/// ztunnel) or refused the stream before processing it.
+fn peer_closing(e: &h2::Error) -> bool {
+    e.is_go_away() || e.reason() == Some(h2::Reason::REFUSED_STREAM)
+}
+
+fn mark_if_closing(conn: &Conn, e: &h2::Error) {
+    if peer_closing(e) {
+        conn.dead.store(true, Ordering::Release);
     }
 }
 

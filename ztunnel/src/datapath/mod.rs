@@ -14,7 +14,7 @@ pub mod pins;
 mod policy_maps;
 
 pub use capture::{Capture, PodCapture};
-pub use policy_maps::{ApplyStats, PolicyMaps};
+pub use policy_maps::{ApplyStats, PolicyMaps, RetireSwitch};
 use std::net::{IpAddr, SocketAddr};
 
 use aya::Ebpf;

@@ -2,8 +2,7 @@
 //! "Policy model and its compilation"). The maps are pinned: a ztunnel that starts over maps
 //! of an earlier one continues from the generation in force and removes every other
 //! generation's entries after its first switch.
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use aya::maps::lpm_trie::Key;
@@ -17,6 +16,16 @@ use super::{KernelError, map_err};
 /// the old generation's entries are deleted. Programs run for microseconds inside an RCU
 /// read-side section; this is three orders of magnitude more.
 const GENERATION_GRACE: Duration = Duration::from_millis(20);
+
+/// Stops a [`PolicyMaps`] from writing, once any write in progress has finished.
+#[derive(Clone)]
+pub struct RetireSwitch(Arc<Mutex<bool>>);
+
+impl RetireSwitch {
+    pub fn retire(&self) {
+        *self.0.lock().expect("retire lock") = true;
+    }
+}
 
 /// Counts of one generation write.
 #[derive(Clone, Debug, Default, serde::Serialize)]
@@ -44,8 +53,9 @@ pub struct PolicyMaps {
     applied_ids: Vec<Key<IpKey>>,
     applied_cells: Vec<PolicyKey>,
     /// Set once this process has handed the data path to a successor: from then on the maps
-    /// are the successor's to write.
-    retired: Arc<AtomicBool>,
+    /// are the successor's to write. Held for the whole of a write, so retiring waits for a
+    /// write in progress.
+    retired: Arc<Mutex<bool>>,
 }
 
 impl PolicyMaps {
@@ -73,8 +83,8 @@ impl PolicyMaps {
 
     /// A switch that stops this process from writing the maps (after a hand-over); snapshots
     /// are still compiled and published, so the connections it still carries are re-checked.
-    pub fn retire_switch(&self) -> Arc<AtomicBool> {
-        self.retired.clone()
+    pub fn retire_switch(&self) -> RetireSwitch {
+        RetireSwitch(self.retired.clone())
     }
 
     /// Makes `snapshot` the policy in force. The new generation is written beside the old one,
@@ -83,8 +93,15 @@ impl PolicyMaps {
     /// generation stays in force, untouched.
     pub fn apply(&mut self, snapshot: &Snapshot) -> Result<ApplyStats, KernelError> {
         let start = Instant::now();
-        if self.retired.load(Ordering::Acquire) {
+        let retired = self.retired.clone();
+        let retired = retired.lock().expect("retire lock");
+        if *retired {
             return Ok(ApplyStats { generation: self.generation, ..Default::default() });
+        }
+        if self.sweep {
+            // The first write after start-up: continue from the generation in force now (a
+            // predecessor may have switched since the maps were opened).
+            self.generation = self.config.get(&0, 0).map(|c| c.generation).unwrap_or(self.generation);
         }
         let generation = self.generation.wrapping_add(1);
         let mut ids = Vec::with_capacity(snapshot.addresses.len());
