@@ -117,6 +117,12 @@ fn upgrade_keeps_established_connections_alive() {
             }
         })
     };
+    // A bad request on the hand-over socket gives nothing away.
+    let socket = cluster.info.state_dir.join("ztunnel-node-1/handoff.sock");
+    let mut garbage = std::os::unix::net::UnixStream::connect(&socket).unwrap();
+    std::io::Write::write_all(&mut garbage, b"\x00\x00\x00\x05hello").unwrap();
+    drop(garbage);
+    assert_eq!(connect(&cluster, "p1-1", &dst, 1000)["verified"], true);
     for node in ["node-1", "node-2"] {
         cluster.start_new_ztunnel(node).unwrap();
         let log = std::fs::read_to_string(&cluster.node(node).unwrap().log).unwrap();
@@ -219,7 +225,8 @@ fn a_failed_enrollment_leaves_no_certificate_renewing() {
     let pod = cluster.pod("p1-2").unwrap().clone();
     cluster.unenroll("p1-2").unwrap();
     let certificates = || {
-        let dump: serde_json::Value = serde_json::from_str(&cluster.admin_get("node-1", "/config_dump").unwrap()).unwrap();
+        let dump: serde_json::Value =
+            serde_json::from_str(&cluster.admin_get("node-1", "/config_dump").unwrap()).unwrap();
         dump["certificates"].to_string()
     };
     assert!(!certificates().contains(&pod.identity), "{}", certificates());

@@ -155,41 +155,35 @@ fn serve_successor(
     let _ = std::fs::remove_file(socket);
     let listener = tokio::net::UnixListener::bind(socket)
         .with_context(|| format!("bind hand-over socket {}", socket.display()))?;
+    // Whoever connects here receives every listener: root only.
+    std::fs::set_permissions(socket, std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
     let (done, handed_over) = tokio::sync::oneshot::channel();
     tokio::spawn(async move {
-        let mut give = Some((node, serving, events, retire));
-        loop {
-            let stream = match listener.accept().await {
-                Ok((s, _)) => s,
-                Err(e) => {
-                    tracing::warn!(error = %e, "hand-over accept failed");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    continue;
-                }
-            };
-            let Ok(stream) = stream.into_std().and_then(|s| s.set_nonblocking(false).map(|()| s)) else { continue };
-            let Some((node, serving, events, retire)) = give.take() else { return };
-            let pods = pods.clone();
-            let result = tokio::task::spawn_blocking(move || {
-                handoff::hand_over(stream, move || {
-                    retire.retire();
-                    events.abort();
-                    serving.iter().for_each(tokio::task::JoinHandle::abort);
-                    (node, pods.hand_over())
-                })
-            })
-            .await;
-            match result {
-                Ok(Ok(successor)) => {
-                    let _ = done.send(successor);
-                    return;
-                }
-                Ok(Err(e)) => tracing::error!(error = %e, "hand-over failed"),
-                Err(e) => tracing::error!(error = %e, "hand-over task failed"),
+        let mut acceptor = palisade_mesh::accept::Acceptor::new("hand-over", listener);
+        let (stream, successor) = loop {
+            let (stream, _) = acceptor.accept().await;
+            let Ok(mut stream) = stream.into_std().and_then(|s| s.set_nonblocking(false).map(|()| s)) else { continue };
+            match tokio::task::spawn_blocking(move || handoff::read_request(&mut stream).map(|pid| (stream, pid))).await
+            {
+                Ok(Ok(accepted)) => break accepted,
+                Ok(Err(e)) => tracing::warn!(error = %e, "hand-over request refused"),
+                Err(e) => tracing::warn!(error = %e, "hand-over task failed"),
             }
-            // A failed exchange after `give` ran cannot be undone: the listeners are gone.
-            return;
+        };
+        // From here the listeners leave this process, whatever happens to the exchange.
+        let sent = tokio::task::spawn_blocking(move || {
+            retire.retire();
+            events.abort();
+            serving.iter().for_each(tokio::task::JoinHandle::abort);
+            handoff::send_listeners(stream, node, pods.hand_over())
+        })
+        .await;
+        match sent {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::error!(error = %e, "hand-over failed after this ztunnel stopped accepting"),
+            Err(e) => tracing::error!(error = %e, "hand-over task failed"),
         }
+        let _ = done.send(successor);
     });
     Ok(handed_over)
 }

@@ -123,24 +123,28 @@ pub fn take_over(socket: &Path) -> Result<Option<Inherited>, HandoffError> {
     Ok(Some(Inherited { node, pods }))
 }
 
-/// Serves one successor on an accepted connection: reads its request, lets `give` stop this
-/// process's accept loops and collect the listeners, and sends them. Blocking: run it on a
-/// blocking thread.
-pub fn hand_over(
-    mut stream: UnixStream,
-    give: impl FnOnce() -> (NodeListeners, Vec<(String, PodListeners)>),
-) -> Result<u32, HandoffError> {
+/// Reads a successor's request on an accepted connection; returns its process id. Blocking:
+/// run it on a blocking thread. Nothing is given away yet, so a bad request costs nothing.
+pub fn read_request(stream: &mut UnixStream) -> Result<u32, HandoffError> {
     let path = Path::new("handoff.sock");
     stream.set_read_timeout(Some(IO_TIMEOUT)).map_err(io_err(path))?;
     stream.set_write_timeout(Some(IO_TIMEOUT)).map_err(io_err(path))?;
-    let frame = read_frame(&mut stream).map_err(io_err(path))?;
+    let frame = read_frame(stream).map_err(io_err(path))?;
     let request: serde_json::Value =
         serde_json::from_slice(&frame).map_err(|e| HandoffError::Protocol(format!("request: {e}")))?;
     if request["op"] != "takeover" {
         return Err(HandoffError::Protocol(format!("unknown request {request}")));
     }
-    let successor = request["pid"].as_u64().unwrap_or(0) as u32;
-    let (node, pods) = give();
+    Ok(request["pid"].as_u64().unwrap_or(0) as u32)
+}
+
+/// Sends the listeners to the successor that asked on `stream`. Blocking.
+pub fn send_listeners(
+    mut stream: UnixStream,
+    node: NodeListeners,
+    pods: Vec<(String, PodListeners)>,
+) -> Result<(), HandoffError> {
+    let path = Path::new("handoff.sock");
     let mut fds = vec![node.admin, node.metrics, node.ready, node.enroll];
     let mut entries = Vec::new();
     for (uid, listeners) in pods {
@@ -151,8 +155,7 @@ pub fn hand_over(
     let header = Header { fds: fds.len(), pods: entries };
     let text = serde_json::to_vec(&header).map_err(|e| HandoffError::Protocol(e.to_string()))?;
     write_frame(&mut stream, &text).map_err(io_err(path))?;
-    send_fds(&stream, &fds).map_err(io_err(path))?;
-    Ok(successor)
+    send_fds(&stream, &fds).map_err(io_err(path))
 }
 
 /// A length-prefixed message. Exact reads never run into the next message, which matters:
