@@ -4,7 +4,7 @@
 //! the same run (the "baseline" column is the unflooded run); the flood's rate; and the
 //! destination ztunnel's RSS before, during and after the flood.
 use std::collections::VecDeque;
-use std::io::{BufRead, BufReader, Write};
+use std::io::Write;
 use std::net::{SocketAddr, TcpStream};
 use std::process::Stdio;
 use std::sync::Arc;
@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
-use palisade_sandbox::{Cluster, ClusterSpec};
+use palisade_sandbox::Cluster;
 use serde_json::Value;
 
 use crate::Options;
@@ -94,15 +94,6 @@ fn flood(target: SocketAddr, stop: &AtomicBool, opened: &AtomicU64) {
     }
 }
 
-struct Server(std::process::Child);
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 fn probe(cluster: &Cluster, options: &Options, args: &[String]) -> Result<Value> {
     let out = cluster.command("p1-1", &options.bins.probe)?.args(args).stderr(Stdio::inherit()).output()?;
     let text = String::from_utf8_lossy(&out.stdout);
@@ -154,20 +145,8 @@ fn metric(cluster: &Cluster, node: &str, name: &str) -> f64 {
 
 /// The hostile section.
 pub fn hostile(options: &Options) -> Result<Vec<Figure>> {
-    palisade_sandbox::sweep_stale_test_clusters()?;
-    let id = palisade_sandbox::unique_test_id();
-    let mut spec = ClusterSpec::uniform(&id, palisade_sandbox::test_state_dir(&id), 2, 2);
-    spec.ztunnel = Some(options.bins.ztunnel.clone());
-    spec.palisade = Some(options.bins.palisade.clone());
-    let cluster = Cluster::up(spec)?;
-    let mut child = cluster
-        .command("p2-1", &options.bins.probe)?
-        .args(["serve", "--port", &ECHO_PORT.to_string()])
-        .stdout(Stdio::piped())
-        .spawn()?;
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().context("stdout")?).read_line(&mut line)?;
-    let _server = Server(child);
+    let cluster = crate::measure::cluster(options, 2, 2, true, "")?;
+    let _server = crate::measure::echo_server(&cluster, options, "p2-1", ECHO_PORT)?;
     let dst_ip = cluster.pod("p2-1")?.ip.clone();
     let echo = format!("{dst_ip}:{ECHO_PORT}");
     let target = SocketAddr::new(dst_ip.parse()?, HBONE_PORT);

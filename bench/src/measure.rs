@@ -16,18 +16,20 @@ const IPERF_PORT: u16 = 5201;
 const ECHO_PORT: u16 = 8080;
 const DENIED_PORT: u16 = 9999;
 
-fn cluster(options: &Options, nodes: usize, pods: usize, enroll: bool) -> Result<Cluster> {
+/// A mesh sandbox for one section: `nodes` × `pods`, with the extra `policy` resources.
+pub(crate) fn cluster(options: &Options, nodes: usize, pods: usize, enroll: bool, policy: &str) -> Result<Cluster> {
     palisade_sandbox::sweep_stale_test_clusters()?;
     let id = palisade_sandbox::unique_test_id();
     let mut spec = ClusterSpec::uniform(&id, palisade_sandbox::test_state_dir(&id), nodes, pods);
     spec.ztunnel = Some(options.bins.ztunnel.clone());
     spec.palisade = Some(options.bins.palisade.clone());
     spec.enroll = enroll;
+    spec.policy = policy.to_string();
     Cluster::up(spec)
 }
 
 /// A server process in a pod, killed on drop.
-struct Server(Child);
+pub(crate) struct Server(Child);
 
 impl Drop for Server {
     fn drop(&mut self) {
@@ -36,10 +38,11 @@ impl Drop for Server {
     }
 }
 
-fn echo_server(cluster: &Cluster, options: &Options, pod: &str) -> Result<Server> {
+/// An echo server (the probe) in `pod` on `port`, once it listens.
+pub(crate) fn echo_server(cluster: &Cluster, options: &Options, pod: &str, port: u16) -> Result<Server> {
     let mut child = cluster
         .command(pod, &options.bins.probe)?
-        .args(["serve", "--port", &ECHO_PORT.to_string()])
+        .args(["serve", "--port", &port.to_string()])
         .stdout(Stdio::piped())
         .spawn()?;
     let mut line = String::new();
@@ -117,11 +120,11 @@ impl Samples {
 /// Figures 1–5 on a 2-node cluster with one pod per node.
 pub fn data_path(options: &Options) -> Result<Vec<Figure>> {
     let s: &Sizes = &options.sizes;
-    let cluster = cluster(options, 2, 1, true)?;
+    let cluster = cluster(options, 2, 1, true, "")?;
     let dst_ip = cluster.pod("p2-1")?.ip.clone();
     let echo = format!("{dst_ip}:{ECHO_PORT}");
     let _iperf = iperf_server(&cluster, "p2-1")?;
-    let _echo = echo_server(&cluster, options, "p2-1")?;
+    let _echo = echo_server(&cluster, options, "p2-1", ECHO_PORT)?;
     let ztunnels: Vec<u32> = ["node-1", "node-2"].iter().filter_map(|n| cluster.ztunnel_pid(n)).collect();
     let mut samples = Samples::default();
     let (rate, conns) = (s.latency_rate.to_string(), s.latency_conns.to_string());
@@ -266,7 +269,7 @@ fn metric(cluster: &Cluster, name: &str) -> Result<f64> {
 pub fn idle_and_policy_scale(options: &Options) -> Result<Vec<Figure>> {
     let s = &options.sizes;
     let most = *s.idle_pods.iter().max().unwrap_or(&0);
-    let mut cluster = cluster(options, 1, most.max(1), false)?;
+    let mut cluster = cluster(options, 1, most.max(1), false, "")?;
     let pid = cluster.ztunnel_pid("node-1").context("ztunnel pid")?;
     let names: Vec<String> = cluster.info.pods.iter().map(|p| p.name.clone()).collect();
     let mut figures = Vec::new();

@@ -6,10 +6,11 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
-use palisade_sandbox::{Cluster, ClusterSpec};
+use palisade_sandbox::Cluster;
 use serde_json::Value;
 
 use crate::Options;
+use crate::measure::echo_server;
 use crate::stats::Figure;
 
 const GROUP: &str = "restart";
@@ -74,47 +75,19 @@ fn attempts(
     })
 }
 
-fn server(cluster: &Cluster, options: &Options, pod: &str, port: u16) -> Result<std::process::Child> {
-    use std::io::BufRead;
-    let mut child = cluster
-        .command(pod, &options.bins.probe)?
-        .args(["serve", "--port", &port.to_string()])
-        .stdout(std::process::Stdio::piped())
-        .spawn()?;
-    let mut line = String::new();
-    std::io::BufReader::new(child.stdout.take().context("stdout")?).read_line(&mut line)?;
-    Ok(child)
-}
-
-struct Servers(Vec<std::process::Child>);
-
-impl Drop for Servers {
-    fn drop(&mut self) {
-        for c in &mut self.0 {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
-
 /// Upgrades both nodes under load, then kills node 1's ztunnel and restarts it.
 pub fn restarts(options: &Options) -> Result<Vec<Figure>> {
-    palisade_sandbox::sweep_stale_test_clusters()?;
-    let id = palisade_sandbox::unique_test_id();
-    let mut spec = ClusterSpec::uniform(&id, palisade_sandbox::test_state_dir(&id), 2, 2);
-    spec.ztunnel = Some(options.bins.ztunnel.clone());
-    spec.palisade = Some(options.bins.palisade.clone());
-    spec.policy = format!(
+    let policy = format!(
         "apiVersion: palisade.dev/v1alpha1\nkind: SegmentationPolicy\nmetadata: {{name: no-{DENIED_PORT}, namespace: default}}\n\
          spec: {{selector: {{matchLabels: {{app: p1-2}}}}, action: Deny, rules: [{{from: [{{namespace: default, \
          serviceAccount: p1-1}}], ports: [{DENIED_PORT}]}}]}}\n"
     );
-    let mut cluster = Cluster::up(spec)?;
-    let _servers = Servers(vec![
-        server(&cluster, options, "p2-1", ALLOWED_PORT)?,
-        server(&cluster, options, "p1-2", ALLOWED_PORT)?,
-        server(&cluster, options, "p1-2", DENIED_PORT)?,
-    ]);
+    let mut cluster = crate::measure::cluster(options, 2, 2, true, &policy)?;
+    let _servers = [
+        echo_server(&cluster, options, "p2-1", ALLOWED_PORT)?,
+        echo_server(&cluster, options, "p1-2", ALLOWED_PORT)?,
+        echo_server(&cluster, options, "p1-2", DENIED_PORT)?,
+    ];
     let remote = format!("{}:{ALLOWED_PORT}", cluster.pod("p2-1")?.ip);
     let local = cluster.pod("p1-2")?.ip.clone();
     let (allowed_local, denied_local) = (format!("{local}:{ALLOWED_PORT}"), format!("{local}:{DENIED_PORT}"));
