@@ -31,9 +31,14 @@ fn workload(name: &str, ns: &str, sa: &str, ip: &str) -> String {
     )
 }
 
-/// 200 KB of nested brackets: minutes of parsing for serde_yaml.
+/// A resource whose line 4 nests 100,000 levels deep (200 KB): serde_yaml parses it for
+/// minutes (its time is quadratic in the depth).
 fn deeply_nested() -> String {
-    format!("{}{}", "[".repeat(100_000), "]".repeat(100_000))
+    format!(
+        "apiVersion: palisade.dev/v1alpha1\nkind: Namespace\nmetadata: {{name: a}}\nx: {}{}\n",
+        "[".repeat(100_000),
+        "]".repeat(100_000)
+    )
 }
 
 /// `palisade ca serve` as a child process in a scratch directory (removed on drop, the
@@ -290,5 +295,5 @@ fn validate_refuses_endless_and_deeply_nested_files() {
     let deep = dir.0.join("deep.yaml");
     std::fs::write(&deep, deeply_nested()).unwrap();
     let err = validate_fails(&deep);
-    assert!(err.contains(&format!("{}:1: refused: YAML nested deeper than the limit of 64", deep.display())), "{err}");
+    assert!(err.contains(&format!("{}:4: refused: YAML nested deeper than the limit of 64", deep.display())), "{err}");
 }
