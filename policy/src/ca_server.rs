@@ -11,9 +11,7 @@
 //! closed at once, so a flood neither grows without bound nor leaves legitimate clients
 //! waiting in the kernel's accept queue. Files (inventory, roots) are read outside the CA's
 //! lock, by a refresh task, and the last good inventory is kept when the files go bad.
-use std::collections::HashMap;
 use std::convert::Infallible;
-use std::net::IpAddr;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -22,7 +20,7 @@ use bytes::Bytes;
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
 use hyper::{Request, Response, StatusCode};
-use palisade_mesh::accept::Acceptor;
+use palisade_mesh::accept::{Acceptor, HandshakeLimit};
 use palisade_mesh::ca_api::{
     CONTROL_PLANE_NAMESPACE, SignRequest, SignResponse, ca_identity, new_key_and_csr, node_of_uri,
 };
@@ -172,63 +170,6 @@ async fn refresh_forever(service: Arc<CaService>) {
     }
 }
 
-/// Counts the connections in service, overall and per source address.
-#[derive(Default)]
-struct Admission {
-    state: Mutex<AdmissionState>,
-}
-
-#[derive(Default)]
-struct AdmissionState {
-    total: usize,
-    per_source: HashMap<IpAddr, usize>,
-    refused: u64,
-    last_log: Option<Instant>,
-}
-
-/// A connection's place in [`Admission`]; given back on drop.
-struct Admitted {
-    admission: Arc<Admission>,
-    source: IpAddr,
-}
-
-impl Admission {
-    fn admit(self: &Arc<Self>, source: IpAddr) -> Option<Admitted> {
-        let mut s = self.state.lock().expect("admission lock");
-        let from_source = s.per_source.get(&source).copied().unwrap_or(0);
-        if s.total >= MAX_CONNECTIONS || from_source >= MAX_CONNECTIONS_PER_SOURCE {
-            s.refused += 1;
-            if s.last_log.is_none_or(|t| t.elapsed() >= Duration::from_secs(1)) {
-                tracing::warn!(
-                    %source,
-                    in_service = s.total,
-                    from_source,
-                    refused_total = s.refused,
-                    "CA connection limit reached: closing new connections at once"
-                );
-                s.last_log = Some(Instant::now());
-            }
-            return None;
-        }
-        s.total += 1;
-        *s.per_source.entry(source).or_default() += 1;
-        Some(Admitted { admission: self.clone(), source })
-    }
-}
-
-impl Drop for Admitted {
-    fn drop(&mut self) {
-        let mut s = self.admission.state.lock().expect("admission lock");
-        s.total -= 1;
-        if let Some(n) = s.per_source.get_mut(&self.source) {
-            *n -= 1;
-            if *n == 0 {
-                s.per_source.remove(&self.source);
-            }
-        }
-    }
-}
-
 /// Serves the CA API until the process ends. Only set-up errors are returned.
 pub async fn serve(listener: TcpListener, service: Arc<CaService>) -> anyhow::Result<()> {
     let credential = CredentialSlot::new(service.serving_credential().map_err(anyhow::Error::msg)?);
@@ -241,12 +182,24 @@ pub async fn serve(listener: TcpListener, service: Arc<CaService>) -> anyhow::Re
     let (mut tls, mut tls_bundle) = (make_tls(&bundle_pem)?, bundle_pem);
     tracing::info!(addr = %listener.local_addr()?, "CA serving");
     tokio::spawn(refresh_forever(service.clone()));
-    let admission = Arc::new(Admission::default());
+    // The shared bound, held here for a connection's whole life (a CA request is short).
+    let admission = HandshakeLimit::new(MAX_CONNECTIONS, MAX_CONNECTIONS_PER_SOURCE);
     let mut acceptor = Acceptor::new("ca", listener);
+    let mut last_log: Option<Instant> = None;
     loop {
         let (tcp, peer) = acceptor.accept().await;
         // Over the limit: closed at once (dropped), so the queue keeps moving.
-        let Some(admitted) = admission.admit(peer.ip()) else { continue };
+        let admitted = match admission.try_admit(peer.ip()) {
+            Ok(permit) => permit,
+            Err(why) => {
+                if last_log.is_none_or(|t| t.elapsed() >= Duration::from_secs(1)) {
+                    tracing::warn!(source = %peer.ip(), ?why, in_service = admission.in_progress(),
+                        refused_total = admission.refused_total(), "CA connection limit reached: closing new connections at once");
+                    last_log = Some(Instant::now());
+                }
+                continue;
+            }
+        };
         // Node credentials signed by a newly activated root are accepted without a restart.
         let current = service.bundle();
         if current != tls_bundle {
