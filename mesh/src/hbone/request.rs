@@ -30,16 +30,17 @@ pub fn parse_connect(method: &http::Method, uri: &http::Uri, headers: &http::Hea
 
 /// The client address of a `forwarded` header (RFC 7239): the `for` parameter of its first
 /// element (the original client; later elements are proxies), when it is an `ip:port`
-/// (`"[v6]:port"` for IPv6). Parameter names are case-insensitive; values may be quoted.
+/// (`"[v6]:port"` for IPv6). Parameter names are case-insensitive; values may be quoted;
+/// white space is allowed around `;` and `,` but not around `=` (RFC 7239's grammar).
 /// Anything else (an obfuscated identifier, an address without a port) gives `None`.
 pub fn forwarded_for(header: Option<&str>) -> Option<SocketAddr> {
     let first = header?.split(',').next()?;
     first.split(';').find_map(|pair| {
-        let (name, value) = pair.split_once('=')?;
-        if !name.trim().eq_ignore_ascii_case("for") {
+        let (name, value) = pair.trim_start().split_once('=')?;
+        if !name.eq_ignore_ascii_case("for") {
             return None;
         }
-        let value = value.trim();
+        let value = value.trim_end();
         let value = value.strip_prefix('"').and_then(|v| v.strip_suffix('"')).unwrap_or(value);
         value.parse().ok()
     })
@@ -97,6 +98,10 @@ mod tests {
             ("for=_hidden", None),
             ("for=\"", None),
             ("xfor=10.0.0.2:4000", None),
+            // Found by fuzzing: white space around `=` is no forwarded-pair.
+            ("for =\"[fd00::b]:1\"", None),
+            ("for= 10.0.0.2:4000", None),
+            (" for=10.0.0.2:4000 ;by=x", Some("10.0.0.2:4000")),
             ("", None),
         ];
         for (header, want) in cases {
