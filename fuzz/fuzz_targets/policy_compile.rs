@@ -11,11 +11,11 @@ use std::path::PathBuf;
 
 use arbitrary::Arbitrary;
 use libfuzzer_sys::fuzz_target;
-use palisade_policy::load::{Located, Origin};
-use palisade_policy::resource::{
+use palisade_model::load::{Located, Origin};
+use palisade_model::resource::{
     API_VERSION, Metadata, NamespaceSpec, Peer, Resource, Rule, SegmentationSpec, Selector, WorkloadSpec,
 };
-use palisade_policy::{Action, Mode, compile, validate};
+use palisade_model::{Action, Mode, compile, validate};
 
 const NAMESPACES: &[&str] = &["a", "b", "c"];
 const ACCOUNTS: &[&str] = &["x", "y", "z"];
@@ -106,7 +106,7 @@ struct PeerIn {
     not_ip_blocks: Vec<u8>,
 }
 
-fn blocks(picks: &[u8]) -> Vec<palisade_policy::cidr::Cidr> {
+fn blocks(picks: &[u8]) -> Vec<palisade_model::cidr::Cidr> {
     picks.iter().take(3).map(|&i| pick(BLOCKS, i).parse().expect("a valid block")).collect()
 }
 

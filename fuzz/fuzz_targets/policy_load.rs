@@ -6,7 +6,7 @@ use std::net::IpAddr;
 use std::path::Path;
 
 use libfuzzer_sys::fuzz_target;
-use palisade_policy::{compile, load, validate};
+use palisade_model::{compile, load, validate};
 
 fuzz_target!(|data: &[u8]| {
     let Ok(text) = std::str::from_utf8(data) else { return };
@@ -29,7 +29,7 @@ fuzz_target!(|data: &[u8]| {
             let kernel = snapshot.verdict(src, dst, 80);
             let exact = snapshot.authorize(src, None, dst, 80).verdict;
             assert!(
-                !(kernel.action == palisade_policy::Action::Deny && exact.action == palisade_policy::Action::Allow),
+                !(kernel.action == palisade_model::Action::Deny && exact.action == palisade_model::Action::Allow),
                 "the kernel cells deny {src} -> {dst}:80, which the exact evaluation allows"
             );
         }

@@ -27,7 +27,7 @@ fn policy(name: &str, action: &str, rule: &str) -> String {
 /// A TLS server on `pod`'s 15008 presenting a certificate of the cluster's CA for `identity`;
 /// counts the handshakes tried against it. Stops when the returned sender is dropped.
 fn impostor(cluster: &Cluster, pod: &str, identity: &SpiffeId) -> (tokio::sync::oneshot::Sender<()>, Arc<AtomicUsize>) {
-    let ca = palisade_policy::ca::CertificateAuthority::open(&cluster.info.state_dir.join("ca"), "cluster.local")
+    let ca = palisade_ca::authority::CertificateAuthority::open(&cluster.info.state_dir.join("ca"), "cluster.local")
         .expect("the sandbox CA");
     let (key, csr) = new_key_and_csr().unwrap();
     let (chain, _) = ca.sign_workload(&csr, identity).unwrap();

@@ -291,8 +291,8 @@ fn graceful_shutdown_refuses_new_streams_and_ends_at_its_deadline() {
 
 #[test]
 fn the_hbone_listener_refuses_bad_client_certificates() {
+    use palisade_ca::authority::CertificateAuthority;
     use palisade_mesh::hbone::pool::{ConnectRequest, Pool, PoolKey};
-    use palisade_policy::ca::CertificateAuthority;
 
     let cluster = mesh(2, 1, "");
     let _server = serve(&cluster, "p2-1", 8080);

@@ -9,9 +9,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
+use palisade_ca::authority::CertificateAuthority;
 use palisade_mesh::identity::SpiffeId;
 use palisade_mesh::tls::{Credential, CredentialSlot, TrustBundle, client_config, no_sni, peer_identity};
-use palisade_policy::ca::CertificateAuthority;
 use support::*;
 
 /// What the client learned from one TLS session with the listener.

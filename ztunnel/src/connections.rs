@@ -6,7 +6,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-use palisade_policy::{Action, Snapshot};
+use palisade_model::{Action, Snapshot};
 use tokio::sync::watch;
 
 struct Tracked {

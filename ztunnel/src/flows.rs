@@ -10,7 +10,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use std::sync::atomic::Ordering;
 
 use palisade_ebpf_common::*;
-use palisade_policy::Snapshot;
+use palisade_model::Snapshot;
 use serde::Serialize;
 use tokio::sync::{broadcast, watch};
 
@@ -337,7 +337,7 @@ pub async fn drain_kernel_events(ring: aya::maps::RingBuf<aya::maps::MapData>, h
 mod tests {
     use std::path::Path;
 
-    use palisade_policy::Action;
+    use palisade_model::Action;
 
     use super::*;
 
@@ -348,9 +348,9 @@ mod tests {
 
     fn snapshot(extra: &str) -> Arc<Snapshot> {
         let text = format!("{WORKLOADS}{extra}");
-        let resources = palisade_policy::load::parse_str(Path::new("t.yaml"), &text).expect("parses");
-        palisade_policy::validate::validate(&resources).expect("valid");
-        Arc::new(palisade_policy::compile(&resources))
+        let resources = palisade_model::load::parse_str(Path::new("t.yaml"), &text).expect("parses");
+        palisade_model::validate::validate(&resources).expect("valid");
+        Arc::new(palisade_model::compile(&resources))
     }
 
     fn policy(name: &str, action: &str, from_sa: &str) -> String {

@@ -4,7 +4,7 @@
 //! policy stays in force.
 //!
 //! Which files are read, and how a change is noticed, is the loader's business
-//! (`palisade_policy::load`): the poll `stat`s the very files the loader reads and re-reads
+//! (`palisade_model::load`): the poll `stat`s the very files the loader reads and re-reads
 //! contents only when their metadata moved. A file that cannot be read (deleted, a dangling
 //! symlink, over the size limit) is logged with its path and counted once per distinct
 //! failure, not on every poll.
@@ -13,8 +13,8 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use palisade_policy::Snapshot;
-use palisade_policy::load::{ChangeDetector, LoadError};
+use palisade_model::Snapshot;
+use palisade_model::load::{ChangeDetector, LoadError};
 use tokio::sync::watch;
 
 use crate::datapath::{ApplyStats, PolicyMaps};
@@ -108,7 +108,7 @@ impl PolicySource {
         let mut maps = self.maps.take().expect("policy maps are owned between reloads");
         let (maps, result) = tokio::task::spawn_blocking(move || {
             let started = std::time::Instant::now();
-            let result = palisade_policy::load_snapshot_for(&paths, &trust_domain)
+            let result = palisade_model::load_snapshot_for(&paths, &trust_domain)
                 .map_err(anyhow::Error::from)
                 .and_then(|snap| {
                     let compile_ms = started.elapsed().as_secs_f64() * 1e3;
@@ -174,7 +174,7 @@ mod tests {
         std::fs::create_dir_all(dir.join("team")).unwrap();
         std::fs::write(dir.join("team/more.yaml"), NS.replace("name: a", "name: b")).unwrap();
         let paths = vec![dir.clone()];
-        palisade_policy::load_snapshot(&paths).expect("the loader accepts the directory");
+        palisade_model::load_snapshot(&paths).expect("the loader accepts the directory");
         let mut files = Files { changes: ChangeDetector::new(paths), read_error: None };
         assert!(matches!(files.poll(), Polled::Changed));
         assert!(matches!(files.poll(), Polled::Unchanged));

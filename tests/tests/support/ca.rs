@@ -3,10 +3,10 @@
 use std::sync::Arc;
 use std::time::SystemTime;
 
+use palisade_ca::authority::CertificateAuthority;
 use palisade_mesh::ca_api::new_key_and_csr;
 use palisade_mesh::identity::SpiffeId;
 use palisade_mesh::tls::{Credential, CredentialSlot, TrustBundle};
-use palisade_policy::ca::CertificateAuthority;
 
 pub struct TestCa {
     pub ca: CertificateAuthority,

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use aya::maps::lpm_trie::Key;
 use aya::maps::{Array, HashMap, LpmTrie, MapData};
 use palisade_ebpf_common::*;
-use palisade_policy::{Action, Snapshot};
+use palisade_model::{Action, Snapshot};
 
 use super::{KernelError, map_err};
 

@@ -16,7 +16,7 @@ use palisade_mesh::hbone::{ALPN, HboneError, PORT, Progress, pump, pump_counted}
 use palisade_mesh::identity::SpiffeId;
 use palisade_mesh::secrets::SecretManager;
 use palisade_mesh::tls::server_config;
-use palisade_policy::{Action, Snapshot};
+use palisade_model::{Action, Snapshot};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 

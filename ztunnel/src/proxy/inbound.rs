@@ -4,13 +4,13 @@
 //! (over the pod's loopback, which the steering program leaves alone).
 //!
 //! The exact evaluation runs here too: it refuses what the kernel's cells could only
-//! approximate (see `palisade_policy::matching`), and registers the connection so that a
+//! approximate (see `palisade_model::matching`), and registers the connection so that a
 //! later policy change can close it.
 use std::sync::Arc;
 use std::time::Instant;
 
 use palisade_mesh::accept::Acceptor;
-use palisade_policy::Action;
+use palisade_model::Action;
 use tokio::net::TcpListener;
 
 use super::{Decided, Finished, PodNet, ProxyCtx, carry, record, socket_reset};

@@ -34,7 +34,7 @@ pub struct ProxyCtx {
     pub hub: Arc<FlowHub>,
     pub metrics: Arc<Metrics>,
     pub orig_dst: OrigDstTable,
-    pub snapshot: tokio::sync::watch::Receiver<Arc<palisade_policy::Snapshot>>,
+    pub snapshot: tokio::sync::watch::Receiver<Arc<palisade_model::Snapshot>>,
     /// Identity and HBONE, when a CA is configured.
     pub mesh: Option<hbone::Mesh>,
     /// Connections at their destination, re-checked on policy changes.

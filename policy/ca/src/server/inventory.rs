@@ -12,8 +12,8 @@ use std::time::{Duration, Instant};
 
 use palisade_mesh::identity::SpiffeId;
 
-use crate::load::{ChangeDetector, Located, load_paths};
-use crate::resource::Resource;
+use palisade_model::load::{ChangeDetector, Located, load_paths};
+use palisade_model::resource::Resource;
 
 /// How often the inventory files are checked for changes.
 pub const REFRESH_EVERY: Duration = Duration::from_secs(1);

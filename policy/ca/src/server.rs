@@ -28,7 +28,7 @@ use palisade_mesh::identity::SpiffeId;
 use palisade_mesh::tls::{Clients, Credential, CredentialSlot, TrustBundle, server_config_for, spiffe_uri_of};
 use tokio::net::TcpListener;
 
-use crate::ca::CertificateAuthority;
+use crate::authority::CertificateAuthority;
 
 pub mod inventory;
 

@@ -1,8 +1,6 @@
 //! Palisade's policy model: resources (YAML), validation, and compilation to snapshots that
 //! ztunnel loads into the kernel. The verdict algorithm lives here once ([`Snapshot::verdict`])
 //! and is used by ztunnel, by tests and by `palisade explain`.
-pub mod ca;
-pub mod ca_server;
 pub mod cidr;
 pub mod compile;
 pub mod load;

@@ -82,7 +82,7 @@ enum CaCommand {
 }
 
 fn ca_command(dir: PathBuf, trust_domain: String, command: CaCommand) -> anyhow::Result<()> {
-    use palisade_policy::ca::CertificateAuthority;
+    use palisade_ca::authority::CertificateAuthority;
     if let CaCommand::Init = command {
         let (ca, created) = CertificateAuthority::init(&dir, &trust_domain)?;
         match created {
@@ -121,11 +121,11 @@ fn ca_command(dir: PathBuf, trust_domain: String, command: CaCommand) -> anyhow:
                 )
                 .init();
             ca.workload_ttl = std::time::Duration::from_secs(workload_ttl_secs);
-            let service = std::sync::Arc::new(palisade_policy::ca_server::CaService::new(ca, dir, inventory));
+            let service = std::sync::Arc::new(palisade_ca::server::CaService::new(ca, dir, inventory));
             let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
             runtime.block_on(async {
                 let listener = tokio::net::TcpListener::bind(listen).await?;
-                palisade_policy::ca_server::serve(listener, service).await
+                palisade_ca::server::serve(listener, service).await
             })?;
         }
     }
@@ -144,7 +144,7 @@ fn main() -> ExitCode {
         };
     }
     let result = match cli.command {
-        Command::Validate { paths } => palisade_policy::load_snapshot(&paths).map(|s| {
+        Command::Validate { paths } => palisade_model::load_snapshot(&paths).map(|s| {
             println!(
                 "ok: {} workloads, {} identities, {} rules, {} policy cells",
                 s.workloads.len(),
@@ -157,7 +157,7 @@ fn main() -> ExitCode {
             }
         }),
         Command::Explain { paths, from, principal, to, trust_domain } => {
-            palisade_policy::load_snapshot_for(&paths, &trust_domain).map(|s| {
+            palisade_model::load_snapshot_for(&paths, &trust_domain).map(|s| {
                 let proven = principal.as_deref().and_then(|p| p.split_once('/'));
                 let d = s.authorize(from, proven, to.ip(), to.port());
                 let v = &d.verdict;
