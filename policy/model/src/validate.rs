@@ -7,6 +7,9 @@ use std::net::IpAddr;
 use crate::load::{Located, Origin};
 use crate::resource::Resource;
 
+mod finding;
+pub use finding::{Finding, Severity};
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Problem {
     pub origin: Origin,
