@@ -2,6 +2,7 @@
 //! namespaces on one machine (see [`cluster`]); the same library drives `cargo xtask sandbox`,
 //! the demo, the end-to-end tests and the benchmarks.
 pub mod cluster;
+pub mod etcd;
 pub mod sys;
 
 use std::path::PathBuf;
