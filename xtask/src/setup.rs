@@ -9,10 +9,11 @@ use crate::cmd;
 /// Debian packages: iproute2 (netns, veth, bridge), bpftool (inspecting programs),
 /// iperf3 (benchmarks), tshark (proving what crosses the wire), etcd-server (the store of a
 /// highly available control plane: the tests and `sandbox up --store etcd` run the real one),
-/// etcd-client (`etcdctl`, to look into that store), protobuf-compiler (`protoc`: the
-/// `etcd-client` crate generates its gRPC code from etcd's protos at build time).
+/// etcd-client (`etcdctl`, to look into that store), protobuf-compiler and libprotobuf-dev
+/// (`protoc` and the well-known `.proto` files it imports: the `etcd-client` crate generates
+/// its gRPC code from etcd's protos at build time).
 const PACKAGES: &[&str] =
-    &["iproute2", "bpftool", "iperf3", "tshark", "etcd-server", "etcd-client", "protobuf-compiler"];
+    &["iproute2", "bpftool", "iperf3", "tshark", "etcd-server", "etcd-client", "protobuf-compiler", "libprotobuf-dev"];
 const BPF_LINKER: &str = "0.10.0";
 
 fn quiet_ok(program: &str, args: &[&str]) -> bool {
