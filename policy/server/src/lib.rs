@@ -1,5 +1,73 @@
 //! `palisade serve`: the policy control plane. Resources live in a [`store::Store`] (a
 //! directory of YAML, or etcd); the server validates every change as a whole batch before it
-//! reaches the store, compiles what each node needs and pushes it to the ztunnels, which ACK
-//! or NACK each version.
+//! reaches the store, pushes the resulting snapshot to the ztunnels over mutual TLS
+//! ([`push`]), which ACK or NACK each version, and answers the CLI on a local socket
+//! ([`admin`]).
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+pub mod admin;
+pub mod control;
+pub mod push;
 pub mod store;
+pub mod tls;
+
+pub use control::{Control, NodeStatus};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error("control-plane TLS: {0}")]
+    Tls(String),
+    #[error(transparent)]
+    Store(#[from] store::StoreError),
+    #[error(transparent)]
+    Admin(#[from] admin::AdminError),
+    #[error("{what} {addr}: {source}")]
+    Io {
+        what: &'static str,
+        addr: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("gRPC server: {0}")]
+    Grpc(String),
+}
+
+pub struct ServeConfig {
+    /// The push endpoint (ztunnels connect here).
+    pub listen: SocketAddr,
+    /// The admin socket the CLI uses.
+    pub admin_socket: PathBuf,
+}
+
+/// Serves until the process ends (or a listener fails).
+pub async fn serve(
+    config: ServeConfig,
+    store: Arc<dyn store::Store>,
+    ca: palisade_ca::authority::CertificateAuthority,
+) -> Result<(), ServeError> {
+    let control = Control::new(store);
+    tokio::spawn(control.clone().follow_store());
+    let (credential, bundle) = tls::serving_credential(ca)?;
+    let listener = tokio::net::TcpListener::bind(config.listen).await.map_err(|source| ServeError::Io {
+        what: "bind",
+        addr: config.listen.to_string(),
+        source,
+    })?;
+    let admin = admin::bind(&config.admin_socket)?;
+    tokio::spawn(admin::serve(admin, control.clone()));
+    let incoming = tls::incoming(listener, credential, &bundle)?;
+    tracing::info!(listen = %config.listen, admin = %config.admin_socket.display(), store = %control.store.describe(),
+        "control plane serving");
+    let service = palisade_api::v1::snapshot_discovery_server::SnapshotDiscoveryServer::new(push::Push { control })
+        .max_decoding_message_size(palisade_api::MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(palisade_api::MAX_MESSAGE_BYTES);
+    tonic::transport::Server::builder()
+        .http2_keepalive_interval(Some(std::time::Duration::from_secs(10)))
+        .http2_keepalive_timeout(Some(std::time::Duration::from_secs(5)))
+        .add_service(service)
+        .serve_with_incoming(tokio_stream::wrappers::ReceiverStream::new(incoming))
+        .await
+        .map_err(|e| ServeError::Grpc(e.to_string()))
+}

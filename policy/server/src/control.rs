@@ -1,0 +1,136 @@
+//! What the server knows: the store, the payload every node is sent (recomputed when the store
+//! moves, kept as the last good one when the store's content is invalid), and each node's
+//! status (the version it ACKed, its last NACK).
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use palisade_model::validate;
+use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
+
+use crate::store::{Listing, Revision, Store};
+
+/// What is pushed to every node: the whole resource set, validated (see ARCHITECTURE.md,
+/// "Control plane", for why the nodes compile it themselves).
+#[derive(Debug)]
+pub struct Payload {
+    /// The store revision it was computed at, as text (opaque to the nodes).
+    pub version: String,
+    pub revision: Revision,
+    pub resources_yaml: String,
+    /// SHA-256 of `resources_yaml`, hex.
+    pub digest: String,
+}
+
+/// One node as the server sees it (`palisade get nodes`).
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct NodeStatus {
+    pub node: String,
+    /// A stream from the node is open now.
+    pub connected: bool,
+    /// The version the node has in force (ACKed: its maps are switched to it).
+    pub version: Option<String>,
+    /// When the node ACKed it (milliseconds since the epoch).
+    pub acked_at_ms: Option<u64>,
+    /// The last version sent to the node.
+    pub sent_version: Option<String>,
+    pub last_nack: Option<Nack>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Nack {
+    pub version: String,
+    pub reason: String,
+    pub at_ms: u64,
+}
+
+pub fn now_ms() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+}
+
+pub struct Control {
+    pub store: Arc<dyn Store>,
+    payload: watch::Sender<Option<Arc<Payload>>>,
+    nodes: Mutex<BTreeMap<String, NodeStatus>>,
+    /// Why the store's current content is not pushed (invalid), if it is not.
+    store_error: Mutex<Option<String>>,
+}
+
+impl Control {
+    pub fn new(store: Arc<dyn Store>) -> Arc<Control> {
+        let (payload, _) = watch::channel(None);
+        Arc::new(Control { store, payload, nodes: Mutex::default(), store_error: Mutex::default() })
+    }
+
+    pub fn payload(&self) -> watch::Receiver<Option<Arc<Payload>>> {
+        self.payload.subscribe()
+    }
+
+    pub fn store_error(&self) -> Option<String> {
+        self.store_error.lock().expect("store error lock").clone()
+    }
+
+    /// Follows the store forever: every new revision is listed, validated and, if valid,
+    /// becomes the payload. An invalid content is logged and reported; the last good payload
+    /// stays.
+    pub async fn follow_store(self: Arc<Self>) {
+        let mut revisions = self.store.watch();
+        loop {
+            let seen = *revisions.borrow_and_update();
+            match self.store.list().await {
+                Ok(listing) => self.take(listing),
+                Err(e) => self.refuse(seen, e.to_string()),
+            }
+            if revisions.changed().await.is_err() {
+                return;
+            }
+        }
+    }
+
+    fn refuse(&self, revision: Revision, error: String) {
+        tracing::error!(revision, error = %error, "store content not pushed; nodes keep the last good snapshot");
+        *self.store_error.lock().expect("store error lock") = Some(format!("revision {revision}: {error}"));
+    }
+
+    fn take(&self, listing: Listing) {
+        if self.payload.borrow().as_ref().is_some_and(|p| p.revision >= listing.revision) {
+            return;
+        }
+        if let Err(invalid) = validate::validate(&listing.resources) {
+            return self.refuse(listing.revision, invalid.to_string());
+        }
+        let payload = match render(&listing) {
+            Ok(p) => p,
+            Err(e) => return self.refuse(listing.revision, e),
+        };
+        *self.store_error.lock().expect("store error lock") = None;
+        tracing::info!(version = %payload.version, resources = listing.resources.len(), "new snapshot for the nodes");
+        self.payload.send_replace(Some(Arc::new(payload)));
+    }
+
+    pub fn nodes(&self) -> Vec<NodeStatus> {
+        self.nodes.lock().expect("nodes lock").values().cloned().collect()
+    }
+
+    pub fn update_node(&self, node: &str, change: impl FnOnce(&mut NodeStatus)) {
+        let mut nodes = self.nodes.lock().expect("nodes lock");
+        let status =
+            nodes.entry(node.to_string()).or_insert_with(|| NodeStatus { node: node.into(), ..Default::default() });
+        change(status);
+    }
+}
+
+/// The resources as one multi-document YAML text, in the store's order.
+fn render(listing: &Listing) -> Result<Payload, String> {
+    let mut yaml = String::new();
+    for located in &listing.resources {
+        let doc = serde_yaml::to_string(&located.resource)
+            .map_err(|e| format!("{}: cannot serialise: {e}", located.origin))?;
+        yaml.push_str("---\n");
+        yaml.push_str(&doc);
+    }
+    let digest = ring::digest::digest(&ring::digest::SHA256, yaml.as_bytes());
+    let digest = digest.as_ref().iter().map(|b| format!("{b:02x}")).collect();
+    Ok(Payload { version: listing.revision.to_string(), revision: listing.revision, resources_yaml: yaml, digest })
+}

@@ -1,0 +1,125 @@
+//! The snapshot stream (`palisade.v1.SnapshotDiscovery`), xDS-style: the server sends a
+//! response (version, nonce, content) and waits for the request that answers its nonce — an
+//! ACK (`version_info` = the version sent) or a NACK (`error_detail`, and `version_info` = the
+//! version still in force) — before it sends the next. A NACKed version is not sent again;
+//! the next change of the store is.
+use std::pin::Pin;
+use std::sync::Arc;
+
+use palisade_api::v1::snapshot_discovery_server::SnapshotDiscovery;
+use palisade_api::v1::{SnapshotRequest, SnapshotResponse};
+use tokio::sync::mpsc;
+use tokio_stream::Stream;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::control::{Control, Nack, now_ms};
+use crate::tls::NodeName;
+
+pub struct Push {
+    pub control: Arc<Control>,
+}
+
+type Responses = Pin<Box<dyn Stream<Item = Result<SnapshotResponse, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl SnapshotDiscovery for Push {
+    type StreamStream = Responses;
+
+    async fn stream(&self, request: Request<Streaming<SnapshotRequest>>) -> Result<Response<Responses>, Status> {
+        let node = request
+            .extensions()
+            .get::<NodeName>()
+            .map(|n| n.0.clone())
+            .ok_or_else(|| Status::unauthenticated("no node credential"))?;
+        let mut inbound = request.into_inner();
+        let first = inbound.message().await?.ok_or_else(|| Status::invalid_argument("no request"))?;
+        if !first.node.is_empty() && first.node != node {
+            return Err(Status::permission_denied(format!(
+                "the credential is node {node:?}, the request names {:?}",
+                first.node
+            )));
+        }
+        let (tx, rx) = mpsc::channel(1);
+        let control = self.control.clone();
+        tokio::spawn(async move {
+            tracing::info!(%node, version = %first.version_info, "node subscribed");
+            control.update_node(&node, |s| {
+                s.connected = true;
+                if !first.version_info.is_empty() {
+                    s.version = Some(first.version_info.clone());
+                }
+            });
+            let ended = serve_node(&control, &node, first, &mut inbound, &tx).await;
+            tracing::info!(%node, reason = %ended, "node stream ended");
+            control.update_node(&node, |s| s.connected = false);
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+}
+
+/// Serves one node's stream until it ends; returns why.
+async fn serve_node(
+    control: &Control,
+    node: &str,
+    first: SnapshotRequest,
+    inbound: &mut Streaming<SnapshotRequest>,
+    tx: &mpsc::Sender<Result<SnapshotResponse, Status>>,
+) -> String {
+    let mut payloads = control.payload();
+    let mut in_force = first.version_info;
+    let mut nacked: Option<String> = None;
+    let mut nonce = 0u64;
+    loop {
+        let current = payloads.borrow_and_update().clone();
+        if let Some(p) = current.filter(|p| p.version != in_force && nacked.as_ref() != Some(&p.version)) {
+            nonce += 1;
+            let response = SnapshotResponse {
+                version_info: p.version.clone(),
+                nonce: nonce.to_string(),
+                resources_yaml: p.resources_yaml.clone(),
+                content_digest: p.digest.clone(),
+            };
+            if tx.send(Ok(response)).await.is_err() {
+                return "the node went away".into();
+            }
+            control.update_node(node, |s| s.sent_version = Some(p.version.clone()));
+            let answer = loop {
+                match inbound.message().await {
+                    Ok(Some(r)) if r.response_nonce == nonce.to_string() => break r,
+                    // An answer to an earlier response: superseded.
+                    Ok(Some(_)) => continue,
+                    Ok(None) => return "closed by the node".into(),
+                    Err(e) => return e.to_string(),
+                }
+            };
+            in_force = answer.version_info.clone();
+            match answer.error_detail {
+                Some(error) => {
+                    tracing::warn!(%node, version = %p.version, reason = %error.message, "node NACKed a snapshot");
+                    nacked = Some(p.version.clone());
+                    control.update_node(node, |s| {
+                        s.version = (!in_force.is_empty()).then(|| in_force.clone());
+                        s.last_nack = Some(Nack { version: p.version.clone(), reason: error.message, at_ms: now_ms() });
+                    });
+                }
+                None => {
+                    tracing::debug!(%node, version = %in_force, "node ACKed");
+                    control.update_node(node, |s| {
+                        s.version = Some(in_force.clone());
+                        s.acked_at_ms = Some(now_ms());
+                    });
+                }
+            }
+            continue;
+        }
+        tokio::select! {
+            changed = payloads.changed() => if changed.is_err() { return "server stopping".into() },
+            message = inbound.message() => match message {
+                Ok(Some(_)) => {}
+                Ok(None) => return "closed by the node".into(),
+                Err(e) => return e.to_string(),
+            },
+        }
+    }
+}
