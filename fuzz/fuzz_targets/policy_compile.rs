@@ -13,7 +13,8 @@ use arbitrary::Arbitrary;
 use libfuzzer_sys::fuzz_target;
 use palisade_model::load::{Located, Origin};
 use palisade_model::resource::{
-    API_VERSION, Metadata, NamespaceSpec, Peer, Resource, Rule, SegmentationSpec, Selector, WorkloadSpec,
+    API_VERSION, EgressRule, Metadata, NAMESPACE_NAME_LABEL, NamespaceSpec, Peer, Resource, Rule, SegmentationSpec,
+    Selector, WorkloadSpec,
 };
 use palisade_model::{Action, Mode, compile, validate};
 
@@ -84,6 +85,8 @@ struct PolicyIn {
     deny: bool,
     audit: bool,
     rules: Vec<RuleIn>,
+    /// Egress rules (`Some(vec![])`: egress isolation).
+    egress: Option<Vec<RuleIn>>,
 }
 
 #[derive(Arbitrary, Debug)]
@@ -104,6 +107,8 @@ struct PeerIn {
     not_principals: Vec<u8>,
     ip_blocks: Vec<u8>,
     not_ip_blocks: Vec<u8>,
+    /// Namespaces by their implicit name label.
+    namespace_selector: Option<Vec<u8>>,
 }
 
 fn blocks(picks: &[u8]) -> Vec<palisade_model::cidr::Cidr> {
@@ -115,6 +120,11 @@ fn peer(p: &PeerIn) -> Peer {
         namespace: p.namespace.map(|i| pick(NAMESPACES, i).into()),
         service_account: p.account.map(|i| pick(ACCOUNTS, i).into()),
         match_labels: labels(&p.labels),
+        match_expressions: vec![],
+        namespace_selector: p.namespace_selector.as_ref().map(|n| Selector {
+            match_labels: names(NAMESPACES, n).into_iter().take(1).map(|n| (NAMESPACE_NAME_LABEL.into(), n)).collect(),
+            match_expressions: vec![],
+        }),
         namespaces: names(NAMESPACES, &p.namespaces),
         not_namespaces: names(NAMESPACES, &p.not_namespaces),
         principals: names(PRINCIPALS, &p.principals),
@@ -156,6 +166,7 @@ fn resources(input: &Input) -> Vec<Located> {
             addresses,
             node: "n1".into(),
             uid: None,
+            ports: vec![],
         };
         let metadata = metadata(format!("w{i}"), Some(pick(NAMESPACES, w.namespace)));
         out.push(located(out.len() + 1, Resource::Workload { api_version: API_VERSION.into(), metadata, spec }));
@@ -176,14 +187,25 @@ fn resources(input: &Input) -> Vec<Located> {
                 not_ports: r.not_ports.iter().take(2).map(|&i| pick(PORTS, i)).collect(),
             })
             .collect();
-        if rules.is_empty() {
+        let egress: Option<Vec<EgressRule>> = p.egress.as_ref().map(|e| {
+            e.iter()
+                .take(3)
+                .map(|r| EgressRule {
+                    to: r.from.iter().take(3).map(peer).filter(|p| !p.is_empty()).collect(),
+                    ports: r.ports.iter().take(2).map(|&i| pick(PORTS, i)).collect(),
+                    not_ports: r.not_ports.iter().take(2).map(|&i| pick(PORTS, i)).collect(),
+                })
+                .collect()
+        });
+        if rules.is_empty() && egress.is_none() {
             rules.push(Rule::default());
         }
         let spec = SegmentationSpec {
-            selector: Selector { match_labels: labels(&p.selector) },
+            selector: Selector { match_labels: labels(&p.selector), match_expressions: vec![] },
             action: if p.deny { Action::Deny } else { Action::Allow },
             mode: if p.audit { Mode::Audit } else { Mode::Enforce },
             rules,
+            egress,
         };
         let metadata = metadata(format!("p{i}"), Some(pick(NAMESPACES, p.namespace)));
         out.push(located(
@@ -215,10 +237,12 @@ fuzz_target!(|input: Input| {
         IpAddr::V6(_) => None,
     });
     let sources: Vec<IpAddr> = used.iter().copied().chain(outsiders).chain(mapped).collect();
+    // Egress rules make destinations outside the mesh worth checking too.
+    let destinations: Vec<IpAddr> = used.iter().copied().chain(OUTSIDERS.iter().map(|a| a.parse().unwrap())).collect();
     let ports: Vec<u16> = PORTS.iter().copied().chain([9999, input.port.max(1)]).collect();
     for &src in &sources {
         let at_source = snapshot.identity(snapshot.identity_of(src)).map(|i| i.labels.clone());
-        for &dst in &used {
+        for &dst in &destinations {
             for &port in &ports {
                 let kernel = snapshot.verdict(src, dst, port);
                 let exact = snapshot.authorize(src, None, dst, port);

@@ -31,7 +31,7 @@ pub const MAX_ADDRS_PER_POD: u32 = 4;
 /// kernel keeps enforcing while it restarts); a ztunnel adopts only maps of its own layout,
 /// which it finds under a directory named after this number. Bump it with any change to a
 /// map's key, value or size.
-pub const MAPS_LAYOUT: u32 = 2;
+pub const MAPS_LAYOUT: u32 = 3;
 
 /// [`Config::flags`]: the mesh has a CA, so a mesh workload never talks plaintext to an
 /// enrolled pod; a plaintext connection from a workload address is refused.
@@ -46,6 +46,16 @@ pub const ACTION_DENY: u32 = 2;
 pub const IDENTITY_DEFAULT_DENY: u32 = 1;
 /// [`IdentityValue::flags`]: the address is a mesh workload's (not a CIDR block or the world).
 pub const IDENTITY_WORKLOAD: u32 = 2;
+/// [`IdentityValue::flags`]: an egress policy selects this (source) identity, so its
+/// connections that no egress rule allows are denied at its `connect()`.
+pub const IDENTITY_EGRESS_DEFAULT_DENY: u32 = 4;
+
+/// [`PolicyKey::direction`]: a rule attached to the destination (who may connect to it);
+/// the source may be `IDENTITY_ANY`.
+pub const DIRECTION_INGRESS: u8 = 0;
+/// [`PolicyKey::direction`]: a rule attached to the source (where it may connect); the
+/// destination may be `IDENTITY_ANY`.
+pub const DIRECTION_EGRESS: u8 = 1;
 
 /// Rule numbers at or above this value name a default verdict, not a policy rule.
 pub const RULE_DEFAULT_ALLOW: u32 = u32::MAX - 1;
@@ -60,6 +70,8 @@ pub const RULE_PLAINTEXT_FROM_MESH: u32 = u32::MAX - 3;
 /// The destination address of an inbound connection is not registered for the enrolled pod it
 /// reached (never "allow" for a missing entry).
 pub const RULE_UNKNOWN_ADDRESS: u32 = u32::MAX - 4;
+/// The source is selected by an egress policy and no egress rule allows the connection.
+pub const RULE_EGRESS_DEFAULT_DENY: u32 = u32::MAX - 5;
 
 /// Flow event kinds written to the `EVENTS` ring buffer.
 pub const EVENT_CONNECT_ALLOW: u32 = 1;
@@ -134,19 +146,22 @@ pub struct IdentityValue {
     pub flags: u32,
 }
 
-/// Key of `POLICY`: one (source, destination, port) cell of the compiled policy.
+/// Key of `POLICY`: one (direction, source, destination, port) cell of the compiled policy.
+/// Ingress cells belong to the destination (`src` may be `IDENTITY_ANY`), egress cells to
+/// the source (`dst` may be `IDENTITY_ANY`); a connection needs both directions' consent.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct PolicyKey {
     pub generation: u32,
-    /// Source identity or `IDENTITY_ANY`.
+    /// Source identity, or `IDENTITY_ANY` in an ingress cell.
     pub src: u32,
-    /// Destination identity (never a wildcard: every rule selects its destinations).
+    /// Destination identity, or `IDENTITY_ANY` in an egress cell.
     pub dst: u32,
     /// Destination port or `PORT_ANY`.
     pub port: u16,
     pub proto: u8,
-    pub _pad: u8,
+    /// `DIRECTION_*`.
+    pub direction: u8,
 }
 
 /// The strongest rule of one cell: `ACTION_DENY` wins over `ACTION_ALLOW` when compiled.

@@ -76,39 +76,75 @@ fn identity(generation: u32, addr: Addr) -> IdentityValue {
 /// `Option<PolicyValue>`: LLVM may leave an absent option's payload in a register the
 /// verifier considers uninitialised.
 #[inline(always)]
-fn cell(generation: u32, src: u32, dst: u32, port: u16) -> (u32, u32) {
-    let key = PolicyKey { generation, src, dst, port, proto: PROTO_TCP, _pad: 0 };
+fn cell(generation: u32, direction: u8, src: u32, dst: u32, port: u16) -> (u32, u32) {
+    let key = PolicyKey { generation, src, dst, port, proto: PROTO_TCP, direction };
     match POLICY.get_ptr(&key) {
         Some(p) => unsafe { ((*p).action, (*p).rule) },
         None => (0, 0),
     }
 }
 
-/// Deny beats allow; with neither, the destination's default decides.
+/// One direction's (action, rule): deny beats allow across its four cells; with neither, the
+/// default of the end the direction belongs to. Ingress cells wildcard the source, egress
+/// cells the destination.
 #[inline(always)]
-fn decide(src: Addr, dst: Addr, port: u16) -> Verdict {
-    let generation = generation();
-    let s = identity(generation, src);
-    let d = identity(generation, dst);
-    let probes = [(s.identity, port), (s.identity, PORT_ANY), (IDENTITY_ANY, port), (IDENTITY_ANY, PORT_ANY)];
+fn direction_verdict(generation: u32, direction: u8, s: &IdentityValue, d: &IdentityValue, port: u16) -> (u32, u32) {
+    let probes = if direction == DIRECTION_EGRESS {
+        [
+            (s.identity, d.identity, port),
+            (s.identity, d.identity, PORT_ANY),
+            (s.identity, IDENTITY_ANY, port),
+            (s.identity, IDENTITY_ANY, PORT_ANY),
+        ]
+    } else {
+        [
+            (s.identity, d.identity, port),
+            (s.identity, d.identity, PORT_ANY),
+            (IDENTITY_ANY, d.identity, port),
+            (IDENTITY_ANY, d.identity, PORT_ANY),
+        ]
+    };
     let mut allowed = false;
     let mut allow_rule = 0;
-    for (src_identity, port) in probes {
-        let (action, rule) = cell(generation, src_identity, d.identity, port);
+    for (src_identity, dst_identity, port) in probes {
+        let (action, rule) = cell(generation, direction, src_identity, dst_identity, port);
         if action == ACTION_DENY {
-            return Verdict { action, rule, src_identity: s.identity, dst_identity: d.identity, generation };
+            return (action, rule);
         }
         if action == ACTION_ALLOW && !allowed {
             allowed = true;
             allow_rule = rule;
         }
     }
-    let (action, rule) = if allowed {
+    if allowed {
         (ACTION_ALLOW, allow_rule)
-    } else if d.flags & IDENTITY_DEFAULT_DENY != 0 {
+    } else if direction == DIRECTION_EGRESS && s.flags & IDENTITY_EGRESS_DEFAULT_DENY != 0 {
+        (ACTION_DENY, RULE_EGRESS_DEFAULT_DENY)
+    } else if direction == DIRECTION_INGRESS && d.flags & IDENTITY_DEFAULT_DENY != 0 {
         (ACTION_DENY, RULE_DEFAULT_DENY)
     } else {
         (ACTION_ALLOW, RULE_DEFAULT_ALLOW)
+    }
+}
+
+/// A connection needs the source's egress consent and the destination's ingress consent,
+/// wherever it is checked: at the source's connect() and again at the destination's socket
+/// lookup (which then re-checks the source's egress: it knows the source's identity, and
+/// one algorithm at both ends means both ends agree). `Snapshot::verdict` in
+/// palisade-model is this algorithm in user space; `combine` there picks the rule named.
+#[inline(always)]
+fn decide(src: Addr, dst: Addr, port: u16) -> Verdict {
+    let generation = generation();
+    let s = identity(generation, src);
+    let d = identity(generation, dst);
+    let egress = direction_verdict(generation, DIRECTION_EGRESS, &s, &d, port);
+    let ingress = direction_verdict(generation, DIRECTION_INGRESS, &s, &d, port);
+    let (action, rule) = if egress.0 == ACTION_DENY {
+        egress
+    } else if ingress.0 == ACTION_DENY || ingress.1 != RULE_DEFAULT_ALLOW {
+        ingress
+    } else {
+        egress
     };
     Verdict { action, rule, src_identity: s.identity, dst_identity: d.identity, generation }
 }

@@ -1,24 +1,55 @@
 //! Compiles validated resources into a [`Snapshot`]: numeric identities (workloads, and
 //! address blocks named by policies), the identity of every address, and the policy as
-//! (source, destination, port) cells — the image the kernel maps hold. Two evaluations read a
-//! snapshot: [`Snapshot::verdict`] runs the kernel's algorithm on the cells, and
-//! [`Snapshot::authorize`] evaluates the policies exactly for one connection (ztunnel's proxies,
-//! `palisade explain`). Where the cells cannot say exactly what a rule says (see
+//! (direction, source, destination, port) cells — the image the kernel maps hold. Two
+//! evaluations read a snapshot: [`Snapshot::verdict`] runs the kernel's algorithm on the cells,
+//! and [`Snapshot::authorize`] evaluates the policies exactly for one connection (ztunnel's
+//! proxies, `palisade explain`). Where the cells cannot say exactly what a rule says (see
 //! [`crate::matching`]), they allow and leave the decision to the exact evaluation; they never
 //! deny what it allows.
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+//!
+//! Two directions, as in Kubernetes: ingress rules belong to the destination (who may connect
+//! to it), egress rules to the source (where it may connect). A connection is allowed only
+//! when both consent. In each direction, every policy selecting the workload counts (the
+//! union of their Allow rules, whichever kind they are: SegmentationPolicy or NetworkPolicy);
+//! a Deny rule (Palisade's kind only) beats any Allow; without a matching rule the workload's
+//! default decides: deny once any Allow policy of that direction selects it (it is isolated),
+//! or for ingress when its namespace says `defaultAction: Deny`.
+use std::collections::{BTreeMap, HashMap};
 use std::net::IpAddr;
 
 use palisade_ebpf_common::{
-    IDENTITY_ANY, IDENTITY_WORLD, PORT_ANY, RULE_DEFAULT_ALLOW, RULE_DEFAULT_DENY, RULE_NOT_AT_SOURCE,
-    RULE_PLAINTEXT_FROM_MESH, RULE_UNKNOWN_ADDRESS,
+    DIRECTION_EGRESS, DIRECTION_INGRESS, IDENTITY_ANY, IDENTITY_WORLD, PORT_ANY, RULE_DEFAULT_ALLOW, RULE_DEFAULT_DENY,
+    RULE_EGRESS_DEFAULT_DENY, RULE_NOT_AT_SOURCE, RULE_PLAINTEXT_FROM_MESH, RULE_UNKNOWN_ADDRESS,
 };
 use serde::Serialize;
 
 use crate::cidr::Cidr;
-use crate::load::Located;
-use crate::matching::{Match, SourceFacts, rule_port_matches, rule_sources_match};
-use crate::resource::{Action, Mode, Resource, Rule};
+use crate::matching::{Match, PolicyRule, SourceFacts, rule_peers_match, rule_port_matches};
+use crate::resource::{Action, ContainerPort, Mode, Protocol, Selector};
+
+mod build;
+mod cells;
+
+pub use build::{compile, compile_for};
+
+/// Which end of a connection a rule belongs to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+pub enum Direction {
+    /// The destination's: who may connect to it.
+    Ingress,
+    /// The source's: where it may connect.
+    Egress,
+}
+
+impl Direction {
+    /// `PolicyKey::direction`.
+    pub fn kernel(self) -> u8 {
+        match self {
+            Direction::Ingress => DIRECTION_INGRESS,
+            Direction::Egress => DIRECTION_EGRESS,
+        }
+    }
+}
 
 /// First identity number given to workloads; lower numbers are reserved.
 pub const FIRST_WORKLOAD_IDENTITY: u32 = 256;
@@ -43,6 +74,10 @@ pub struct Identity {
     pub default_deny: bool,
     /// Why `default_deny` is what it is (namespace default or a selecting Allow policy).
     pub default_reason: String,
+    /// Connections from this identity that no egress rule allows are denied.
+    pub egress_default_deny: bool,
+    /// Why (the egress policy that isolates it), when `egress_default_deny`.
+    pub egress_default_reason: String,
     /// Addresses of the workloads with this identity.
     pub addresses: Vec<IpAddr>,
 }
@@ -62,6 +97,8 @@ pub struct WorkloadEntry {
     pub uid: Option<String>,
     pub addresses: Vec<IpAddr>,
     pub identity: u32,
+    /// Container ports, for rules that name ports.
+    pub ports: Vec<ContainerPort>,
 }
 
 /// One rule of one policy, numbered in the snapshot.
@@ -69,7 +106,10 @@ pub struct WorkloadEntry {
 pub struct RuleRef {
     /// `namespace/name` of the policy.
     pub policy: String,
-    /// Index of the rule in `spec.rules`.
+    /// `SegmentationPolicy` or `NetworkPolicy`.
+    pub kind: String,
+    pub direction: Direction,
+    /// Index of the rule in its list (`spec.rules`, `spec.egress`, `spec.ingress`).
     pub index: usize,
     pub action: Action,
     pub mode: Mode,
@@ -79,11 +119,15 @@ pub struct RuleRef {
 #[derive(Clone, Debug, Serialize)]
 pub struct PolicyEntry {
     pub name: String,
+    pub kind: String,
     pub namespace: String,
-    pub selector: BTreeMap<String, String>,
+    /// Workloads of `namespace` the policy applies to (destinations of ingress rules,
+    /// sources of egress rules).
+    pub selector: Selector,
+    pub direction: Direction,
     pub action: Action,
     pub mode: Mode,
-    pub rules: Vec<Rule>,
+    pub rules: Vec<PolicyRule>,
     /// Number of `rules[0]` in [`Snapshot::rules`].
     pub first_rule: u32,
 }
@@ -93,6 +137,7 @@ pub struct CellKey {
     pub src: u32,
     pub dst: u32,
     pub port: u16,
+    pub direction: Direction,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
@@ -111,10 +156,18 @@ pub struct Snapshot {
     pub policies: Vec<PolicyEntry>,
     /// Rules the kernel cannot hold exactly; the proxies enforce them.
     pub approximations: Vec<String>,
+    /// Labels of every namespace known (with `kubernetes.io/metadata.name`).
+    pub namespaces: BTreeMap<String, BTreeMap<String, String>>,
+    /// What the policies say that is not (or not yet) enforced, `file:line: resource: field:
+    /// message`; never an error (policies may exist before their pods).
+    pub warnings: Vec<String>,
     #[serde(skip)]
     pub cells: HashMap<CellKey, Cell>,
     #[serde(skip)]
     pub addresses: HashMap<IpAddr, u32>,
+    /// Index in `workloads` of the workload at each address.
+    #[serde(skip)]
+    pub workload_at: HashMap<IpAddr, usize>,
 }
 
 impl Default for Snapshot {
@@ -127,8 +180,11 @@ impl Default for Snapshot {
             rules: vec![],
             policies: vec![],
             approximations: vec![],
+            namespaces: BTreeMap::new(),
+            warnings: vec![],
             cells: HashMap::new(),
             addresses: HashMap::new(),
+            workload_at: HashMap::new(),
         }
     }
 }
@@ -171,26 +227,45 @@ impl Snapshot {
         self.identities.get(i)
     }
 
-    /// The kernel's algorithm: deny beats allow across the four cells that can match;
-    /// without a match the destination's default decides.
+    /// The kernel's algorithm (`decide` in `ebpf/programs`): in each direction, deny beats
+    /// allow across the four cells that can match, and without a match the default of the end
+    /// the direction belongs to decides; then [`combine`]. Ingress cells wildcard the source,
+    /// egress cells the destination.
     pub fn verdict(&self, src: IpAddr, dst: IpAddr, port: u16) -> Verdict {
         let s = self.identity_of(src);
         let d = self.identity_of(dst);
+        let egress = self.cells_verdict(Direction::Egress, s, d, port);
+        let ingress = self.cells_verdict(Direction::Ingress, s, d, port);
+        let (action, rule) = combine(egress, ingress);
+        Verdict { action, rule, src_identity: s, dst_identity: d }
+    }
+
+    fn cells_verdict(&self, direction: Direction, s: u32, d: u32, port: u16) -> (Action, u32) {
+        let probes = match direction {
+            Direction::Ingress => {
+                [(s, d, port), (s, d, PORT_ANY), (IDENTITY_ANY, d, port), (IDENTITY_ANY, d, PORT_ANY)]
+            }
+            Direction::Egress => [(s, d, port), (s, d, PORT_ANY), (s, IDENTITY_ANY, port), (s, IDENTITY_ANY, PORT_ANY)],
+        };
         let mut allow = None;
-        for (src, port) in [(s, port), (s, PORT_ANY), (IDENTITY_ANY, port), (IDENTITY_ANY, PORT_ANY)] {
-            if let Some(c) = self.cells.get(&CellKey { src, dst: d, port }) {
+        for (src, dst, port) in probes {
+            if let Some(c) = self.cells.get(&CellKey { src, dst, port, direction }) {
                 if c.action == Action::Deny {
-                    return Verdict { action: Action::Deny, rule: c.rule, src_identity: s, dst_identity: d };
+                    return (Action::Deny, c.rule);
                 }
                 allow.get_or_insert(c.rule);
             }
         }
-        let (action, rule) = match allow {
-            Some(rule) => (Action::Allow, rule),
-            None if self.identity(d).is_some_and(|i| i.default_deny) => (Action::Deny, RULE_DEFAULT_DENY),
-            None => (Action::Allow, RULE_DEFAULT_ALLOW),
-        };
-        Verdict { action, rule, src_identity: s, dst_identity: d }
+        match (allow, direction) {
+            (Some(rule), _) => (Action::Allow, rule),
+            (None, Direction::Ingress) if self.identity(d).is_some_and(|i| i.default_deny) => {
+                (Action::Deny, RULE_DEFAULT_DENY)
+            }
+            (None, Direction::Egress) if self.identity(s).is_some_and(|i| i.egress_default_deny) => {
+                (Action::Deny, RULE_EGRESS_DEFAULT_DENY)
+            }
+            (None, _) => (Action::Allow, RULE_DEFAULT_ALLOW),
+        }
     }
 
     /// A readable name for a rule number.
@@ -200,14 +275,39 @@ impl Snapshot {
         match rule {
             RULE_DEFAULT_ALLOW => format!("default allow ({})", default_reason()),
             RULE_DEFAULT_DENY => format!("default deny ({})", default_reason()),
+            RULE_EGRESS_DEFAULT_DENY => "default deny egress (an egress policy selects the source)".into(),
             RULE_NOT_AT_SOURCE => "the proven identity is not the workload at the source address".into(),
             RULE_PLAINTEXT_FROM_MESH => "plaintext from a mesh workload (it must use HBONE)".into(),
             RULE_UNKNOWN_ADDRESS => "the destination address is not registered for the enrolled pod".into(),
             n => match self.rules.get(n as usize) {
-                Some(r) => format!("{} rule {}", r.policy, r.index),
+                Some(r) if r.kind == "SegmentationPolicy" && r.direction == Direction::Ingress => {
+                    format!("{} rule {}", r.policy, r.index)
+                }
+                Some(r) if r.kind == "SegmentationPolicy" => format!("{} egress rule {}", r.policy, r.index),
+                Some(r) => format!("{} {} {} rule {}", r.kind, r.policy, direction_word(r.direction), r.index),
                 None => format!("rule #{n}"),
             },
         }
+    }
+
+    /// As [`Self::describe_rule`], naming the egress policy that isolates the source when
+    /// that is what decided.
+    pub fn describe_verdict(&self, v: &Verdict) -> String {
+        match self.identity(v.src_identity) {
+            Some(i) if v.rule == RULE_EGRESS_DEFAULT_DENY => {
+                format!("default deny egress ({})", i.egress_default_reason)
+            }
+            _ => self.describe_rule(v.rule, v.dst_identity),
+        }
+    }
+
+    /// The TCP port a workload address names `name`.
+    pub fn named_port(&self, addr: IpAddr, name: &str) -> Option<u16> {
+        let w = &self.workloads[*self.workload_at.get(&canonical(addr))?];
+        w.ports
+            .iter()
+            .find(|p| p.name.as_deref() == Some(name) && p.protocol == Protocol::Tcp)
+            .map(|p| p.container_port)
     }
 
     /// `namespace/serviceaccount` of an identity, the block of a CIDR identity, or `world`.
@@ -226,10 +326,52 @@ impl Snapshot {
         format!("{}/ns/{}/sa/{}", self.trust_domain, l.namespace, l.service_account)
     }
 
-    fn policies_for(&self, dst: &Identity) -> impl Iterator<Item = &PolicyEntry> {
+    /// Policies of one direction that select a workload identity.
+    fn policies_for(&self, ident: &Identity, direction: Direction) -> impl Iterator<Item = &PolicyEntry> {
         self.policies.iter().filter(move |p| {
-            p.namespace == dst.labels.namespace && p.selector.iter().all(|(k, v)| dst.labels.labels.get(k) == Some(v))
+            p.direction == direction
+                && p.namespace == ident.labels.namespace
+                && p.selector.matches(&ident.labels.labels)
         })
+    }
+
+    /// One direction's exact verdict for the workload `selected` (the destination for
+    /// ingress, the source for egress) facing `peer`. With `audit`, Audit-mode policies count
+    /// as if they were enforced.
+    fn evaluate(
+        &self,
+        direction: Direction,
+        selected: &Identity,
+        peer: &SourceFacts<'_>,
+        port: u16,
+        named: &dyn Fn(&str) -> Option<u16>,
+        audit: bool,
+    ) -> (Action, u32) {
+        let counts = |p: &&PolicyEntry| p.mode == Mode::Enforce || audit;
+        let matching = |action: Action| {
+            self.policies_for(selected, direction).filter(counts).filter(|p| p.action == action).find_map(|p| {
+                p.rules.iter().enumerate().find_map(|(i, r)| {
+                    (rule_port_matches(r, port, named) && rule_peers_match(r, peer) == Match::Yes)
+                        .then_some(p.first_rule + i as u32)
+                })
+            })
+        };
+        let (default_deny, deny_rule) = match direction {
+            Direction::Ingress => (selected.default_deny, RULE_DEFAULT_DENY),
+            Direction::Egress => (selected.egress_default_deny, RULE_EGRESS_DEFAULT_DENY),
+        };
+        // An Allow policy isolates what it selects, in its direction.
+        let isolated =
+            default_deny || self.policies_for(selected, direction).filter(counts).any(|p| p.action == Action::Allow);
+        if let Some(rule) = matching(Action::Deny) {
+            (Action::Deny, rule)
+        } else if let Some(rule) = matching(Action::Allow) {
+            (Action::Allow, rule)
+        } else if isolated {
+            (Action::Deny, deny_rule)
+        } else {
+            (Action::Allow, RULE_DEFAULT_ALLOW)
+        }
     }
 
     /// The exact evaluation of one connection. `proven` is the source's SPIFFE identity when a
@@ -273,36 +415,38 @@ impl Snapshot {
             ),
         };
         let principal = namespace.zip(service_account).map(|(ns, sa)| format!("{}/ns/{ns}/sa/{sa}", self.trust_domain));
-        let in_block = |c: &Cidr| Match::from_bool(c.contains(src));
-        let facts =
-            SourceFacts { principal: principal.as_deref(), namespace, service_account, labels, in_block: &in_block };
-        let Some(dst_ident) = self.identity(dst_identity) else {
-            // Not a workload: no policy selects it.
-            return Decision { verdict: verdict(Action::Allow, RULE_DEFAULT_ALLOW), audit_deny: None };
+        let src_in_block = |c: &Cidr| Match::from_bool(c.contains(src));
+        let src_facts = SourceFacts {
+            principal: principal.as_deref(),
+            namespace,
+            service_account,
+            labels,
+            namespace_labels: namespace.and_then(|n| self.namespaces.get(n)),
+            in_block: &src_in_block,
         };
-        // Deny beats allow; without a match, the default (an Allow policy isolates what it
-        // selects). With `audit`, Audit-mode policies count as if they were enforced.
+        let dst_ident = self.identity(dst_identity);
+        let dst_labels = dst_ident.map(|i| &i.labels);
+        let dst_principal = dst_labels.map(|l| self.principal(l));
+        let dst_in_block = |c: &Cidr| Match::from_bool(c.contains(dst));
+        let dst_facts = SourceFacts {
+            principal: dst_principal.as_deref(),
+            namespace: dst_labels.map(|l| l.namespace.as_str()),
+            service_account: dst_labels.map(|l| l.service_account.as_str()),
+            labels: dst_labels.map(|l| &l.labels),
+            namespace_labels: dst_labels.and_then(|l| self.namespaces.get(&l.namespace)),
+            in_block: &dst_in_block,
+        };
+        let named = |name: &str| self.named_port(dst, name);
         let evaluate = |audit: bool| {
-            let counts = |p: &&PolicyEntry| p.mode == Mode::Enforce || audit;
-            let matching = |action: Action| {
-                self.policies_for(dst_ident).filter(counts).filter(|p| p.action == action).find_map(|p| {
-                    p.rules.iter().enumerate().find_map(|(i, r)| {
-                        (rule_port_matches(r, port) && rule_sources_match(r, &facts) == Match::Yes)
-                            .then_some(p.first_rule + i as u32)
-                    })
-                })
-            };
-            let isolated = dst_ident.default_deny
-                || self.policies_for(dst_ident).filter(counts).any(|p| p.action == Action::Allow);
-            if let Some(rule) = matching(Action::Deny) {
-                verdict(Action::Deny, rule)
-            } else if let Some(rule) = matching(Action::Allow) {
-                verdict(Action::Allow, rule)
-            } else if isolated {
-                verdict(Action::Deny, RULE_DEFAULT_DENY)
-            } else {
-                verdict(Action::Allow, RULE_DEFAULT_ALLOW)
-            }
+            // Not a workload: no policy selects it.
+            let ingress = dst_ident.map_or((Action::Allow, RULE_DEFAULT_ALLOW), |d| {
+                self.evaluate(Direction::Ingress, d, &src_facts, port, &named, audit)
+            });
+            let egress = at_address.map_or((Action::Allow, RULE_DEFAULT_ALLOW), |s| {
+                self.evaluate(Direction::Egress, s, &dst_facts, port, &named, audit)
+            });
+            let (action, rule) = combine(egress, ingress);
+            verdict(action, rule)
         };
         let enforced = evaluate(false);
         let audit_deny = match enforced.action {
@@ -310,6 +454,26 @@ impl Snapshot {
             Action::Deny => None,
         };
         Decision { verdict: enforced, audit_deny }
+    }
+}
+
+/// A connection needs both ends' consent: the source's egress and the destination's ingress.
+/// The verdict names the egress rule when egress denies, or when it is the only rule that
+/// allowed (no ingress rule decided); otherwise the ingress one.
+pub fn combine(egress: (Action, u32), ingress: (Action, u32)) -> (Action, u32) {
+    if egress.0 == Action::Deny {
+        egress
+    } else if ingress.0 == Action::Deny || ingress.1 != RULE_DEFAULT_ALLOW {
+        ingress
+    } else {
+        egress
+    }
+}
+
+fn direction_word(d: Direction) -> &'static str {
+    match d {
+        Direction::Ingress => "ingress",
+        Direction::Egress => "egress",
     }
 }
 
@@ -321,263 +485,7 @@ pub fn canonical(addr: IpAddr) -> IpAddr {
     }
 }
 
-/// Compiles resources that [`crate::validate::validate`] accepted.
-pub fn compile(resources: &[Located]) -> Snapshot {
-    compile_for(resources, DEFAULT_TRUST_DOMAIN)
-}
-
-pub fn compile_for(resources: &[Located], trust_domain: &str) -> Snapshot {
-    let mut labels_set = BTreeSet::new();
-    let mut namespace_defaults = HashMap::new();
-    let mut blocks = BTreeSet::new();
-    for r in resources {
-        match &r.resource {
-            Resource::Workload { metadata, spec, .. } => {
-                labels_set.insert(IdentityLabels {
-                    namespace: metadata.namespace.clone().unwrap_or_default(),
-                    service_account: spec.service_account.clone(),
-                    labels: spec.labels.clone(),
-                });
-            }
-            Resource::Namespace { metadata, spec, .. } => {
-                namespace_defaults.insert(metadata.name.clone(), spec.default_action);
-            }
-            Resource::SegmentationPolicy { spec, .. } => {
-                for peer in spec.rules.iter().flat_map(|r| &r.from) {
-                    blocks.extend(peer.ip_blocks.iter().chain(&peer.not_ip_blocks).copied());
-                }
-            }
-        }
-    }
-    let mut snapshot = Snapshot { trust_domain: trust_domain.into(), ..Snapshot::default() };
-    let mut id_by_labels = HashMap::new();
-    for (i, labels) in labels_set.into_iter().enumerate() {
-        let id = FIRST_WORKLOAD_IDENTITY + i as u32;
-        let ns_default = namespace_defaults.get(&labels.namespace).copied().unwrap_or_default();
-        id_by_labels.insert(labels.clone(), id);
-        snapshot.identities.push(Identity {
-            id,
-            default_deny: ns_default == Action::Deny,
-            default_reason: format!("namespace {} default {:?}", labels.namespace, ns_default),
-            labels,
-            addresses: vec![],
-        });
-    }
-    snapshot.cidrs = blocks
-        .into_iter()
-        .enumerate()
-        .map(|(i, cidr)| CidrIdentity { id: FIRST_CIDR_IDENTITY + i as u32, cidr })
-        .collect();
-    for r in resources {
-        if let Resource::Workload { metadata, spec, .. } = &r.resource {
-            let labels = IdentityLabels {
-                namespace: metadata.namespace.clone().unwrap_or_default(),
-                service_account: spec.service_account.clone(),
-                labels: spec.labels.clone(),
-            };
-            let id = id_by_labels[&labels];
-            for a in &spec.addresses {
-                snapshot.addresses.insert(canonical(*a), id);
-                snapshot.identities[(id - FIRST_WORKLOAD_IDENTITY) as usize].addresses.push(canonical(*a));
-            }
-            snapshot.workloads.push(WorkloadEntry {
-                name: metadata.name.clone(),
-                namespace: labels.namespace,
-                node: spec.node.clone(),
-                uid: spec.uid.clone(),
-                addresses: spec.addresses.clone(),
-                identity: id,
-            });
-        }
-    }
-
-    // Policies in a stable order so rule numbers do not depend on file order.
-    let mut policies: Vec<_> = resources
-        .iter()
-        .filter_map(|r| match &r.resource {
-            Resource::SegmentationPolicy { metadata, spec, .. } => Some((metadata, spec)),
-            _ => None,
-        })
-        .collect();
-    policies.sort_by(|a, b| (&a.0.namespace, &a.0.name).cmp(&(&b.0.namespace, &b.0.name)));
-    for (meta, spec) in policies {
-        let namespace = meta.namespace.clone().unwrap_or_default();
-        let name = format!("{namespace}/{}", meta.name);
-        let first_rule = snapshot.rules.len() as u32;
-        for index in 0..spec.rules.len() {
-            snapshot.rules.push(RuleRef { policy: name.clone(), index, action: spec.action, mode: spec.mode });
-        }
-        snapshot.policies.push(PolicyEntry {
-            name,
-            namespace,
-            selector: spec.selector.match_labels.clone(),
-            action: spec.action,
-            mode: spec.mode,
-            rules: spec.rules.clone(),
-            first_rule,
-        });
-    }
-    compile_cells(&mut snapshot);
-    snapshot
-}
-
-/// A source the kernel can tell apart: an identity number and what is known of it.
-struct Candidate<'a> {
-    id: u32,
-    labels: Option<&'a IdentityLabels>,
-    principal: Option<String>,
-    addresses: &'a [IpAddr],
-    cidr: Option<Cidr>,
-}
-
-impl Candidate<'_> {
-    fn in_block(&self, block: &Cidr) -> Match {
-        if let Some(c) = self.cidr {
-            // Blocks named by policies are identities themselves, so an address block is either
-            // inside another or apart from it.
-            return Match::from_bool(block.covers(&c));
-        }
-        let inside = self.addresses.iter().filter(|a| block.contains(**a)).count();
-        match inside {
-            0 => Match::No,
-            n if n == self.addresses.len() => Match::Yes,
-            _ => Match::Maybe,
-        }
-    }
-}
-
-/// Namespaces a rule's sources are confined to, when every source names some.
-fn source_namespaces(rule: &Rule) -> Option<Vec<&str>> {
-    let mut out = Vec::new();
-    for peer in &rule.from {
-        match (&peer.namespace, peer.namespaces.is_empty()) {
-            (Some(ns), _) => out.push(ns.as_str()),
-            (None, false) => out.extend(peer.namespaces.iter().map(String::as_str)),
-            (None, true) => return None,
-        }
-    }
-    Some(out)
-}
-
-fn compile_cells(snapshot: &mut Snapshot) {
-    let mut candidates: Vec<Candidate> = snapshot
-        .identities
-        .iter()
-        .map(|i| Candidate {
-            id: i.id,
-            labels: Some(&i.labels),
-            principal: Some(snapshot.principal(&i.labels)),
-            addresses: &i.addresses,
-            cidr: None,
-        })
-        .collect();
-    candidates.extend(snapshot.cidrs.iter().map(|c| Candidate {
-        id: c.id,
-        labels: None,
-        principal: None,
-        addresses: &[],
-        cidr: Some(c.cidr),
-    }));
-    candidates.push(Candidate { id: IDENTITY_WORLD, labels: None, principal: None, addresses: &[], cidr: None });
-    // Workload candidates by namespace: most rules name the namespaces of their sources, and
-    // most policies select within one namespace, so neither scan needs every identity.
-    let mut by_namespace: HashMap<&str, Vec<usize>> = HashMap::new();
-    for (i, c) in candidates.iter().enumerate() {
-        if let Some(l) = c.labels {
-            by_namespace.entry(l.namespace.as_str()).or_default().push(i);
-        }
-    }
-    let all: Vec<usize> = (0..candidates.len()).collect();
-
-    let mut cells: HashMap<CellKey, Cell> = HashMap::new();
-    let mut isolated: Vec<(u32, String)> = Vec::new();
-    let mut approximations = Vec::new();
-    for policy in snapshot.policies.iter().filter(|p| p.mode == Mode::Enforce) {
-        let dsts: Vec<u32> = by_namespace
-            .get(policy.namespace.as_str())
-            .into_iter()
-            .flatten()
-            .map(|&i| &candidates[i])
-            .filter(|c| c.labels.is_some_and(|l| policy.selector.iter().all(|(k, v)| l.labels.get(k) == Some(v))))
-            .map(|c| c.id)
-            .collect();
-        if policy.action == Action::Allow {
-            isolated.extend(dsts.iter().map(|d| (*d, policy.name.clone())));
-        }
-        for (index, rule) in policy.rules.iter().enumerate() {
-            let rule_no = policy.first_rule + index as u32;
-            let exact_ports = rule.not_ports.is_empty();
-            if !exact_ports {
-                approximations.push(format!(
-                    "{} rule {index}: notPorts is enforced by ztunnel's proxies, {} in the kernel",
-                    policy.name,
-                    if policy.action == Action::Allow { "allowed on every port" } else { "not denied" }
-                ));
-            }
-            let srcs: Vec<u32> = if rule.from.is_empty() {
-                vec![IDENTITY_ANY]
-            } else {
-                let mut scope: Vec<usize> = match source_namespaces(rule) {
-                    Some(namespaces) => {
-                        namespaces.iter().filter_map(|ns| by_namespace.get(ns)).flatten().copied().collect()
-                    }
-                    None => all.clone(),
-                };
-                scope.sort_unstable();
-                scope.dedup();
-                scope
-                    .into_iter()
-                    .map(|i| &candidates[i])
-                    .filter(|c| {
-                        let in_block = |b: &Cidr| c.in_block(b);
-                        let facts = SourceFacts {
-                            principal: c.principal.as_deref(),
-                            namespace: c.labels.map(|l| l.namespace.as_str()),
-                            service_account: c.labels.map(|l| l.service_account.as_str()),
-                            labels: c.labels.map(|l| &l.labels),
-                            in_block: &in_block,
-                        };
-                        match (policy.action, rule_sources_match(rule, &facts)) {
-                            (Action::Deny, m) => m == Match::Yes,
-                            (Action::Allow, m) => m != Match::No,
-                        }
-                    })
-                    .map(|c| c.id)
-                    .collect()
-            };
-            // Deny with notPorts cannot be held exactly: leave it to the proxies.
-            if policy.action == Action::Deny && !exact_ports {
-                continue;
-            }
-            let ports: Vec<u16> =
-                if rule.ports.is_empty() || !exact_ports { vec![PORT_ANY] } else { rule.ports.clone() };
-            for &dst in &dsts {
-                for &src in &srcs {
-                    for &port in &ports {
-                        let new = Cell { action: policy.action, rule: rule_no };
-                        cells
-                            .entry(CellKey { src, dst, port })
-                            .and_modify(|c| {
-                                if c.action == Action::Allow && new.action == Action::Deny {
-                                    *c = new;
-                                }
-                            })
-                            .or_insert(new);
-                    }
-                }
-            }
-        }
-    }
-    for (d, policy) in isolated {
-        let ident = &mut snapshot.identities[(d - FIRST_WORKLOAD_IDENTITY) as usize];
-        if !ident.default_deny {
-            ident.default_deny = true;
-            ident.default_reason = format!("selected by Allow policy {policy}");
-        }
-    }
-    snapshot.cells = cells;
-    snapshot.approximations = approximations;
-}
-
+#[cfg(test)]
+mod direction_tests;
 #[cfg(test)]
 mod tests;

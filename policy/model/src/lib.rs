@@ -3,6 +3,7 @@
 //! and is used by ztunnel, by tests and by `palisade explain`.
 pub mod cidr;
 pub mod compile;
+pub mod k8s;
 pub mod load;
 pub mod matching;
 pub mod resource;

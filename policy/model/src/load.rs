@@ -86,8 +86,14 @@ pub fn parse_str(file: &Path, text: &str) -> Result<Vec<Located>, LoadError> {
             let line = e.location().map_or(start_line, |l| start_line + l.line() - 1);
             parse_err(line, describe_serde_error(&e.to_string()))
         };
-        let kind = Kind::deserialize(serde_yaml::Deserializer::from_str(&doc)).map_err(yaml_err)?.kind;
+        let Kind { kind, api_version } =
+            Kind::deserialize(serde_yaml::Deserializer::from_str(&doc)).map_err(yaml_err)?;
         let resource = match kind.as_str() {
+            // Kubernetes' own kinds, read with Kubernetes' types (see `crate::k8s`).
+            "NetworkPolicy" => crate::k8s::network_policy(&doc),
+            "Namespace" if api_version.as_deref() == Some(crate::resource::K8S_CORE_API_VERSION) => {
+                crate::k8s::namespace(&doc)
+            }
             "Workload" => typed(&doc, |d: Document<_>| Resource::Workload {
                 api_version: d.api_version,
                 metadata: d.metadata,
@@ -106,12 +112,14 @@ pub fn parse_str(file: &Path, text: &str) -> Result<Vec<Located>, LoadError> {
             other => {
                 return Err(parse_err(
                     start_line,
-                    format!("kind: unknown kind {other:?} (expected Workload, Namespace or SegmentationPolicy)"),
+                    format!(
+                        "kind: unknown kind {other:?} (expected Workload, Namespace, SegmentationPolicy or NetworkPolicy)"
+                    ),
                 ));
             }
         }
         .map_err(yaml_err)?;
-        if resource.api_version() != API_VERSION {
+        if !resource.api_version_accepted() {
             return Err(parse_err(
                 start_line,
                 format!(
@@ -130,6 +138,8 @@ pub fn parse_str(file: &Path, text: &str) -> Result<Vec<Located>, LoadError> {
 #[derive(Deserialize)]
 struct Kind {
     kind: String,
+    #[serde(default, rename = "apiVersion")]
+    api_version: Option<String>,
 }
 
 fn typed<S: serde::de::DeserializeOwned>(

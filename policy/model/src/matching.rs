@@ -1,4 +1,5 @@
-//! Whether a rule's sources and ports match, written once for both evaluations:
+//! Whether a rule's peers and ports match, written once for both evaluations and both
+//! directions (the peer is the source of an ingress rule, the destination of an egress rule):
 //!
 //! - exactly, for one concrete connection ([`crate::Snapshot::authorize`]: ztunnel's proxies,
 //!   `palisade explain`);
@@ -8,8 +9,46 @@
 //!   so the kernel never denies what the exact evaluation allows.
 use std::collections::BTreeMap;
 
+use serde::Serialize;
+
 use crate::cidr::Cidr;
-use crate::resource::{Peer, Rule};
+use crate::resource::{Peer, Selector};
+
+/// A rule as both evaluations read it, whichever resource (SegmentationPolicy,
+/// NetworkPolicy) and direction it came from.
+#[derive(Clone, Debug, Default, Serialize, PartialEq, Eq)]
+pub struct PolicyRule {
+    /// Sources of an ingress rule, destinations of an egress rule; empty means anyone (also
+    /// outside the mesh). Label selectors are already scoped to a namespace where the
+    /// resource says so (see [`Peer::is_unscoped_label_selector`]).
+    pub peers: Vec<Peer>,
+    /// Destination TCP ports; empty means any port.
+    pub ports: Vec<PortMatch>,
+    /// Destination TCP ports the rule does not apply to (proxies only, see ARCHITECTURE.md).
+    pub not_ports: Vec<u16>,
+}
+
+/// A destination port of a rule.
+#[derive(Clone, Debug, Serialize, PartialEq, Eq)]
+pub enum PortMatch {
+    /// `first..=last` (one port: both equal).
+    Range(u16, u16),
+    /// A container port name, resolved on the destination workload.
+    Named(String),
+    /// Stands for a port list that names only protocols the kernel does not enforce (UDP,
+    /// SCTP): the rule matches no TCP connection.
+    Never,
+}
+
+impl PortMatch {
+    pub fn matches(&self, port: u16, named: &dyn Fn(&str) -> Option<u16>) -> bool {
+        match self {
+            PortMatch::Range(first, last) => (*first..=*last).contains(&port),
+            PortMatch::Named(name) => named(name) == Some(port),
+            PortMatch::Never => false,
+        }
+    }
+}
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Match {
@@ -37,14 +76,16 @@ impl Match {
     }
 }
 
-/// What is known about a source.
+/// What is known about a peer (a source, or an egress rule's destination).
 pub struct SourceFacts<'a> {
-    /// `<trust-domain>/ns/<ns>/sa/<sa>`, when the source is a workload.
+    /// `<trust-domain>/ns/<ns>/sa/<sa>`, when the peer is a workload.
     pub principal: Option<&'a str>,
     pub namespace: Option<&'a str>,
     pub service_account: Option<&'a str>,
     pub labels: Option<&'a BTreeMap<String, String>>,
-    /// Whether the source's address is in a prefix.
+    /// Labels of the peer's namespace (always with `kubernetes.io/metadata.name`).
+    pub namespace_labels: Option<&'a BTreeMap<String, String>>,
+    /// Whether the peer's address is in a prefix.
     pub in_block: &'a dyn Fn(&Cidr) -> Match,
 }
 
@@ -94,10 +135,11 @@ pub fn peer_matches(peer: &Peer, src: &SourceFacts<'_>) -> Match {
         peer.service_account.is_some(),
         Match::from_bool(src.service_account.is_some() && peer.service_account.as_deref() == src.service_account),
     );
-    field(
-        !peer.match_labels.is_empty(),
-        Match::from_bool(src.labels.is_some_and(|l| peer.match_labels.iter().all(|(k, v)| l.get(k) == Some(v)))),
-    );
+    let pods = Selector { match_labels: peer.match_labels.clone(), match_expressions: peer.match_expressions.clone() };
+    field(!pods.is_empty(), Match::from_bool(src.labels.is_some_and(|l| pods.matches(l))));
+    if let Some(namespaces) = &peer.namespace_selector {
+        field(true, Match::from_bool(src.namespace_labels.is_some_and(|l| namespaces.matches(l))));
+    }
     let in_namespaces = |list: &[String]| src.namespace.is_some_and(|n| list.iter().any(|x| x == n));
     field(!peer.namespaces.is_empty(), Match::from_bool(in_namespaces(&peer.namespaces)));
     field(!peer.not_namespaces.is_empty(), Match::from_bool(!in_namespaces(&peer.not_namespaces)));
@@ -109,16 +151,17 @@ pub fn peer_matches(peer: &Peer, src: &SourceFacts<'_>) -> Match {
     m
 }
 
-/// Sources of a rule: any of its peers, or anyone when it lists none.
-pub fn rule_sources_match(rule: &Rule, src: &SourceFacts<'_>) -> Match {
-    if rule.from.is_empty() {
+/// Peers of a rule: any of them, or anyone when it lists none.
+pub fn rule_peers_match(rule: &PolicyRule, peer: &SourceFacts<'_>) -> Match {
+    if rule.peers.is_empty() {
         return Match::Yes;
     }
-    rule.from.iter().fold(Match::No, |m, p| m.or(peer_matches(p, src)))
+    rule.peers.iter().fold(Match::No, |m, p| m.or(peer_matches(p, peer)))
 }
 
-pub fn rule_port_matches(rule: &Rule, port: u16) -> bool {
-    (rule.ports.is_empty() || rule.ports.contains(&port)) && !rule.not_ports.contains(&port)
+/// `named` resolves a port name on the connection's destination workload.
+pub fn rule_port_matches(rule: &PolicyRule, port: u16, named: &dyn Fn(&str) -> Option<u16>) -> bool {
+    (rule.ports.is_empty() || rule.ports.iter().any(|p| p.matches(port, named))) && !rule.not_ports.contains(&port)
 }
 
 #[cfg(test)]
@@ -144,6 +187,7 @@ mod tests {
             namespace: Some("shop"),
             service_account: Some("web"),
             labels: Some(&labels),
+            namespace_labels: None,
             in_block: &yes,
         };
         let peer = |f: &dyn Fn(&mut Peer)| {

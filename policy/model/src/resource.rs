@@ -6,6 +6,13 @@ use std::net::IpAddr;
 use serde::{Deserialize, Serialize};
 
 pub const API_VERSION: &str = "palisade.dev/v1alpha1";
+/// Kubernetes' `NetworkPolicy`, accepted as written for Kubernetes.
+pub const K8S_NETWORKING_API_VERSION: &str = "networking.k8s.io/v1";
+/// Kubernetes' core group (`Namespace`).
+pub const K8S_CORE_API_VERSION: &str = "v1";
+/// The label Kubernetes sets on every namespace (its name); Palisade sets it too, on every
+/// namespace it knows, whichever kind defined it (namespaceSelector relies on it).
+pub const NAMESPACE_NAME_LABEL: &str = "kubernetes.io/metadata.name";
 
 #[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
@@ -40,6 +47,14 @@ pub enum Resource {
         metadata: Metadata,
         spec: SegmentationSpec,
     },
+    /// Kubernetes `networking.k8s.io/v1` `NetworkPolicy` (translated by [`crate::k8s`]).
+    /// A namespace-less one is in `default`, as `kubectl apply` puts it.
+    NetworkPolicy {
+        #[serde(rename = "apiVersion")]
+        api_version: String,
+        metadata: Metadata,
+        spec: Box<k8s_openapi::api::networking::v1::NetworkPolicySpec>,
+    },
 }
 
 /// The typed shape of one YAML document of a given kind.
@@ -60,6 +75,7 @@ impl Resource {
             Resource::Workload { .. } => "Workload",
             Resource::Namespace { .. } => "Namespace",
             Resource::SegmentationPolicy { .. } => "SegmentationPolicy",
+            Resource::NetworkPolicy { .. } => "NetworkPolicy",
         }
     }
 
@@ -67,7 +83,19 @@ impl Resource {
         match self {
             Resource::Workload { api_version, .. }
             | Resource::Namespace { api_version, .. }
-            | Resource::SegmentationPolicy { api_version, .. } => api_version,
+            | Resource::SegmentationPolicy { api_version, .. }
+            | Resource::NetworkPolicy { api_version, .. } => api_version,
+        }
+    }
+
+    /// Palisade's kinds are `palisade.dev/v1alpha1`; Kubernetes' keep their own group.
+    pub fn api_version_accepted(&self) -> bool {
+        match self {
+            Resource::NetworkPolicy { api_version, .. } => api_version == K8S_NETWORKING_API_VERSION,
+            Resource::Namespace { api_version, .. } => {
+                api_version == API_VERSION || api_version == K8S_CORE_API_VERSION
+            }
+            other => other.api_version() == API_VERSION,
         }
     }
 
@@ -75,7 +103,8 @@ impl Resource {
         match self {
             Resource::Workload { metadata, .. }
             | Resource::Namespace { metadata, .. }
-            | Resource::SegmentationPolicy { metadata, .. } => metadata,
+            | Resource::SegmentationPolicy { metadata, .. }
+            | Resource::NetworkPolicy { metadata, .. } => metadata,
         }
     }
 }
@@ -94,6 +123,31 @@ pub struct WorkloadSpec {
     /// Pod UID, as the enrollment API names it.
     #[serde(default)]
     pub uid: Option<String>,
+    /// Container ports, for policies that name ports (`port: http`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ports: Vec<ContainerPort>,
+}
+
+/// A port a workload's container listens on, as in a Kubernetes pod spec.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ContainerPort {
+    #[serde(default)]
+    pub name: Option<String>,
+    pub container_port: u16,
+    #[serde(default)]
+    pub protocol: Protocol,
+}
+
+#[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, PartialEq, Eq, Hash)]
+pub enum Protocol {
+    #[default]
+    #[serde(rename = "TCP")]
+    Tcp,
+    #[serde(rename = "UDP")]
+    Udp,
+    #[serde(rename = "SCTP")]
+    Sctp,
 }
 
 /// Per-namespace defaults.
@@ -112,8 +166,10 @@ pub enum Action {
     Deny,
 }
 
-/// L4 segmentation: which sources may (or may not) reach the selected destinations, on
-/// which ports. Selects workloads of its own namespace.
+/// L4 segmentation: which sources may (or may not) reach the selected workloads, on which
+/// ports (`rules`, ingress), and where the selected workloads may (or may not) connect
+/// (`egress`). Selects workloads of its own namespace. An Allow policy isolates what it
+/// selects in each direction it names: `rules` for ingress, `egress` (even empty) for egress.
 #[derive(Clone, Debug, Deserialize, Serialize, PartialEq, Eq)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct SegmentationSpec {
@@ -124,7 +180,27 @@ pub struct SegmentationSpec {
     /// `Audit` evaluates the policy and reports what it would deny, without enforcing it.
     #[serde(default)]
     pub mode: Mode,
+    /// Ingress rules. Omitted (with `egress` given): the policy says nothing about ingress.
+    #[serde(default)]
     pub rules: Vec<Rule>,
+    /// Egress rules of the selected workloads; `[]` with `action: Allow` denies all egress.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub egress: Option<Vec<EgressRule>>,
+}
+
+/// Destinations the selected workloads may (or may not) connect to.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct EgressRule {
+    /// Destinations; one matches when all its given fields match. Empty means anywhere.
+    /// `matchLabels` without a namespace names workloads of the policy's own namespace.
+    #[serde(default)]
+    pub to: Vec<Peer>,
+    /// Destination TCP ports; empty means any port.
+    #[serde(default)]
+    pub ports: Vec<u16>,
+    #[serde(default)]
+    pub not_ports: Vec<u16>,
 }
 
 #[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, PartialEq, Eq, Hash)]
@@ -139,6 +215,52 @@ pub enum Mode {
 pub struct Selector {
     #[serde(default)]
     pub match_labels: BTreeMap<String, String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub match_expressions: Vec<Requirement>,
+}
+
+impl Selector {
+    /// Kubernetes' label selector semantics: every label and every expression must hold;
+    /// an empty selector matches everything.
+    pub fn matches(&self, labels: &BTreeMap<String, String>) -> bool {
+        self.match_labels.iter().all(|(k, v)| labels.get(k) == Some(v))
+            && self.match_expressions.iter().all(|r| r.matches(labels))
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.match_labels.is_empty() && self.match_expressions.is_empty()
+    }
+}
+
+/// One `matchExpressions` entry.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Requirement {
+    pub key: String,
+    pub operator: Operator,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub values: Vec<String>,
+}
+
+#[derive(Clone, Copy, Debug, Deserialize, Serialize, PartialEq, Eq)]
+pub enum Operator {
+    In,
+    NotIn,
+    Exists,
+    DoesNotExist,
+}
+
+impl Requirement {
+    pub fn matches(&self, labels: &BTreeMap<String, String>) -> bool {
+        let value = labels.get(&self.key);
+        match self.operator {
+            Operator::In => value.is_some_and(|v| self.values.contains(v)),
+            // As in Kubernetes: a pod without the key is "not in" the values.
+            Operator::NotIn => value.is_none_or(|v| !self.values.contains(v)),
+            Operator::Exists => value.is_some(),
+            Operator::DoesNotExist => value.is_none(),
+        }
+    }
 }
 
 #[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
@@ -166,6 +288,12 @@ pub struct Peer {
     pub service_account: Option<String>,
     #[serde(default)]
     pub match_labels: BTreeMap<String, String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub match_expressions: Vec<Requirement>,
+    /// Namespaces by their labels (`kubernetes.io/metadata.name` is always set); `{}` is every
+    /// namespace's workloads.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub namespace_selector: Option<Selector>,
     /// Source namespaces (any of them).
     #[serde(default)]
     pub namespaces: Vec<String>,
@@ -185,11 +313,24 @@ pub struct Peer {
 }
 
 impl Peer {
+    /// Whether the peer names workloads by their labels without saying in which namespaces:
+    /// such a peer is read in the policy's own namespace, as Kubernetes reads a podSelector.
+    pub fn is_unscoped_label_selector(&self) -> bool {
+        (!self.match_labels.is_empty() || !self.match_expressions.is_empty())
+            && self.namespace.is_none()
+            && self.namespaces.is_empty()
+            && self.not_namespaces.is_empty()
+            && self.namespace_selector.is_none()
+            && self.principals.is_empty()
+    }
+
     /// True when no field is set (such a peer would match nothing useful).
     pub fn is_empty(&self) -> bool {
         self.namespace.is_none()
             && self.service_account.is_none()
             && self.match_labels.is_empty()
+            && self.match_expressions.is_empty()
+            && self.namespace_selector.is_none()
             && self.namespaces.is_empty()
             && self.not_namespaces.is_empty()
             && self.principals.is_empty()

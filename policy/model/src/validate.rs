@@ -107,7 +107,7 @@ pub fn validate(resources: &[Located]) -> Result<(), Invalid> {
                 }
             }
             Resource::SegmentationPolicy { spec, .. } => {
-                if spec.rules.is_empty() {
+                if spec.rules.is_empty() && spec.egress.is_none() {
                     problem(
                         "spec.rules",
                         "at least one rule is required (a rule `{}` matches every connection)".into(),
@@ -132,6 +132,11 @@ pub fn validate(resources: &[Located]) -> Result<(), Invalid> {
                 }
             }
             Resource::Namespace { .. } => {}
+            Resource::NetworkPolicy { spec, .. } => {
+                for (field, message) in crate::k8s::problems(spec) {
+                    problem(&field, message);
+                }
+            }
         }
     }
     if problems.is_empty() { Ok(()) } else { Err(Invalid(problems)) }

@@ -34,12 +34,20 @@ pub struct PodTemplate {
     pub namespace: String,
     pub service_account: String,
     pub labels: BTreeMap<String, String>,
+    /// Named TCP container ports (name, port), for policies that name ports.
+    pub ports: Vec<(String, u16)>,
 }
 
 impl PodTemplate {
     pub fn new(name: &str, namespace: &str, service_account: &str) -> Self {
         let labels = BTreeMap::from([("app".to_string(), name.to_string())]);
-        PodTemplate { name: name.into(), namespace: namespace.into(), service_account: service_account.into(), labels }
+        PodTemplate {
+            name: name.into(),
+            namespace: namespace.into(),
+            service_account: service_account.into(),
+            labels,
+            ports: vec![],
+        }
     }
 }
 
@@ -111,6 +119,8 @@ pub struct PodInfo {
     pub namespace: String,
     pub service_account: String,
     pub labels: BTreeMap<String, String>,
+    #[serde(default)]
+    pub ports: Vec<(String, u16)>,
     pub identity: String,
 }
 
@@ -255,6 +265,7 @@ impl Cluster {
                     namespace: tpl.namespace.clone(),
                     service_account: tpl.service_account.clone(),
                     labels: tpl.labels.clone(),
+                    ports: tpl.ports.clone(),
                     identity: format!("spiffe://{TRUST_DOMAIN}/ns/{}/sa/{}", tpl.namespace, tpl.service_account),
                 });
             }
@@ -406,6 +417,13 @@ impl Cluster {
                 p.ip,
                 labels.join(", ")
             ));
+            if !p.ports.is_empty() {
+                // Inside the Workload's spec: the flow mapping above ends with "}\n---\n".
+                let ports: Vec<String> =
+                    p.ports.iter().map(|(n, port)| format!("{{name: {n}, containerPort: {port}}}")).collect();
+                let at = out.len() - "}\n---\n".len();
+                out.insert_str(at, &format!(", ports: [{}]", ports.join(", ")));
+            }
         }
         out.push_str(extra);
         out

@@ -140,8 +140,15 @@ impl PolicyMaps {
         cells: &mut Vec<PolicyKey>,
     ) -> Result<(), KernelError> {
         let workloads = snapshot.addresses.iter().map(|(ip, id)| {
-            let default_deny = snapshot.identity(*id).is_some_and(|i| i.default_deny);
-            (*ip, 128, *id, IDENTITY_WORKLOAD | if default_deny { IDENTITY_DEFAULT_DENY } else { 0 })
+            let ident = snapshot.identity(*id);
+            let mut flags = IDENTITY_WORKLOAD;
+            if ident.is_some_and(|i| i.default_deny) {
+                flags |= IDENTITY_DEFAULT_DENY;
+            }
+            if ident.is_some_and(|i| i.egress_default_deny) {
+                flags |= IDENTITY_EGRESS_DEFAULT_DENY;
+            }
+            (*ip, 128, *id, flags)
         });
         // Address blocks named by policies: the LPM trie gives an address the most specific.
         let blocks = snapshot.cidrs.iter().map(|c| (c.cidr.addr, c.cidr.mapped_prefix(), c.id, 0));
@@ -151,7 +158,14 @@ impl PolicyMaps {
             ids.push(key);
         }
         for (k, c) in &snapshot.cells {
-            let key = PolicyKey { generation, src: k.src, dst: k.dst, port: k.port, proto: PROTO_TCP, _pad: 0 };
+            let key = PolicyKey {
+                generation,
+                src: k.src,
+                dst: k.dst,
+                port: k.port,
+                proto: PROTO_TCP,
+                direction: k.direction.kernel(),
+            };
             let action = match c.action {
                 Action::Allow => ACTION_ALLOW,
                 Action::Deny => ACTION_DENY,

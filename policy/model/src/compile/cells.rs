@@ -1,0 +1,274 @@
+//! Policies to kernel cells. An ingress rule becomes cells (peer | ANY, selected, port | ANY),
+//! an egress rule (selected, peer | ANY, port | ANY); Allow cells may allow more than the rule
+//! (a `Maybe` peer, a named port that differs between the workloads of one identity, a wide
+//! port range), never less, and Deny cells only what the rule certainly denies.
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::net::IpAddr;
+
+use palisade_ebpf_common::{IDENTITY_ANY, IDENTITY_WORLD, PORT_ANY};
+
+use super::{Cell, CellKey, Direction, FIRST_WORKLOAD_IDENTITY, IdentityLabels, Snapshot};
+use crate::cidr::Cidr;
+use crate::matching::{Match, PolicyRule, PortMatch, SourceFacts, rule_peers_match};
+use crate::resource::{Action, Mode, Protocol};
+
+/// Port ranges longer than this become one any-port cell (the proxies decide exactly):
+/// one cell per port would fill the map.
+const MAX_RANGE_CELLS: u32 = 256;
+
+/// A peer the kernel can tell apart: an identity number and what is known of it.
+struct Candidate<'a> {
+    id: u32,
+    labels: Option<&'a IdentityLabels>,
+    principal: Option<String>,
+    addresses: &'a [IpAddr],
+    cidr: Option<Cidr>,
+}
+
+impl Candidate<'_> {
+    fn in_block(&self, block: &Cidr) -> Match {
+        if let Some(c) = self.cidr {
+            // Blocks named by policies are identities themselves, so an address block is either
+            // inside another or apart from it.
+            return Match::from_bool(block.covers(&c));
+        }
+        let inside = self.addresses.iter().filter(|a| block.contains(**a)).count();
+        match inside {
+            0 => Match::No,
+            n if n == self.addresses.len() => Match::Yes,
+            _ => Match::Maybe,
+        }
+    }
+}
+
+/// Namespaces a rule's peers are confined to, when every peer names some.
+fn peer_namespaces(rule: &PolicyRule) -> Option<Vec<&str>> {
+    let mut out = Vec::new();
+    for peer in &rule.peers {
+        match (&peer.namespace, peer.namespaces.is_empty()) {
+            (Some(ns), _) => out.push(ns.as_str()),
+            (None, false) => out.extend(peer.namespaces.iter().map(String::as_str)),
+            (None, true) => return None,
+        }
+    }
+    Some(out)
+}
+
+/// TCP port numbers of a container port name, per workload identity; and the (identity,
+/// name) pairs whose workloads do not all agree (the cells allow the union).
+struct NamedPorts {
+    by_identity: HashMap<u32, BTreeMap<String, BTreeSet<u16>>>,
+    divergent: BTreeSet<(u32, String)>,
+}
+
+impl NamedPorts {
+    fn new(s: &Snapshot) -> NamedPorts {
+        let mut by_identity: HashMap<u32, BTreeMap<String, BTreeSet<u16>>> = HashMap::new();
+        let mut per_workload: HashMap<(u32, String), usize> = HashMap::new();
+        let mut workloads: HashMap<u32, usize> = HashMap::new();
+        for w in &s.workloads {
+            *workloads.entry(w.identity).or_default() += 1;
+            for p in w.ports.iter().filter(|p| p.protocol == Protocol::Tcp) {
+                if let Some(name) = &p.name {
+                    by_identity
+                        .entry(w.identity)
+                        .or_default()
+                        .entry(name.clone())
+                        .or_default()
+                        .insert(p.container_port);
+                    *per_workload.entry((w.identity, name.clone())).or_default() += 1;
+                }
+            }
+        }
+        let divergent = per_workload
+            .into_iter()
+            .filter(|((id, name), n)| *n != workloads[id] || by_identity[id][name].len() > 1)
+            .map(|(k, _)| k)
+            .collect();
+        NamedPorts { by_identity, divergent }
+    }
+
+    fn get(&self, identity: u32, name: &str) -> impl Iterator<Item = u16> + '_ {
+        self.by_identity.get(&identity).and_then(|m| m.get(name)).into_iter().flatten().copied()
+    }
+}
+
+/// Cell ports of a rule towards destination `dst` (a workload identity, a block, the world, or
+/// `IDENTITY_ANY`, for which named ports are expanded by the caller).
+fn ports_for(rule: &PolicyRule, dst: u32, named: &NamedPorts, approximate: &mut dyn FnMut(String)) -> Vec<u16> {
+    if rule.ports.is_empty() || !rule.not_ports.is_empty() {
+        return vec![PORT_ANY];
+    }
+    let mut out = BTreeSet::new();
+    for p in &rule.ports {
+        match p {
+            PortMatch::Range(1, u16::MAX) => return vec![PORT_ANY],
+            PortMatch::Range(first, last) if u32::from(*last - *first) >= MAX_RANGE_CELLS => {
+                approximate(format!("port range {first}-{last} is held as any port"));
+                return vec![PORT_ANY];
+            }
+            PortMatch::Range(first, last) => out.extend(*first..=*last),
+            PortMatch::Named(name) => {
+                if named.divergent.contains(&(dst, name.clone())) {
+                    approximate(format!("port name {name:?} differs between workloads of one identity"));
+                }
+                out.extend(named.get(dst, name));
+            }
+            PortMatch::Never => {}
+        }
+    }
+    out.into_iter().collect()
+}
+
+pub(super) fn compile_cells(snapshot: &mut Snapshot) {
+    let mut candidates: Vec<Candidate> = snapshot
+        .identities
+        .iter()
+        .map(|i| Candidate {
+            id: i.id,
+            labels: Some(&i.labels),
+            principal: Some(snapshot.principal(&i.labels)),
+            addresses: &i.addresses,
+            cidr: None,
+        })
+        .collect();
+    candidates.extend(snapshot.cidrs.iter().map(|c| Candidate {
+        id: c.id,
+        labels: None,
+        principal: None,
+        addresses: &[],
+        cidr: Some(c.cidr),
+    }));
+    candidates.push(Candidate { id: IDENTITY_WORLD, labels: None, principal: None, addresses: &[], cidr: None });
+    // Workload candidates by namespace: most rules name the namespaces of their peers, and
+    // every policy selects within one namespace, so neither scan needs every identity.
+    let mut by_namespace: HashMap<&str, Vec<usize>> = HashMap::new();
+    for (i, c) in candidates.iter().enumerate() {
+        if let Some(l) = c.labels {
+            by_namespace.entry(l.namespace.as_str()).or_default().push(i);
+        }
+    }
+    let all: Vec<usize> = (0..candidates.len()).collect();
+    let named = NamedPorts::new(snapshot);
+
+    let mut cells: HashMap<CellKey, Cell> = HashMap::new();
+    let mut isolated: Vec<(Direction, u32, String)> = Vec::new();
+    let mut approximations = BTreeSet::new();
+    for policy in snapshot.policies.iter().filter(|p| p.mode == Mode::Enforce) {
+        let selected: Vec<u32> = by_namespace
+            .get(policy.namespace.as_str())
+            .into_iter()
+            .flatten()
+            .map(|&i| &candidates[i])
+            .filter(|c| c.labels.is_some_and(|l| policy.selector.matches(&l.labels)))
+            .map(|c| c.id)
+            .collect();
+        if policy.action == Action::Allow {
+            let name = match policy.kind.as_str() {
+                "SegmentationPolicy" => policy.name.clone(),
+                kind => format!("{kind} {}", policy.name),
+            };
+            isolated.extend(selected.iter().map(|d| (policy.direction, *d, name.clone())));
+        }
+        for (index, rule) in policy.rules.iter().enumerate() {
+            let rule_no = policy.first_rule + index as u32;
+            let mut approximate = |what: String| {
+                approximations.insert(format!("{} {} rule {index}: {what}", policy.kind, policy.name));
+            };
+            if !rule.not_ports.is_empty() {
+                approximate(format!(
+                    "notPorts is enforced by ztunnel's proxies, {} in the kernel",
+                    if policy.action == Action::Allow { "allowed on every port" } else { "not denied" }
+                ));
+                // Deny with notPorts cannot be held exactly: leave it to the proxies.
+                if policy.action == Action::Deny {
+                    continue;
+                }
+            }
+            let peers: Vec<u32> = if rule.peers.is_empty() {
+                vec![IDENTITY_ANY]
+            } else {
+                let mut scope: Vec<usize> = match peer_namespaces(rule) {
+                    Some(namespaces) => {
+                        namespaces.iter().filter_map(|ns| by_namespace.get(ns)).flatten().copied().collect()
+                    }
+                    None => all.clone(),
+                };
+                scope.sort_unstable();
+                scope.dedup();
+                scope
+                    .into_iter()
+                    .map(|i| &candidates[i])
+                    .filter(|c| {
+                        let in_block = |b: &Cidr| c.in_block(b);
+                        let facts = SourceFacts {
+                            principal: c.principal.as_deref(),
+                            namespace: c.labels.map(|l| l.namespace.as_str()),
+                            service_account: c.labels.map(|l| l.service_account.as_str()),
+                            labels: c.labels.map(|l| &l.labels),
+                            namespace_labels: c.labels.and_then(|l| snapshot.namespaces.get(&l.namespace)),
+                            in_block: &in_block,
+                        };
+                        match (policy.action, rule_peers_match(rule, &facts)) {
+                            (Action::Deny, m) => m == Match::Yes,
+                            (Action::Allow, m) => m != Match::No,
+                        }
+                    })
+                    .map(|c| c.id)
+                    .collect()
+            };
+            let mut put = |src: u32, dst: u32, port: u16| {
+                let new = Cell { action: policy.action, rule: rule_no };
+                cells
+                    .entry(CellKey { src, dst, port, direction: policy.direction })
+                    .and_modify(|c| {
+                        if c.action == Action::Allow && new.action == Action::Deny {
+                            *c = new;
+                        }
+                    })
+                    .or_insert(new);
+            };
+            for &sel in &selected {
+                for &peer in &peers {
+                    let (src, dst) = match policy.direction {
+                        Direction::Ingress => (peer, sel),
+                        Direction::Egress => (sel, peer),
+                    };
+                    for port in ports_for(rule, dst, &named, &mut approximate) {
+                        put(src, dst, port);
+                    }
+                    // An egress rule to anywhere on a named port: the name means a port on
+                    // each workload that has it.
+                    if dst == IDENTITY_ANY {
+                        for name in rule.ports.iter().filter_map(|p| match p {
+                            PortMatch::Named(n) => Some(n),
+                            _ => None,
+                        }) {
+                            for (&id, names) in &named.by_identity {
+                                for &port in names.get(name).into_iter().flatten() {
+                                    put(src, id, port);
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+    for (direction, id, policy) in isolated {
+        let ident = &mut snapshot.identities[(id - FIRST_WORKLOAD_IDENTITY) as usize];
+        match direction {
+            Direction::Ingress if !ident.default_deny => {
+                ident.default_deny = true;
+                ident.default_reason = format!("selected by Allow policy {policy}");
+            }
+            Direction::Egress if !ident.egress_default_deny => {
+                ident.egress_default_deny = true;
+                ident.egress_default_reason = format!("selected by egress policy {policy}");
+            }
+            _ => {}
+        }
+    }
+    snapshot.cells = cells;
+    snapshot.approximations = approximations.into_iter().collect();
+}
