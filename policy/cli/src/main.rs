@@ -155,6 +155,9 @@ fn main() -> ExitCode {
             for a in &s.approximations {
                 println!("note: {a}");
             }
+            for w in &s.warnings {
+                println!("warning: {w}");
+            }
         }),
         Command::Explain { paths, from, principal, to, trust_domain } => {
             palisade_model::load_snapshot_for(&paths, &trust_domain).map(|s| {
@@ -169,12 +172,14 @@ fn main() -> ExitCode {
                     "{:?}: {from} ({who}) -> {to} ({}) decided by {}",
                     v.action,
                     s.identity_name(v.dst_identity),
-                    s.describe_rule(v.rule, v.dst_identity)
+                    s.describe_verdict(v)
                 );
                 if let Some(rule) = d.audit_deny {
                     println!("audit: would be denied by {}", s.describe_rule(rule, v.dst_identity));
                 }
                 let kernel = s.verdict(from, to.ip(), to.port());
+                // Egress is checked at the source's connect(), ingress at the destination; the
+                // kernel holds both (see ARCHITECTURE.md), so this line is about precision only.
                 if kernel.action != v.action {
                     println!("in the kernel: {:?} at connect(); ztunnel's proxy decides the rest", kernel.action);
                 }
