@@ -50,10 +50,17 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let retire = kernel.policy.retire_switch();
     let (mut policy, snapshot) =
         PolicySource::new(config.policy.clone(), config.trust_domain.clone(), kernel.policy, metrics.clone());
-    let stats = policy.reload().await.context("initial policy")?;
-    tracing::info!(stats = ?stats, "policy in force");
+    let generations = policy.generations();
+    // Files, polled; or the control plane's stream (which owns the source from here on).
+    let (files, control_plane) = if config.control_plane.is_empty() {
+        let stats = policy.reload().await.context("initial policy")?;
+        tracing::info!(stats = ?stats, "policy in force");
+        (Some(policy), None)
+    } else {
+        (None, Some(crate::config_client::start(&config, policy).await.context("control plane")?))
+    };
 
-    let hub = Arc::new(FlowHub::new(config.node.clone(), metrics.clone(), snapshot.clone(), policy.generations()));
+    let hub = Arc::new(FlowHub::new(config.node.clone(), metrics.clone(), snapshot.clone(), generations));
     let mesh = match config.ca_addr {
         Some(addr) => Some(mesh(&config, addr).context("identity set-up")?),
         None => None,
@@ -85,7 +92,10 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         serving.push(tokio::spawn(admin::serve(tcp_listener(fd)?, state.clone(), role)));
     }
     serving.push(tokio::spawn(enroll::serve(unix_listener(node_listeners.enroll)?, pods.clone())));
-    let policy_task = tokio::spawn(policy.watch(Duration::from_millis(config.policy_poll_ms)));
+    let policy_task = match files {
+        Some(policy) => tokio::spawn(policy.watch(Duration::from_millis(config.policy_poll_ms))),
+        None => control_plane.expect("one policy source"),
+    };
     let handed_over = serve_successor(&handoff_socket, pods.clone(), kept, serving, events, retire)?;
     tracing::info!(node = %config.node, "ztunnel ready");
 

@@ -15,6 +15,10 @@ pub struct Config {
     /// Policy and workload resources (YAML files or directories), reloaded on change.
     #[arg(long = "policy", env = "PALISADE_POLICY", value_delimiter = ',')]
     pub policy: Vec<PathBuf>,
+    /// The control plane (`palisade serve`), instead of `--policy` files; repeat for replicas
+    /// (tried in turn when one is unreachable).
+    #[arg(long = "control-plane", env = "PALISADE_CONTROL_PLANE", value_delimiter = ',', conflicts_with = "policy")]
+    pub control_plane: Vec<SocketAddr>,
     /// Unix socket of the enrollment API.
     #[arg(long, env = "PALISADE_ENROLL_SOCKET", default_value = "/var/run/palisade/ztunnel.sock")]
     pub enroll_socket: PathBuf,

@@ -1,6 +1,7 @@
 //! Palisade's node agent. See ARCHITECTURE.md for how the parts fit.
 pub mod admin;
 pub mod config;
+pub mod config_client;
 pub mod connections;
 pub mod datapath;
 pub mod enroll;

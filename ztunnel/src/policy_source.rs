@@ -1,5 +1,5 @@
-//! The policy in force comes from YAML files (the control plane replaces the source, not the
-//! model). The files are polled; a changed file is loaded, validated and compiled, and only a
+//! The policy in force comes from YAML files, or from the control plane's stream
+//! (`config_client`, which hands each snapshot to [`PolicySource::put_in_force`]). The files are polled; a changed file is loaded, validated and compiled, and only a
 //! complete, valid snapshot reaches the kernel. A bad file is reported and the last good
 //! policy stays in force.
 //!
@@ -104,7 +104,14 @@ impl PolicySource {
             }
             Polled::Changed => {}
         }
-        let (paths, trust_domain) = (self.paths.clone(), self.trust_domain.clone());
+        self.put_in_force(self.paths.clone()).await.map(Some)
+    }
+
+    /// Loads, validates and compiles `paths` and writes the result to the maps; returns once
+    /// the maps are switched (the control-plane client ACKs only then). Errors leave the last
+    /// good policy in force.
+    pub async fn put_in_force(&mut self, paths: Vec<PathBuf>) -> anyhow::Result<ApplyStats> {
+        let trust_domain = self.trust_domain.clone();
         let mut maps = self.maps.take().expect("policy maps are owned between reloads");
         let (maps, result) = tokio::task::spawn_blocking(move || {
             let started = std::time::Instant::now();
@@ -128,7 +135,7 @@ impl PolicySource {
         let snapshot = Arc::new(snapshot);
         self.generations.record(generation, snapshot.clone());
         self.publish.send_replace(snapshot);
-        Ok(Some(stats))
+        Ok(stats)
     }
 
     /// Polls for changes forever.

@@ -6,6 +6,8 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+mod control;
+
 #[derive(Parser)]
 #[command(name = "palisade", about = "Palisade policy control plane and CLI")]
 struct Cli {
@@ -39,6 +41,8 @@ enum Command {
         #[arg(long, env = "PALISADE_TRUST_DOMAIN", default_value = palisade_mesh::identity::DEFAULT_TRUST_DOMAIN)]
         trust_domain: String,
     },
+    #[command(flatten)]
+    Control(control::ControlCommand),
     /// The mesh certificate authority.
     Ca {
         /// Directory of the CA's roots (created by `init` only, never regenerated).
@@ -134,6 +138,15 @@ fn ca_command(dir: PathBuf, trust_domain: String, command: CaCommand) -> anyhow:
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Command::Control(command) = cli.command {
+        return match control::run(command) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("error: {e:#}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     if let Command::Ca { dir, trust_domain, command } = cli.command {
         return match ca_command(dir, trust_domain, command) {
             Ok(()) => ExitCode::SUCCESS,
@@ -185,7 +198,7 @@ fn main() -> ExitCode {
                 }
             })
         }
-        Command::Ca { .. } => unreachable!("handled above"),
+        Command::Ca { .. } | Command::Control(_) => unreachable!("handled above"),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

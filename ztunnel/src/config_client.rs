@@ -1,0 +1,252 @@
+//! The control-plane client: subscribes to `palisade serve` over mutual TLS with the node
+//! credential, puts every snapshot it receives in force, and ACKs it once the kernel maps are
+//! switched — or NACKs it with the reason, keeping the last good one in force.
+//!
+//! The control plane being down changes nothing on the node: the last snapshot stays in force,
+//! the client reconnects with jittered exponential backoff (cycling through every
+//! `--control-plane` address, so a second replica takes over) and resyncs on return. The last
+//! good snapshot is kept in `<state dir>/snapshot.json`, and a ztunnel that starts while the
+//! control plane is unreachable starts from it.
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use palisade_api::v1::snapshot_discovery_client::SnapshotDiscoveryClient;
+use palisade_api::v1::{ErrorDetail, SnapshotRequest};
+use palisade_mesh::identity::SpiffeId;
+use palisade_mesh::tls::{Credential, CredentialSlot, TrustBundle, client_config, no_sni};
+use serde::{Deserialize, Serialize};
+use tokio::sync::mpsc;
+
+use crate::policy_source::PolicySource;
+
+const BACKOFF_MIN: Duration = Duration::from_millis(100);
+const BACKOFF_MAX: Duration = Duration::from_secs(15);
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("node credential in {dir}: {message}")]
+    Credential { dir: PathBuf, message: String },
+    #[error("control plane {addr}: {message}")]
+    Stream { addr: SocketAddr, message: String },
+}
+
+/// The last good snapshot, as kept on disk.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct Saved {
+    pub version: String,
+    pub digest: String,
+    pub resources_yaml: String,
+}
+
+pub struct ConfigClient {
+    addrs: Vec<SocketAddr>,
+    node: String,
+    tls: Arc<tokio_rustls::rustls::ClientConfig>,
+    state_dir: PathBuf,
+    /// What is in force (empty version: nothing from the control plane yet).
+    current: Saved,
+}
+
+impl ConfigClient {
+    pub fn new(
+        addrs: Vec<SocketAddr>,
+        node: String,
+        credential_dir: &Path,
+        trust_domain: &str,
+        state_dir: PathBuf,
+    ) -> Result<Self, ClientError> {
+        let bad = |message: String| ClientError::Credential { dir: credential_dir.to_path_buf(), message };
+        let read =
+            |name: &str| std::fs::read_to_string(credential_dir.join(name)).map_err(|e| bad(format!("{name}: {e}")));
+        let credential =
+            Credential::from_pem(&read("node.pem")?, &read("node-key.pem")?).map_err(|e| bad(e.to_string()))?;
+        let bundle = TrustBundle::from_pem(&read("bundle.pem")?, trust_domain).map_err(|e| bad(e.to_string()))?;
+        let server = SpiffeId::new(
+            trust_domain,
+            palisade_mesh::ca_api::CONTROL_PLANE_NAMESPACE,
+            palisade_api::SERVER_SERVICE_ACCOUNT,
+        );
+        let tls = client_config(Some(CredentialSlot::new(credential)), &bundle, Some(server), &[b"h2"])
+            .map_err(|e| bad(e.to_string()))?;
+        Ok(ConfigClient { addrs, node, tls, state_dir, current: Saved::default() })
+    }
+
+    fn saved_file(&self) -> PathBuf {
+        self.state_dir.join("snapshot.json")
+    }
+
+    fn input_file(&self) -> PathBuf {
+        self.state_dir.join("control-plane.yaml")
+    }
+
+    /// Puts the snapshot saved on disk in force, if there is one (start-up while the control
+    /// plane is unreachable). Returns whether it did.
+    pub async fn start_from_disk(&mut self, policy: &mut PolicySource) -> anyhow::Result<bool> {
+        let text = match std::fs::read_to_string(self.saved_file()) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(false),
+            Err(e) => return Err(anyhow::anyhow!("{}: {e}", self.saved_file().display())),
+        };
+        let saved: Saved = serde_json::from_str(&text)
+            .map_err(|e| anyhow::anyhow!("{}: not a saved snapshot: {e}", self.saved_file().display()))?;
+        self.put_in_force(policy, &saved).await?;
+        tracing::info!(version = %saved.version, "started from the snapshot saved on disk");
+        self.current = saved;
+        Ok(true)
+    }
+
+    async fn put_in_force(&self, policy: &mut PolicySource, snapshot: &Saved) -> anyhow::Result<()> {
+        // Through a file, so the loader, validation and errors are exactly those of file mode.
+        write_atomic(&self.input_file(), snapshot.resources_yaml.as_bytes())?;
+        let stats = policy.put_in_force(vec![self.input_file()]).await?;
+        tracing::info!(version = %snapshot.version, generation = stats.generation, cells = stats.cells,
+            compile_ms = stats.compile_ms, apply_ms = stats.elapsed_ms, "snapshot from the control plane in force");
+        Ok(())
+    }
+
+    /// Follows the control plane forever. `first` is told once the first snapshot is in force.
+    pub async fn run(mut self, mut policy: PolicySource, first: tokio::sync::oneshot::Sender<()>) {
+        let mut first = Some(first);
+        let mut backoff = BACKOFF_MIN;
+        for attempt in 0usize.. {
+            let addr = self.addrs[attempt % self.addrs.len()];
+            match self.session(addr, &mut policy, &mut first, &mut backoff).await {
+                Ok(()) => tracing::warn!(%addr, "control-plane stream closed; reconnecting"),
+                Err(e) => {
+                    tracing::warn!(error = %e, retry_ms = backoff.as_millis() as u64, "control plane unreachable; the last snapshot stays in force")
+                }
+            }
+            tokio::time::sleep(jitter(backoff)).await;
+            backoff = (backoff * 2).min(BACKOFF_MAX);
+        }
+    }
+
+    async fn session(
+        &mut self,
+        addr: SocketAddr,
+        policy: &mut PolicySource,
+        first: &mut Option<tokio::sync::oneshot::Sender<()>>,
+        backoff: &mut Duration,
+    ) -> Result<(), ClientError> {
+        let failed = |message: String| ClientError::Stream { addr, message };
+        let tls = tokio_rustls::TlsConnector::from(self.tls.clone());
+        let connector = tower::service_fn(move |_: tonic::transport::Uri| {
+            let tls = tls.clone();
+            async move {
+                let tcp = tokio::net::TcpStream::connect(addr).await?;
+                let stream = tls.connect(no_sni(), tcp).await?;
+                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(stream))
+            }
+        });
+        let channel = tonic::transport::Endpoint::from_static("http://control-plane")
+            .connect_timeout(CONNECT_TIMEOUT)
+            .http2_keep_alive_interval(Duration::from_secs(10))
+            .keep_alive_timeout(Duration::from_secs(5))
+            .connect_with_connector(connector)
+            .await
+            .map_err(|e| failed(format!("{e:?}")))?;
+        let mut client = SnapshotDiscoveryClient::new(channel)
+            .max_decoding_message_size(palisade_api::MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(palisade_api::MAX_MESSAGE_BYTES);
+        let (tx, rx) = mpsc::channel(4);
+        let hello = SnapshotRequest {
+            node: self.node.clone(),
+            version_info: self.current.version.clone(),
+            ..Default::default()
+        };
+        tx.send(hello).await.map_err(|e| failed(e.to_string()))?;
+        let mut responses = client
+            .stream(tokio_stream::wrappers::ReceiverStream::new(rx))
+            .await
+            .map_err(|e| failed(e.to_string()))?
+            .into_inner();
+        tracing::info!(%addr, version = %self.current.version, "subscribed to the control plane");
+        *backoff = BACKOFF_MIN;
+        if !self.current.version.is_empty()
+            && let Some(first) = first.take()
+        {
+            let _ = first.send(());
+        }
+        while let Some(response) = responses.message().await.map_err(|e| failed(e.to_string()))? {
+            let offered = Saved {
+                version: response.version_info.clone(),
+                digest: response.content_digest.clone(),
+                resources_yaml: response.resources_yaml,
+            };
+            let mut answer =
+                SnapshotRequest { node: self.node.clone(), response_nonce: response.nonce, ..Default::default() };
+            // The same content under a new version (a restarted server): nothing to rewrite.
+            let result = match offered.digest == self.current.digest && !offered.digest.is_empty() {
+                true => Ok(()),
+                false => self.put_in_force(policy, &offered).await,
+            };
+            match result {
+                Ok(()) => {
+                    if let Err(e) = write_atomic(&self.saved_file(), &serde_json::to_vec(&offered).unwrap_or_default())
+                    {
+                        tracing::error!(error = %e, "last good snapshot not saved to disk");
+                    }
+                    self.current = offered;
+                    if let Some(first) = first.take() {
+                        let _ = first.send(());
+                    }
+                }
+                Err(e) => {
+                    let message = format!("{e:#}");
+                    tracing::error!(version = %offered.version, error = %message, "snapshot rejected (NACK); the last good one stays in force");
+                    answer.error_detail = Some(ErrorDetail { message });
+                }
+            }
+            answer.version_info = self.current.version.clone();
+            tx.send(answer).await.map_err(|e| failed(e.to_string()))?;
+        }
+        Ok(())
+    }
+}
+
+/// Starts following the control plane: from the snapshot on disk if there is one (then at
+/// once), otherwise once the first snapshot from the control plane is in force — a node never
+/// serves without a policy.
+pub async fn start(
+    config: &crate::config::Config,
+    mut policy: PolicySource,
+) -> anyhow::Result<tokio::task::JoinHandle<()>> {
+    let mut client = ConfigClient::new(
+        config.control_plane.clone(),
+        config.node.clone(),
+        &config.node_credential_dir,
+        &config.trust_domain,
+        config.state_dir.clone(),
+    )?;
+    let from_disk = match client.start_from_disk(&mut policy).await {
+        Ok(done) => done,
+        Err(e) => {
+            tracing::error!(error = %format!("{e:#}"), "saved snapshot unusable; waiting for the control plane");
+            false
+        }
+    };
+    let (first, in_force) = tokio::sync::oneshot::channel();
+    let task = tokio::spawn(client.run(policy, first));
+    if !from_disk {
+        tracing::info!(control_plane = ?config.control_plane, "waiting for the first snapshot");
+        let _ = in_force.await;
+    }
+    Ok(task)
+}
+
+/// Between half and all of `d`, so that nodes that lost the control plane together do not
+/// come back together.
+fn jitter(d: Duration) -> Duration {
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |t| t.subsec_nanos());
+    d / 2 + d.mul_f64(f64::from(nanos % 1000) / 2000.0)
+}
+
+fn write_atomic(file: &Path, bytes: &[u8]) -> anyhow::Result<()> {
+    let tmp = file.with_extension("tmp");
+    std::fs::write(&tmp, bytes).map_err(|e| anyhow::anyhow!("{}: {e}", tmp.display()))?;
+    std::fs::rename(&tmp, file).map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
+    Ok(())
+}
