@@ -30,7 +30,8 @@ pub fn load_snapshot(paths: &[PathBuf]) -> Result<Snapshot, ConfigError> {
 
 /// As [`load_snapshot`], for a mesh whose trust domain is not the default.
 pub fn load_snapshot_for(paths: &[PathBuf], trust_domain: &str) -> Result<Snapshot, ConfigError> {
-    let resources = load::load_paths(paths)?;
-    validate::validate(&resources)?;
-    Ok(compile::compile_for(&resources, trust_domain))
+    // Every problem of every file, each at its field's line (not only the first one).
+    let batch = load::load_batch(paths)?;
+    validate::validate_batch(&batch)?;
+    Ok(compile::compile_for(&batch.resources, trust_domain))
 }

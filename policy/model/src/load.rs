@@ -11,11 +11,14 @@ use serde::Deserialize;
 
 use crate::resource::{API_VERSION, Document, Resource};
 
+mod batch;
 mod depth;
 mod files;
+pub mod position;
 #[cfg(test)]
 mod tests;
 
+pub use batch::{Batch, MAX_PROBLEMS_PER_DOCUMENT, Sources, load_batch, parse_into};
 pub use depth::MAX_DEPTH;
 pub use files::{ChangeDetector, MAX_DIR_DEPTH, MAX_FILE_BYTES, policy_files, read_bounded};
 
@@ -72,67 +75,91 @@ pub fn load_paths(paths: &[PathBuf]) -> Result<Vec<Located>, LoadError> {
     Ok(out)
 }
 
-/// Parses a multi-document YAML text. Empty documents are skipped.
+/// Parses a multi-document YAML text. Empty documents are skipped. Stops at the first
+/// problem; [`load_batch`] reports them all.
 pub fn parse_str(file: &Path, text: &str) -> Result<Vec<Located>, LoadError> {
     depth::check(file, text)?;
     let mut out = Vec::new();
     for (start_line, doc) in split_documents(file, text)? {
-        // Comments and directives (`%YAML 1.2`) only: nothing to load.
-        if doc.lines().all(|l| l.trim().is_empty() || l.trim_start().starts_with('#') || l.starts_with('%')) {
+        if is_blank(&doc) {
             continue;
         }
-        let parse_err = |line: usize, message: String| LoadError::Parse { file: file.to_path_buf(), line, message };
-        let yaml_err = |e: serde_yaml::Error| {
-            let line = e.location().map_or(start_line, |l| start_line + l.line() - 1);
-            parse_err(line, describe_serde_error(&e.to_string()))
-        };
-        let Kind { kind, api_version } =
-            Kind::deserialize(serde_yaml::Deserializer::from_str(&doc)).map_err(yaml_err)?;
-        let resource = match kind.as_str() {
-            // Kubernetes' own kinds, read with Kubernetes' types (see `crate::k8s`).
-            "NetworkPolicy" => crate::k8s::network_policy(&doc),
-            "Namespace" if api_version.as_deref() == Some(crate::resource::K8S_CORE_API_VERSION) => {
-                crate::k8s::namespace(&doc)
-            }
-            "Workload" => typed(&doc, |d: Document<_>| Resource::Workload {
-                api_version: d.api_version,
-                metadata: d.metadata,
-                spec: d.spec,
-            }),
-            "Namespace" => typed(&doc, |d: Document<Option<_>>| Resource::Namespace {
-                api_version: d.api_version,
-                metadata: d.metadata,
-                spec: d.spec.unwrap_or_default(),
-            }),
-            "SegmentationPolicy" => typed(&doc, |d: Document<_>| Resource::SegmentationPolicy {
-                api_version: d.api_version,
-                metadata: d.metadata,
-                spec: d.spec,
-            }),
-            other => {
-                return Err(parse_err(
-                    start_line,
-                    format!(
-                        "kind: unknown kind {other:?} (expected Workload, Namespace, SegmentationPolicy or NetworkPolicy)"
-                    ),
-                ));
+        let origin = Origin { file: file.to_path_buf(), line: start_line };
+        match batch::read_document(&origin, &doc, 1) {
+            Ok(resource) => out.push(Located { origin, resource }),
+            Err(findings) => {
+                let first = findings.into_iter().next().expect("a refused document has a problem");
+                let message = match first.field.is_empty() {
+                    true => first.message,
+                    false => format!("{}: {}", first.field, first.message),
+                };
+                return Err(LoadError::Parse { file: first.file, line: first.line, message });
             }
         }
-        .map_err(yaml_err)?;
-        if !resource.api_version_accepted() {
-            return Err(parse_err(
-                start_line,
-                format!(
-                    "apiVersion: expected {API_VERSION}, got {:?} ({} {})",
-                    resource.api_version(),
-                    resource.kind(),
-                    resource.metadata().name
-                ),
-            ));
-        }
-        out.push(Located { origin: Origin { file: file.to_path_buf(), line: start_line }, resource });
     }
     Ok(out)
+}
+
+/// Comments and directives (`%YAML 1.2`) only: nothing to load.
+fn is_blank(doc: &str) -> bool {
+    doc.lines().all(|l| l.trim().is_empty() || l.trim_start().starts_with('#') || l.starts_with('%'))
+}
+
+/// Why one document is not a resource.
+enum DocError {
+    /// What serde_yaml refused, with its path and position.
+    Yaml(serde_yaml::Error),
+    /// A well-formed document of an unknown kind or version.
+    Semantic { field: String, message: String },
+}
+
+/// Reads one document (its text) as a resource of its kind.
+fn read_resource(doc: &str) -> Result<Resource, DocError> {
+    let Kind { kind, api_version } =
+        Kind::deserialize(serde_yaml::Deserializer::from_str(doc)).map_err(DocError::Yaml)?;
+    let resource = match kind.as_str() {
+        // Kubernetes' own kinds, read with Kubernetes' types (see `crate::k8s`).
+        "NetworkPolicy" => crate::k8s::network_policy(doc),
+        "Namespace" if api_version.as_deref() == Some(crate::resource::K8S_CORE_API_VERSION) => {
+            crate::k8s::namespace(doc)
+        }
+        "Workload" => typed(doc, |d: Document<_>| Resource::Workload {
+            api_version: d.api_version,
+            metadata: d.metadata,
+            spec: d.spec,
+        }),
+        "Namespace" => typed(doc, |d: Document<Option<_>>| Resource::Namespace {
+            api_version: d.api_version,
+            metadata: d.metadata,
+            spec: d.spec.unwrap_or_default(),
+        }),
+        "SegmentationPolicy" => typed(doc, |d: Document<_>| Resource::SegmentationPolicy {
+            api_version: d.api_version,
+            metadata: d.metadata,
+            spec: d.spec,
+        }),
+        other => {
+            return Err(DocError::Semantic {
+                field: "kind".into(),
+                message: format!(
+                    "unknown kind {other:?} (expected Workload, Namespace, SegmentationPolicy or NetworkPolicy)"
+                ),
+            });
+        }
+    }
+    .map_err(DocError::Yaml)?;
+    if !resource.api_version_accepted() {
+        return Err(DocError::Semantic {
+            field: "apiVersion".into(),
+            message: format!(
+                "expected {API_VERSION}, got {:?} ({} {})",
+                resource.api_version(),
+                resource.kind(),
+                resource.metadata().name
+            ),
+        });
+    }
+    Ok(resource)
 }
 
 #[derive(Deserialize)]

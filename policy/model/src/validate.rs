@@ -1,33 +1,29 @@
-//! Checks across resources that the YAML shape cannot express. Every problem is reported,
-//! each naming where it is, so one run fixes them all.
+//! Checks that the YAML shape cannot express, within a resource and across resources. Every
+//! problem of a batch is reported in one run, each at the line of its field: errors refuse
+//! the batch; warnings (a reference to a namespace that does not exist yet, a selector that
+//! selects nothing, a rule that is shadowed or can never match, something the kernel does not
+//! enforce) never do, because policies may be written before the pods they protect.
 use std::collections::HashMap;
 use std::fmt;
 use std::net::IpAddr;
 
-use crate::load::{Located, Origin};
-use crate::resource::Resource;
+use crate::load::{Batch, Located, Origin, Sources};
+use crate::resource::{Peer, Resource};
 
 mod finding;
+mod references;
+mod shadow;
+#[cfg(test)]
+mod tests;
+
 pub use finding::{Finding, Severity};
 
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Problem {
-    pub origin: Origin,
-    /// `Kind namespace/name`.
-    pub resource: String,
-    /// Dotted path of the field, e.g. `spec.rules[0].ports[1]`.
-    pub field: String,
-    pub message: String,
-}
+/// What used to be the only kind of finding; errors are still called problems.
+pub type Problem = Finding;
 
-impl fmt::Display for Problem {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}: {}: {}: {}", self.origin, self.resource, self.field, self.message)
-    }
-}
-
+/// The errors that refuse a configuration (warnings are not in it).
 #[derive(Debug, thiserror::Error)]
-pub struct Invalid(pub Vec<Problem>);
+pub struct Invalid(pub Vec<Finding>);
 
 impl fmt::Display for Invalid {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -40,7 +36,184 @@ impl fmt::Display for Invalid {
     }
 }
 
-fn is_dns_label(s: &str) -> bool {
+/// Refuses resources with any error. Without the documents' texts a finding names its
+/// resource's first line; [`check_batch`] names the field's.
+pub fn validate(resources: &[Located]) -> Result<(), Invalid> {
+    let errors: Vec<Finding> = check(resources, &Sources::default()).into_iter().filter(Finding::is_error).collect();
+    if errors.is_empty() { Ok(()) } else { Err(Invalid(errors)) }
+}
+
+/// Everything wrong with a loaded batch: what loading found plus every check across its
+/// resources, sorted by file and line (errors before warnings on one line).
+pub fn check_batch(batch: &Batch) -> Vec<Finding> {
+    let mut all = batch.findings.clone();
+    all.extend(check(&batch.resources, &batch.sources));
+    sort(&mut all);
+    all
+}
+
+/// The batch's errors as [`Invalid`], or its warnings when it has no error.
+pub fn validate_batch(batch: &Batch) -> Result<Vec<Finding>, Invalid> {
+    let (errors, warnings): (Vec<_>, Vec<_>) = check_batch(batch).into_iter().partition(Finding::is_error);
+    if errors.is_empty() { Ok(warnings) } else { Err(Invalid(errors)) }
+}
+
+pub fn sort(findings: &mut [Finding]) {
+    findings.sort_by(|a, b| a.sort_key().cmp(&b.sort_key()));
+}
+
+/// Every finding about `resources`, errors and warnings, positioned through `sources`.
+pub fn check(resources: &[Located], sources: &Sources) -> Vec<Finding> {
+    let mut out = Findings { sources, list: Vec::new() };
+    let mut names: HashMap<(&str, Option<&str>, &str), &Origin> = HashMap::new();
+    let mut addresses: HashMap<IpAddr, (Origin, String)> = HashMap::new();
+    for located in resources {
+        let at = At::new(located);
+        let (resource, meta) = (&located.resource, located.resource.metadata());
+        if !is_dns_label(&meta.name) {
+            out.error(&at, "metadata.name", format!("{:?} is not a lowercase DNS name", meta.name));
+        }
+        // (Kubernetes' Namespace is a `Resource::Namespace` too: defining one name with both
+        // kinds is defined twice.)
+        if let Some(first) = names.insert((resource.kind(), meta.namespace.as_deref(), &meta.name), &located.origin) {
+            let first = sources.locate(first, "metadata.name");
+            out.error(&at, "metadata.name", format!("defined twice; first at {first}"));
+        }
+        let namespaced = !matches!(resource, Resource::Namespace { .. });
+        match (&meta.namespace, namespaced) {
+            (None, true) => out.error(&at, "metadata.namespace", "required for this kind".into()),
+            (Some(_), false) => out.error(&at, "metadata.namespace", "a Namespace has no namespace".into()),
+            (Some(ns), true) if !is_dns_label(ns) => {
+                out.error(&at, "metadata.namespace", format!("{ns:?} is not a lowercase DNS name"))
+            }
+            _ => {}
+        }
+        match resource {
+            Resource::Workload { spec, .. } => {
+                if spec.addresses.is_empty() {
+                    out.error(&at, "spec.addresses", "a workload needs at least one address".into());
+                }
+                if spec.service_account.is_empty() {
+                    out.error(&at, "spec.serviceAccount", "must not be empty".into());
+                }
+                if spec.node.is_empty() {
+                    out.error(&at, "spec.node", "must not be empty".into());
+                }
+                for (i, addr) in spec.addresses.iter().enumerate() {
+                    let field = format!("spec.addresses[{i}]");
+                    match addresses.get(addr) {
+                        Some((first, owner)) => {
+                            out.error(&at, &field, format!("{addr} is already the address of {owner} ({first})"))
+                        }
+                        None => {
+                            addresses.insert(*addr, (sources.locate(&located.origin, &field), at.label.clone()));
+                        }
+                    }
+                }
+                for (i, port) in spec.ports.iter().enumerate() {
+                    if port.container_port == 0 {
+                        out.error(&at, &format!("spec.ports[{i}].containerPort"), "port 0 is not a port".into());
+                    }
+                }
+            }
+            Resource::SegmentationPolicy { spec, .. } => {
+                if spec.rules.is_empty() && spec.egress.is_none() {
+                    out.error(
+                        &at,
+                        "spec.rules",
+                        "at least one rule is required (a rule `{}` matches every connection)".into(),
+                    );
+                }
+                for (r, rule) in spec.rules.iter().enumerate() {
+                    rule_shape(
+                        &mut out,
+                        &at,
+                        &format!("spec.rules[{r}]"),
+                        "from",
+                        &rule.from,
+                        &rule.ports,
+                        &rule.not_ports,
+                    );
+                }
+                for (r, rule) in spec.egress.iter().flatten().enumerate() {
+                    rule_shape(
+                        &mut out,
+                        &at,
+                        &format!("spec.egress[{r}]"),
+                        "to",
+                        &rule.to,
+                        &rule.ports,
+                        &rule.not_ports,
+                    );
+                }
+            }
+            Resource::Namespace { .. } => {}
+            Resource::NetworkPolicy { spec, .. } => {
+                for (field, message) in crate::k8s::problems(spec) {
+                    out.error(&at, &field, message);
+                }
+            }
+        }
+    }
+    references::check(resources, &mut out);
+    shadow::check(resources, &mut out);
+    let mut list = out.list;
+    sort(&mut list);
+    list
+}
+
+/// Ports and peers of one rule (ingress `from` or egress `to`).
+fn rule_shape(
+    out: &mut Findings,
+    at: &At,
+    rule: &str,
+    peers_name: &str,
+    peers: &[Peer],
+    ports: &[u16],
+    not_ports: &[u16],
+) {
+    for (field, list) in [("ports", ports), ("notPorts", not_ports)] {
+        for (p, port) in list.iter().enumerate() {
+            if *port == 0 {
+                out.error(at, &format!("{rule}.{field}[{p}]"), "port 0 is not a port".into());
+            }
+        }
+    }
+    for (f, peer) in peers.iter().enumerate() {
+        let field = format!("{rule}.{peers_name}[{f}]");
+        if peer.is_empty() {
+            out.error(at, &field, format!("an empty peer matches nothing; omit `{peers_name}` to match any peer"));
+        }
+        for (list, patterns) in [("principals", &peer.principals), ("notPrincipals", &peer.not_principals)] {
+            for (i, p) in patterns.iter().enumerate() {
+                if let Some(why) = principal_problem(p) {
+                    out.error(at, &format!("{field}.{list}[{i}]"), format!("{p:?} {why}"));
+                }
+            }
+        }
+    }
+}
+
+/// Why a principal pattern can never name an identity, if it cannot. Patterns are matched
+/// against `<trust-domain>/ns/<namespace>/sa/<service-account>`; `*` matches any run.
+fn principal_problem(pattern: &str) -> Option<&'static str> {
+    let body = pattern.strip_prefix("spiffe://").unwrap_or(pattern);
+    if body.is_empty() {
+        return Some("is empty: write `*` for any identity");
+    }
+    if body.chars().any(char::is_whitespace) {
+        return Some("contains white space, which no identity has");
+    }
+    if body.contains('*') {
+        return None;
+    }
+    let parts: Vec<&str> = body.split('/').collect();
+    let shaped = parts.len() == 5 && parts[1] == "ns" && parts[3] == "sa" && parts.iter().all(|p| !p.is_empty());
+    (!shaped)
+        .then_some("is not an identity `<trust-domain>/ns/<namespace>/sa/<service-account>` (nor a pattern with `*`)")
+}
+
+pub(crate) fn is_dns_label(s: &str) -> bool {
     !s.is_empty()
         && s.len() <= 63
         && s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.')
@@ -48,137 +221,40 @@ fn is_dns_label(s: &str) -> bool {
         && !s.ends_with('-')
 }
 
-pub fn validate(resources: &[Located]) -> Result<(), Invalid> {
-    let mut problems = Vec::new();
-    let mut names: HashMap<(&str, Option<&str>, &str), &Origin> = HashMap::new();
-    let mut addresses: HashMap<IpAddr, (&Origin, String)> = HashMap::new();
-    for Located { origin, resource } in resources {
-        let meta = resource.metadata();
-        let label = format!(
-            "{} {}{}",
-            resource.kind(),
-            meta.namespace.as_deref().map(|n| format!("{n}/")).unwrap_or_default(),
-            meta.name
-        );
-        let mut problem = |field: &str, message: String| {
-            problems.push(Problem {
-                origin: origin.clone(),
-                resource: label.clone(),
-                field: field.to_string(),
-                message,
-            })
-        };
-        if !is_dns_label(&meta.name) {
-            problem("metadata.name", format!("{:?} is not a lowercase DNS name", meta.name));
-        }
-        let key = (resource.kind(), meta.namespace.as_deref(), meta.name.as_str());
-        if let Some(first) = names.insert(key, origin) {
-            problem("metadata.name", format!("defined twice; first at {first}"));
-        }
-        let namespaced = !matches!(resource, Resource::Namespace { .. });
-        match (&meta.namespace, namespaced) {
-            (None, true) => problem("metadata.namespace", "required for this kind".into()),
-            (Some(_), false) => problem("metadata.namespace", "a Namespace has no namespace".into()),
-            (Some(ns), true) if !is_dns_label(ns) => {
-                problem("metadata.namespace", format!("{ns:?} is not a lowercase DNS name"))
-            }
-            _ => {}
-        }
-        match resource {
-            Resource::Workload { spec, .. } => {
-                if spec.addresses.is_empty() {
-                    problem("spec.addresses", "a workload needs at least one address".into());
-                }
-                if spec.service_account.is_empty() {
-                    problem("spec.serviceAccount", "must not be empty".into());
-                }
-                if spec.node.is_empty() {
-                    problem("spec.node", "must not be empty".into());
-                }
-                for (i, addr) in spec.addresses.iter().enumerate() {
-                    if let Some((first, owner)) = addresses.get(addr) {
-                        problem(
-                            &format!("spec.addresses[{i}]"),
-                            format!("{addr} is already the address of {owner} ({first})"),
-                        );
-                    } else {
-                        addresses.insert(*addr, (origin, label.clone()));
-                    }
-                }
-            }
-            Resource::SegmentationPolicy { spec, .. } => {
-                if spec.rules.is_empty() && spec.egress.is_none() {
-                    problem(
-                        "spec.rules",
-                        "at least one rule is required (a rule `{}` matches every connection)".into(),
-                    );
-                }
-                for (r, rule) in spec.rules.iter().enumerate() {
-                    for (field, ports) in [("ports", &rule.ports), ("notPorts", &rule.not_ports)] {
-                        for (p, port) in ports.iter().enumerate() {
-                            if *port == 0 {
-                                problem(&format!("spec.rules[{r}].{field}[{p}]"), "port 0 is not a port".into());
-                            }
-                        }
-                    }
-                    for (f, peer) in rule.from.iter().enumerate() {
-                        if peer.is_empty() {
-                            problem(
-                                &format!("spec.rules[{r}].from[{f}]"),
-                                "an empty source matches nothing; omit `from` to match any source".into(),
-                            );
-                        }
-                    }
-                }
-            }
-            Resource::Namespace { .. } => {}
-            Resource::NetworkPolicy { spec, .. } => {
-                for (field, message) in crate::k8s::problems(spec) {
-                    problem(&field, message);
-                }
-            }
-        }
-    }
-    if problems.is_empty() { Ok(()) } else { Err(Invalid(problems)) }
+/// The resource a finding is about.
+struct At<'a> {
+    origin: &'a Origin,
+    /// `Kind namespace/name`.
+    label: String,
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::load::parse_str;
-    use std::path::Path;
+impl<'a> At<'a> {
+    fn new(located: &'a Located) -> Self {
+        let meta = located.resource.metadata();
+        let ns = meta.namespace.as_deref().map(|n| format!("{n}/")).unwrap_or_default();
+        At { origin: &located.origin, label: format!("{} {ns}{}", located.resource.kind(), meta.name) }
+    }
+}
 
-    fn check(text: &str) -> Vec<String> {
-        let resources = parse_str(Path::new("c.yaml"), text).expect("parses");
-        match validate(&resources) {
-            Ok(()) => vec![],
-            Err(Invalid(p)) => p.iter().map(|p| p.to_string()).collect(),
-        }
+/// Findings being collected, each placed at its field's line.
+struct Findings<'s> {
+    sources: &'s Sources,
+    list: Vec<Finding>,
+}
+
+impl Findings<'_> {
+    fn error(&mut self, at: &At, field: &str, message: String) {
+        let origin = self.sources.locate(at.origin, field);
+        self.list.push(Finding::error(&origin, &at.label, field, message));
     }
 
-    #[test]
-    fn reports_every_problem_with_its_place() {
-        let problems = check(
-            "apiVersion: palisade.dev/v1alpha1\nkind: Workload\nmetadata: {name: a, namespace: x}\n\
-             spec: {serviceAccount: s, node: n1, addresses: [10.0.0.1]}\n---\n\
-             apiVersion: palisade.dev/v1alpha1\nkind: Workload\nmetadata: {name: b, namespace: x}\n\
-             spec: {serviceAccount: s, node: n1, addresses: [10.0.0.1]}\n---\n\
-             apiVersion: palisade.dev/v1alpha1\nkind: SegmentationPolicy\nmetadata: {name: P, namespace: x}\n\
-             spec: {action: Deny, rules: [{ports: [0]}]}\n",
-        );
-        assert_eq!(problems.len(), 3, "{problems:#?}");
-        assert!(problems[0].starts_with("c.yaml:6: Workload x/b: spec.addresses[0]: 10.0.0.1 is already"));
-        assert!(problems[1].contains("c.yaml:11: SegmentationPolicy x/P: metadata.name"));
-        assert!(problems[2].contains("spec.rules[0].ports[0]: port 0"));
+    fn warning(&mut self, at: &At, field: &str, message: String) {
+        let origin = self.sources.locate(at.origin, field);
+        self.list.push(Finding::warning(&origin, &at.label, field, message));
     }
 
-    #[test]
-    fn valid_configuration_passes() {
-        assert!(
-            check(
-                "apiVersion: palisade.dev/v1alpha1\nkind: Namespace\nmetadata: {name: x}\nspec: {defaultAction: Deny}\n"
-            )
-            .is_empty()
-        );
+    /// Where `field` of `at` is, to name a second position in a message.
+    fn place(&self, at: &At, field: &str) -> Origin {
+        self.sources.locate(at.origin, field)
     }
 }

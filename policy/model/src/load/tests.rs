@@ -195,3 +195,69 @@ fn unchanged_files_are_not_reported_and_a_missing_one_is_named() {
     std::fs::remove_file(dir.0.join("b.yaml")).unwrap();
     assert!(!changes.poll().unwrap(), "back as it was: no change");
 }
+
+#[test]
+fn a_batch_reports_every_problem_of_every_document_at_its_field() {
+    let text = "\
+apiVersion: palisade.dev/v1alpha1
+kind: SegmentationPolicy
+metadata: {name: p, namespace: a}
+spec:
+  action: Allow
+  colour: blue
+  rules:
+  - ports: [80, 70000, 99999]
+  - from: [{namespace: b, bogus: 1}]
+    ports: [-1]
+---
+apiVersion: palisade.dev/v1alpha1
+kind: Gadget
+metadata: {name: g}
+---
+apiVersion: palisade.dev/v1alpha2
+kind: Namespace
+metadata: {name: ok}
+---
+apiVersion: palisade.dev/v1alpha1
+kind: Namespace
+metadata: {name: fine}
+";
+    let mut batch = Batch::default();
+    parse_into(&mut batch, Path::new("b.yaml"), text);
+    let got: Vec<(usize, &str)> = batch.findings.iter().map(|f| (f.line, f.field.as_str())).collect();
+    assert_eq!(
+        got,
+        [
+            (6, "spec.colour"),
+            (8, "spec.rules[0].ports[1]"),
+            // Found after ports[1] was removed: named with its original index.
+            (8, "spec.rules[0].ports[2]"),
+            (9, "spec.rules[1].from[0].bogus"),
+            (10, "spec.rules[1].ports[0]"),
+            (13, "kind"),
+            (16, "apiVersion"),
+        ],
+        "{:#?}",
+        batch.findings
+    );
+    assert!(batch.findings[1].message.contains("70000"), "{}", batch.findings[1]);
+    assert!(batch.findings[2].message.contains("99999"), "{}", batch.findings[2]);
+    assert_eq!(names(&batch.resources), ["fine"]);
+    // Positions of any field of a loaded document stay available to later checks.
+    let fine = &batch.resources[0].origin;
+    assert_eq!(batch.sources.locate(fine, "metadata.name").line, 22);
+}
+
+#[test]
+fn a_batch_goes_on_past_an_unreadable_or_refused_file() {
+    let dir = Scratch::new("batch");
+    dir.write("a.yaml", &"[".repeat(100));
+    dir.write("b.yaml", "apiVersion: palisade.dev/v1alpha1\nkind: Namespace\nmetadata: {name: b, colour: red}\n");
+    dir.write("c.yaml", NS_A);
+    let batch = load_batch(std::slice::from_ref(&dir.0)).unwrap();
+    let got: Vec<String> = batch.findings.iter().map(|f| f.to_string()).collect();
+    assert_eq!(got.len(), 2, "{got:#?}");
+    assert!(got[0].contains("a.yaml:1: refused: YAML nested deeper"), "{got:#?}");
+    assert!(got[1].contains("b.yaml:3: metadata.colour: unknown field"), "{got:#?}");
+    assert_eq!(names(&batch.resources), ["a"]);
+}

@@ -1,0 +1,201 @@
+//! References across resources that point at nothing, and policies that attach to nothing.
+//! These are warnings: a policy may be applied before the namespace and the pods it names,
+//! and it takes effect as they appear. Each is reported at the line of the reference.
+use std::collections::{BTreeMap, HashSet};
+
+use super::{At, Findings};
+use crate::load::Located;
+use crate::resource::{Peer, Resource, Selector};
+
+/// What the batch knows of namespaces and workloads.
+struct Inventory<'a> {
+    /// Namespaces defined by a `Namespace` resource, with their labels as selectors see them.
+    defined: Vec<(&'a str, BTreeMap<String, String>)>,
+    /// (namespace, service account, labels) of every workload.
+    workloads: Vec<(&'a str, &'a str, &'a BTreeMap<String, String>)>,
+    /// Names of the TCP container ports of every workload.
+    port_names: HashSet<&'a str>,
+}
+
+impl Inventory<'_> {
+    fn known(&self, ns: &str) -> bool {
+        self.defined.iter().any(|(n, _)| *n == ns) || self.workloads.iter().any(|(n, _, _)| *n == ns)
+    }
+
+    /// Labels of every known namespace (one with workloads only has just its name label).
+    fn namespace_labels(&self) -> Vec<BTreeMap<String, String>> {
+        let mut out: Vec<_> = self.defined.iter().map(|(_, l)| l.clone()).collect();
+        let defined: HashSet<&str> = self.defined.iter().map(|(n, _)| *n).collect();
+        let mut seen = HashSet::new();
+        for (ns, _, _) in &self.workloads {
+            if !defined.contains(ns) && seen.insert(*ns) {
+                out.push(crate::k8s::namespace_labels(ns, &BTreeMap::new()));
+            }
+        }
+        out
+    }
+}
+
+pub(super) fn check(resources: &[Located], out: &mut Findings) {
+    let mut inv = Inventory { defined: Vec::new(), workloads: Vec::new(), port_names: HashSet::new() };
+    for r in resources {
+        match &r.resource {
+            Resource::Namespace { metadata, .. } => {
+                inv.defined.push((&metadata.name, crate::k8s::namespace_labels(&metadata.name, &metadata.labels)))
+            }
+            Resource::Workload { metadata, spec, .. } => {
+                if let Some(ns) = &metadata.namespace {
+                    inv.workloads.push((ns, &spec.service_account, &spec.labels));
+                }
+                let tcp = spec.ports.iter().filter(|p| p.protocol == crate::resource::Protocol::Tcp);
+                inv.port_names.extend(tcp.filter_map(|p| p.name.as_deref()));
+            }
+            _ => {}
+        }
+    }
+    for located in resources {
+        let at = At::new(located);
+        let Some(ns) = located.resource.metadata().namespace.as_deref() else { continue };
+        match &located.resource {
+            Resource::SegmentationPolicy { spec, .. } => {
+                attachment(out, &inv, &at, ns, "spec.selector", &spec.selector);
+                for (r, rule) in spec.rules.iter().enumerate() {
+                    for (p, peer) in rule.from.iter().enumerate() {
+                        peer_refs(out, &inv, &at, ns, &format!("spec.rules[{r}].from[{p}]"), peer);
+                    }
+                }
+                for (r, rule) in spec.egress.iter().flatten().enumerate() {
+                    for (p, peer) in rule.to.iter().enumerate() {
+                        peer_refs(out, &inv, &at, ns, &format!("spec.egress[{r}].to[{p}]"), peer);
+                    }
+                }
+            }
+            Resource::NetworkPolicy { spec, .. } => {
+                let selector = spec.pod_selector.as_ref().map(crate::k8s::selector).unwrap_or_default();
+                attachment(out, &inv, &at, ns, "spec.podSelector", &selector);
+                named_ports(out, &inv, &at, spec);
+                // What the translation cannot enforce (a UDP port, …), for a policy that is valid.
+                if crate::k8s::problems(spec).is_empty() {
+                    for note in crate::k8s::translate(ns, spec).notes {
+                        out.warning(&at, &note.field, note.message);
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+}
+
+/// A policy of namespace `ns` whose namespace or selector names no workload is enforced
+/// nowhere (yet).
+fn attachment(out: &mut Findings, inv: &Inventory, at: &At, ns: &str, field: &str, selector: &Selector) {
+    if !inv.known(ns) {
+        out.warning(
+            at,
+            "metadata.namespace",
+            format!("namespace {ns:?} has no Namespace resource and no workloads (yet): the policy applies to nothing"),
+        );
+    } else if !selector.is_empty() && !inv.workloads.iter().any(|(n, _, l)| *n == ns && selector.matches(l)) {
+        out.warning(
+            at,
+            field,
+            format!("selects no workload of namespace {ns:?} (yet): the policy is enforced nowhere"),
+        );
+    }
+}
+
+/// The references of one peer: namespaces that do not exist, service accounts no workload
+/// runs as, selectors that select nothing.
+fn peer_refs(out: &mut Findings, inv: &Inventory, at: &At, policy_ns: &str, field: &str, peer: &Peer) {
+    let unknown = |ns: &str| format!("namespace {ns:?} has no Namespace resource and no workloads (yet)");
+    if let Some(ns) = &peer.namespace
+        && !inv.known(ns)
+    {
+        out.warning(at, &format!("{field}.namespace"), format!("{}: this peer matches nothing", unknown(ns)));
+    }
+    for (list, names) in [("namespaces", &peer.namespaces), ("notNamespaces", &peer.not_namespaces)] {
+        for (i, ns) in names.iter().enumerate() {
+            if !inv.known(ns) {
+                out.warning(at, &format!("{field}.{list}[{i}]"), unknown(ns));
+            }
+        }
+    }
+    // The namespaces the peer's workloads are in, when it says (or implies) which.
+    let scope: Option<Vec<&str>> = match (&peer.namespace, peer.namespaces.is_empty(), &peer.namespace_selector) {
+        (Some(ns), _, _) => Some(vec![ns.as_str()]),
+        (None, false, _) => Some(peer.namespaces.iter().map(String::as_str).collect()),
+        (None, true, None) if peer.is_unscoped_label_selector() || peer.service_account.is_some() => {
+            Some(vec![policy_ns])
+        }
+        _ => None,
+    };
+    let in_scope = |ns: &str| scope.as_ref().is_none_or(|s| s.contains(&ns));
+    if let Some(sa) = &peer.service_account
+        && scope.as_ref().is_some_and(|s| s.iter().all(|ns| inv.known(ns)))
+        && !inv.workloads.iter().any(|(ns, a, _)| in_scope(ns) && a == sa)
+    {
+        out.warning(at, &format!("{field}.serviceAccount"), format!("no workload runs as {sa:?} there (yet)"));
+    }
+    let labels =
+        Selector { match_labels: peer.match_labels.clone(), match_expressions: peer.match_expressions.clone() };
+    if !labels.is_empty() {
+        let sa_ok = |a: &str| peer.service_account.as_deref().is_none_or(|sa| sa == a);
+        let here = inv.workloads.iter().any(|(ns, a, l)| in_scope(ns) && sa_ok(a) && labels.matches(l));
+        let key = if peer.match_labels.is_empty() { "matchExpressions" } else { "matchLabels" };
+        let elsewhere: std::collections::BTreeSet<&str> = inv
+            .workloads
+            .iter()
+            .filter(|(ns, a, l)| !in_scope(ns) && sa_ok(a) && labels.matches(l))
+            .map(|(ns, _, _)| *ns)
+            .collect();
+        if peer.is_unscoped_label_selector() && !elsewhere.is_empty() {
+            // Where it matters: the literal reading would match more than the scoped one.
+            let elsewhere: Vec<&str> = elsewhere.into_iter().collect();
+            out.warning(
+                at,
+                &format!("{field}.{key}"),
+                format!(
+                    "matches workloads of namespace {policy_ns:?} only (a label selector without a namespace is read in the policy's own namespace, as Kubernetes reads a podSelector), not those of {}: name their namespaces (`namespaces` or `namespaceSelector`) to match them",
+                    elsewhere.join(", ")
+                ),
+            );
+        } else if !here {
+            out.warning(at, &format!("{field}.{key}"), "selects no workload (yet): this peer matches nothing".into());
+        }
+    }
+    if let Some(sel) = &peer.namespace_selector
+        && !sel.is_empty()
+        && !inv.namespace_labels().iter().any(|l| sel.matches(l))
+    {
+        out.warning(at, &format!("{field}.namespaceSelector"), "selects no namespace (yet)".into());
+    }
+}
+
+/// A NetworkPolicy port given by name that no workload's TCP container port has matches no
+/// port (yet).
+fn named_ports(
+    out: &mut Findings,
+    inv: &Inventory,
+    at: &At,
+    spec: &k8s_openapi::api::networking::v1::NetworkPolicySpec,
+) {
+    use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+    let ingress = spec.ingress.iter().flatten().map(|r| r.ports.as_ref());
+    let egress = spec.egress.iter().flatten().map(|r| r.ports.as_ref());
+    for (list, rules) in [("ingress", ingress.collect::<Vec<_>>()), ("egress", egress.collect())] {
+        for (r, ports) in rules.into_iter().enumerate() {
+            for (p, port) in ports.into_iter().flatten().enumerate() {
+                if let Some(IntOrString::String(name)) = &port.port
+                    && port.protocol.as_deref().unwrap_or("TCP") == "TCP"
+                    && !inv.port_names.contains(name.as_str())
+                {
+                    out.warning(
+                        at,
+                        &format!("spec.{list}[{r}].ports[{p}].port"),
+                        format!("no workload has a TCP container port named {name:?} (yet): this port matches nothing"),
+                    );
+                }
+            }
+        }
+    }
+}
