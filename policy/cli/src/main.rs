@@ -7,6 +7,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 mod control;
+mod validate;
 
 #[derive(Parser)]
 #[command(name = "palisade", about = "Palisade policy control plane and CLI")]
@@ -147,6 +148,16 @@ fn main() -> ExitCode {
             }
         };
     }
+    if let Command::Validate { paths } = cli.command {
+        return match validate::run(&paths, palisade_model::compile::DEFAULT_TRUST_DOMAIN) {
+            Ok(true) => ExitCode::SUCCESS,
+            Ok(false) => ExitCode::FAILURE,
+            Err(e) => {
+                eprintln!("error: {e:#}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     if let Command::Ca { dir, trust_domain, command } = cli.command {
         return match ca_command(dir, trust_domain, command) {
             Ok(()) => ExitCode::SUCCESS,
@@ -157,21 +168,7 @@ fn main() -> ExitCode {
         };
     }
     let result = match cli.command {
-        Command::Validate { paths } => palisade_model::load_snapshot(&paths).map(|s| {
-            println!(
-                "ok: {} workloads, {} identities, {} rules, {} policy cells",
-                s.workloads.len(),
-                s.identities.len(),
-                s.rules.len(),
-                s.cells.len()
-            );
-            for a in &s.approximations {
-                println!("note: {a}");
-            }
-            for w in &s.warnings {
-                println!("warning: {w}");
-            }
-        }),
+        Command::Validate { .. } => unreachable!("handled above"),
         Command::Explain { paths, from, principal, to, trust_domain } => {
             palisade_model::load_snapshot_for(&paths, &trust_domain).map(|s| {
                 let proven = principal.as_deref().and_then(|p| p.split_once('/'));

@@ -158,9 +158,6 @@ pub struct Snapshot {
     pub approximations: Vec<String>,
     /// Labels of every namespace known (with `kubernetes.io/metadata.name`).
     pub namespaces: BTreeMap<String, BTreeMap<String, String>>,
-    /// What the policies say that is not (or not yet) enforced, `file:line: resource: field:
-    /// message`; never an error (policies may exist before their pods).
-    pub warnings: Vec<String>,
     #[serde(skip)]
     pub cells: HashMap<CellKey, Cell>,
     #[serde(skip)]
@@ -181,7 +178,6 @@ impl Default for Snapshot {
             policies: vec![],
             approximations: vec![],
             namespaces: BTreeMap::new(),
-            warnings: vec![],
             cells: HashMap::new(),
             addresses: HashMap::new(),
             workload_at: HashMap::new(),

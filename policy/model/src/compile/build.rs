@@ -8,9 +8,9 @@ use super::{
     IdentityLabels, PolicyEntry, RuleRef, Snapshot, WorkloadEntry, canonical,
 };
 use crate::k8s;
-use crate::load::{Located, Origin};
+use crate::load::Located;
 use crate::matching::{PolicyRule, PortMatch};
-use crate::resource::{Action, Mode, Peer, Protocol, Resource, Selector};
+use crate::resource::{Action, Mode, Peer, Resource, Selector};
 
 /// Compiles resources that [`crate::validate::validate`] accepted.
 pub fn compile(resources: &[Located]) -> Snapshot {
@@ -18,8 +18,7 @@ pub fn compile(resources: &[Located]) -> Snapshot {
 }
 
 /// A policy of one direction before it is numbered.
-struct Draft<'a> {
-    origin: &'a Origin,
+struct Draft {
     kind: &'static str,
     name: String,
     namespace: String,
@@ -28,16 +27,10 @@ struct Draft<'a> {
     action: Action,
     mode: Mode,
     rules: Vec<PolicyRule>,
-    /// Where each rule's list is, for warnings (`spec.rules`, `spec.egress`, `spec.ingress`).
-    list: &'static str,
-    /// The peers' field name in a rule (`from`, `to`).
-    peers_field: &'static str,
-    /// (rule, peer) of label selectors read in the policy's namespace because they name none.
-    scoped: Vec<(usize, usize)>,
 }
 
 /// A label selector without a namespace reads in the policy's own namespace (Kubernetes'
-/// podSelector peer); what it would also match elsewhere is reported by [`scoping_warnings`].
+/// podSelector peer); `validate` warns where the literal reading would match more.
 fn scoped(peers: &[Peer], namespace: &str) -> Vec<Peer> {
     peers
         .iter()
@@ -55,28 +48,15 @@ fn exact_ports(ports: &[u16]) -> Vec<PortMatch> {
     ports.iter().map(|p| PortMatch::Range(*p, *p)).collect()
 }
 
-fn drafts(resources: &[Located]) -> (Vec<Draft<'_>>, Vec<String>) {
+fn drafts(resources: &[Located]) -> Vec<Draft> {
     let mut out = Vec::new();
-    let mut warnings = Vec::new();
     for r in resources {
-        let (meta, origin) = (r.resource.metadata(), &r.origin);
+        let meta = r.resource.metadata();
         let namespace = meta.namespace.clone().unwrap_or_default();
         let name = format!("{namespace}/{}", meta.name);
         match &r.resource {
             Resource::SegmentationPolicy { spec, .. } => {
-                let draft = |direction, rules: Vec<PolicyRule>, list, peers_field, original: Vec<&Vec<Peer>>| Draft {
-                    scoped: original
-                        .iter()
-                        .enumerate()
-                        .flat_map(|(r, peers)| {
-                            peers
-                                .iter()
-                                .enumerate()
-                                .filter(|(_, p)| p.is_unscoped_label_selector())
-                                .map(move |(i, _)| (r, i))
-                        })
-                        .collect(),
-                    origin,
+                let draft = |direction, rules: Vec<PolicyRule>| Draft {
                     kind: "SegmentationPolicy",
                     name: name.clone(),
                     namespace: namespace.clone(),
@@ -85,8 +65,6 @@ fn drafts(resources: &[Located]) -> (Vec<Draft<'_>>, Vec<String>) {
                     action: spec.action,
                     mode: spec.mode,
                     rules,
-                    list,
-                    peers_field,
                 };
                 // Without `egress`, a policy is the ingress policy it always was.
                 if !spec.rules.is_empty() || spec.egress.is_none() {
@@ -99,8 +77,7 @@ fn drafts(resources: &[Located]) -> (Vec<Draft<'_>>, Vec<String>) {
                             not_ports: r.not_ports.clone(),
                         })
                         .collect();
-                    let original = spec.rules.iter().map(|r| &r.from).collect();
-                    out.push(draft(Direction::Ingress, rules, "spec.rules", "from", original));
+                    out.push(draft(Direction::Ingress, rules));
                 }
                 if let Some(egress) = &spec.egress {
                     let rules = egress
@@ -111,23 +88,15 @@ fn drafts(resources: &[Located]) -> (Vec<Draft<'_>>, Vec<String>) {
                             not_ports: r.not_ports.clone(),
                         })
                         .collect();
-                    let original = egress.iter().map(|r| &r.to).collect();
-                    out.push(draft(Direction::Egress, rules, "spec.egress", "to", original));
+                    out.push(draft(Direction::Egress, rules));
                 }
             }
             Resource::NetworkPolicy { spec, .. } => {
+                // What it cannot enforce (UDP, SCTP) the validator reports as warnings.
                 let t = k8s::translate(&namespace, spec);
-                for n in t.notes {
-                    warnings.push(format!("{origin}: NetworkPolicy {name}: {}: {}", n.field, n.message));
-                }
-                let directions = [
-                    (Direction::Ingress, t.ingress, "spec.ingress", "from"),
-                    (Direction::Egress, t.egress, "spec.egress", "to"),
-                ];
-                for (direction, rules, list, peers_field) in directions {
+                for (direction, rules) in [(Direction::Ingress, t.ingress), (Direction::Egress, t.egress)] {
                     let Some(rules) = rules else { continue };
                     out.push(Draft {
-                        origin,
                         kind: "NetworkPolicy",
                         name: name.clone(),
                         namespace: namespace.clone(),
@@ -136,9 +105,6 @@ fn drafts(resources: &[Located]) -> (Vec<Draft<'_>>, Vec<String>) {
                         action: Action::Allow,
                         mode: Mode::Enforce,
                         rules,
-                        list,
-                        peers_field,
-                        scoped: vec![],
                     });
                 }
             }
@@ -147,7 +113,7 @@ fn drafts(resources: &[Located]) -> (Vec<Draft<'_>>, Vec<String>) {
     }
     // A stable order, so rule numbers do not depend on file order.
     out.sort_by(|a, b| (&a.namespace, &a.name, a.kind, a.direction).cmp(&(&b.namespace, &b.name, b.kind, b.direction)));
-    (out, warnings)
+    out
 }
 
 fn identity_labels(r: &Resource) -> Option<IdentityLabels> {
@@ -177,7 +143,7 @@ pub fn compile_for(resources: &[Located], trust_domain: &str) -> Snapshot {
     let mut snapshot = Snapshot { trust_domain: trust_domain.into(), ..Snapshot::default() };
     snapshot.namespaces = namespace_labels.iter().map(|(n, l)| (n.clone(), k8s::namespace_labels(n, l))).collect();
 
-    let (drafts, mut warnings) = drafts(resources);
+    let drafts = drafts(resources);
     let blocks: BTreeSet<_> = drafts
         .iter()
         .flat_map(|d| d.rules.iter().flat_map(|r| &r.peers))
@@ -227,7 +193,6 @@ pub fn compile_for(resources: &[Located], trust_domain: &str) -> Snapshot {
     }
 
     for d in drafts {
-        warnings.extend(draft_warnings(&snapshot, &d));
         let first_rule = snapshot.rules.len() as u32;
         for index in 0..d.rules.len() {
             snapshot.rules.push(RuleRef {
@@ -251,78 +216,6 @@ pub fn compile_for(resources: &[Located], trust_domain: &str) -> Snapshot {
             first_rule,
         });
     }
-    warnings.dedup();
-    snapshot.warnings = warnings;
     compile_cells(&mut snapshot);
     snapshot
-}
-
-/// Unknown namespaces, port names no workload has, and label selectors that the scoped
-/// reading keeps from matching workloads of other namespaces. Warnings, never errors:
-/// policies may exist before their pods.
-fn draft_warnings(s: &Snapshot, d: &Draft<'_>) -> Vec<String> {
-    let mut out = Vec::new();
-    let mut warn = |field: String, message: String| {
-        out.push(format!("{}: {} {}: {field}: {message}", d.origin, d.kind, d.name, message = message))
-    };
-    let known = |ns: &str| s.namespaces.contains_key(ns);
-    if !known(&d.namespace) {
-        warn(
-            "metadata.namespace".into(),
-            format!(
-                "namespace {:?} has no workloads and no Namespace resource: the policy selects nothing yet",
-                d.namespace
-            ),
-        );
-    }
-    for (r, rule) in d.rules.iter().enumerate() {
-        for (p, peer) in rule.peers.iter().enumerate() {
-            let field = format!("{}[{r}].{}[{p}]", d.list, d.peers_field);
-            for ns in peer.namespace.iter().chain(&peer.namespaces) {
-                if !known(ns) && ns != &d.namespace {
-                    warn(field.clone(), format!("namespace {ns:?} has no workloads and no Namespace resource"));
-                }
-            }
-            if let Some(sel) = &peer.namespace_selector
-                && !s.namespaces.values().any(|l| sel.matches(l))
-            {
-                warn(format!("{field}.namespaceSelector"), "selects no namespace known yet".into());
-            }
-            if d.scoped.contains(&(r, p)) {
-                let pods = Selector {
-                    match_labels: peer.match_labels.clone(),
-                    match_expressions: peer.match_expressions.clone(),
-                };
-                let elsewhere: BTreeSet<&str> = s
-                    .identities
-                    .iter()
-                    .filter(|i| i.labels.namespace != d.namespace && pods.matches(&i.labels.labels))
-                    .map(|i| i.labels.namespace.as_str())
-                    .collect();
-                if !elsewhere.is_empty() {
-                    warn(
-                        field.clone(),
-                        format!(
-                            "matchLabels without a namespace matches workloads of {:?} only (the policy's own, as Kubernetes reads a podSelector), not those of {}: add `namespaces` or `namespaceSelector: {{}}` to match them",
-                            d.namespace,
-                            elsewhere.into_iter().collect::<Vec<_>>().join(", ")
-                        ),
-                    );
-                }
-            }
-        }
-        for port in &rule.ports {
-            if let PortMatch::Named(name) = port
-                && !s.workloads.iter().any(|w| {
-                    w.ports.iter().any(|c| c.name.as_deref() == Some(name.as_str()) && c.protocol == Protocol::Tcp)
-                })
-            {
-                warn(
-                    format!("{}[{r}].ports", d.list),
-                    format!("no workload has a TCP container port named {name:?}: the rule matches no port yet"),
-                );
-            }
-        }
-    }
-    out
 }

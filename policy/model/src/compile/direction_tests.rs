@@ -48,10 +48,16 @@ const ADDRS: [&str; 7] = ["10.1.0.1", "10.1.0.2", "10.2.0.1", "10.2.0.2", "10.3.
 const PORTS: [u16; 6] = [22, 80, 5432, 8080, 9000, 9005];
 
 fn snapshot(policies: &str) -> Snapshot {
+    snapshot_and_warnings(policies).0
+}
+
+/// The snapshot and the validator's warnings (`file:line: resource: field: message`).
+fn snapshot_and_warnings(policies: &str) -> (Snapshot, Vec<String>) {
     let text = format!("{MESH}---\n{policies}");
     let resources = parse_str(Path::new("np.yaml"), &text).expect("parses");
     crate::validate::validate(&resources).expect("valid");
-    compile(&resources)
+    let findings = crate::validate::check(&resources, &Default::default());
+    (compile(&resources), findings.iter().map(|f| f.to_string()).collect())
 }
 
 fn ip(s: &str) -> IpAddr {
@@ -136,7 +142,7 @@ fn namespace_and_pod_selectors_and_or() {
 
 #[test]
 fn ip_blocks_named_ports_end_ports_and_union() {
-    let s = snapshot(&format!(
+    let (s, warnings) = snapshot_and_warnings(&format!(
         "{NP}metadata: {{name: blocks, namespace: prod}}\n\
          spec:\n  podSelector: {{matchLabels: {{app: web}}}}\n  ingress:\n  \
          - from: [{{ipBlock: {{cidr: 10.0.0.0/8, except: [10.3.0.0/16]}}}}]\n    ports: [{{port: http}}]\n---\n\
@@ -157,7 +163,7 @@ fn ip_blocks_named_ports_end_ports_and_union() {
             ("10.3.0.1", "10.1.0.1", 22, false),
         ],
     );
-    assert!(s.warnings.iter().any(|w| w.contains("np.yaml:") && w.contains("UDP is not enforced")), "{:?}", s.warnings);
+    assert!(warnings.iter().any(|w| w.contains("np.yaml:") && w.contains("UDP is not enforced")), "{warnings:?}");
 }
 
 #[test]
@@ -198,28 +204,30 @@ fn egress_rules_of_both_kinds_and_deny_beats_allow() {
 
 #[test]
 fn unscoped_match_labels_read_in_the_policy_namespace_and_say_so() {
-    let s = snapshot(
+    let (s, warnings) = snapshot_and_warnings(
         "apiVersion: palisade.dev/v1alpha1\nkind: SegmentationPolicy\nmetadata: {name: from-web, namespace: prod}\n\
          spec:\n  selector: {matchLabels: {app: db}}\n  action: Allow\n  rules:\n  - from: [{matchLabels: {app: web}}]\n",
     );
     truth(&s, &[("10.1.0.1", "10.1.0.2", 5432, true), ("10.2.0.1", "10.1.0.2", 5432, false)]);
     assert!(
-        s.warnings.iter().any(|w| w.contains("spec.rules[0].from[0]") && w.contains("not those of dev")),
-        "{:?}",
-        s.warnings
+        warnings.iter().any(|w| w.contains("spec.rules[0].from[0]") && w.contains("not those of dev")),
+        "{warnings:?}"
     );
 }
 
 #[test]
 fn unknown_namespaces_and_unresolved_port_names_are_warnings() {
-    let s = snapshot(&format!(
+    let (s, warnings) = snapshot_and_warnings(&format!(
         "{NP}metadata: {{name: early, namespace: future}}\nspec: {{podSelector: {{}}}}\n---\n\
          {NP}metadata: {{name: grpc, namespace: prod}}\n\
          spec: {{podSelector: {{}}, ingress: [{{ports: [{{port: grpc}}]}}]}}\n"
     ));
-    let joined = s.warnings.join("\n");
+    let joined = warnings.join("\n");
     assert!(joined.contains("NetworkPolicy future/early: metadata.namespace: namespace \"future\""), "{joined}");
-    assert!(joined.contains("spec.ingress[0].ports: no workload has a TCP container port named \"grpc\""), "{joined}");
+    assert!(
+        joined.contains("spec.ingress[0].ports[0].port: no workload has a TCP container port named \"grpc\""),
+        "{joined}"
+    );
     // The unresolved name matches nothing: prod is isolated.
     truth(&s, &[("10.3.0.1", "10.1.0.1", 8080, false)]);
 }

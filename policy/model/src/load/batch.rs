@@ -77,8 +77,24 @@ pub fn parse_into(batch: &mut Batch, file: &Path, text: &str) {
         batch.sources.insert(&origin, &doc);
         match read_document(&origin, &doc, MAX_PROBLEMS_PER_DOCUMENT) {
             Ok(resource) => batch.resources.push(Located { origin, resource }),
-            Err(findings) => batch.findings.extend(findings),
+            Err(findings) => {
+                let label = label(&doc);
+                batch.findings.extend(findings.into_iter().map(|f| Finding { resource: label.clone(), ..f }))
+            }
         }
+    }
+}
+
+/// `Kind namespace/name` of a document that is not a valid resource, as far as it says.
+fn label(doc: &str) -> String {
+    let Ok(v) = serde_yaml::from_str::<Value>(doc) else { return String::new() };
+    let text = |v: Option<&Value>| v.and_then(Value::as_str).unwrap_or_default().to_string();
+    let (kind, meta) = (text(v.get("kind")), v.get("metadata"));
+    let (ns, name) = (text(meta.and_then(|m| m.get("namespace"))), text(meta.and_then(|m| m.get("name"))));
+    match (kind.is_empty(), ns.is_empty()) {
+        (true, _) => String::new(),
+        (false, true) => format!("{kind} {name}"),
+        (false, false) => format!("{kind} {ns}/{name}"),
     }
 }
 
