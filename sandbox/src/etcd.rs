@@ -33,6 +33,9 @@ pub struct EtcdSpec {
     pub client: SocketAddr,
     /// Raft peers would connect here; a one-member cluster still needs it.
     pub peer: SocketAddr,
+    /// Operations allowed in one transaction (etcd's default is 128): a batch of resources is
+    /// one transaction, so a cluster with large batches raises it.
+    pub max_txn_ops: Option<u32>,
 }
 
 impl EtcdSpec {
@@ -56,6 +59,10 @@ impl EtcdSpec {
             // Old revisions are kept for an hour so that watchers that reconnect can resume.
             .args(["--auto-compaction-mode", "periodic", "--auto-compaction-retention", "1h"])
             .args(["--logger", "zap", "--log-outputs", "stderr"]);
+        if let Some(ops) = self.max_txn_ops {
+            // Large batches are large requests too (etcd warns above 10 MiB).
+            cmd.args(["--max-txn-ops", &ops.to_string(), "--max-request-bytes", &(10 << 20).to_string()]);
+        }
         cmd
     }
 }
@@ -107,6 +114,7 @@ impl Etcd {
                 data_dir: dir.join("data"),
                 client: "127.0.0.1:0".parse()?,
                 peer: "127.0.0.1:0".parse()?,
+                max_txn_ops: None,
             },
             child: None,
             log: dir.join("etcd.log"),

@@ -14,6 +14,7 @@ use palisade_model::resource::Resource;
 use tokio::sync::watch;
 
 pub mod dir;
+pub mod etcd;
 
 /// A store's revision: it grows with every change of its content, so a larger revision is a
 /// newer content (also across restarts of the server: see each store).

@@ -1,0 +1,284 @@
+//! The etcd store against a real etcd (Debian's `etcd-server`), one member per test on free
+//! ports of 127.0.0.1: apply, list, delete and watch; batches are all or nothing; two stores
+//! on one etcd (two `palisade serve` replicas) see the same content at the same revision and
+//! give every identity one number.
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use palisade_model::compile::{FIRST_WORKLOAD_IDENTITY, IdentityLabels};
+use palisade_model::load;
+use palisade_model::resource::Resource;
+use palisade_sandbox::etcd::Etcd;
+use palisade_server::store::etcd::EtcdStore;
+use palisade_server::store::{Change, Listing, ResourceKey, Revision, Store, StoreError};
+
+/// Bounds every wait for a watch (a hang fails the test instead of blocking the suite).
+const WAIT: Duration = Duration::from_secs(20);
+
+/// A state directory for one test, removed at the end (also when the test fails).
+struct StateDir(PathBuf);
+
+impl StateDir {
+    fn new() -> StateDir {
+        let dir = palisade_sandbox::test_state_dir(&palisade_sandbox::unique_test_id());
+        std::fs::create_dir_all(&dir).unwrap();
+        StateDir(dir)
+    }
+}
+
+impl Drop for StateDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn resource(text: &str) -> Resource {
+    load::parse_str(Path::new("test.yaml"), text).unwrap().remove(0).resource
+}
+
+fn namespace(name: &str) -> Resource {
+    resource(&format!("apiVersion: palisade.dev/v1alpha1\nkind: Namespace\nmetadata: {{name: {name}}}\n"))
+}
+
+fn workload(name: &str, ip: &str) -> Resource {
+    resource(&format!(
+        "apiVersion: palisade.dev/v1alpha1\nkind: Workload\nmetadata: {{name: {name}, namespace: default}}\n\
+         spec:\n  serviceAccount: {name}\n  node: node1\n  addresses: [{ip}]\n  labels: {{app: {name}}}\n"
+    ))
+}
+
+fn names(listing: &Listing) -> Vec<String> {
+    let mut names: Vec<String> = listing.resources.iter().map(|l| ResourceKey::of(&l.resource).to_string()).collect();
+    names.sort();
+    names
+}
+
+async fn open(etcd: &Etcd) -> EtcdStore {
+    let url = etcd.endpoint().replace("http://", "etcd://");
+    EtcdStore::open(&url).await.unwrap_or_else(|e| panic!("open {url}: {e}"))
+}
+
+/// Waits until the store has published `revision` (or a newer one).
+async fn published(store: &EtcdStore, revision: Revision) {
+    let mut watch = store.watch();
+    tokio::time::timeout(WAIT, watch.wait_for(|r| *r >= revision))
+        .await
+        .unwrap_or_else(|_| panic!("revision {revision} not published within {WAIT:?}; at {}", *store.watch().borrow()))
+        .unwrap();
+}
+
+fn etcdctl(etcd: &Etcd, args: &[&str]) -> String {
+    let out = Command::new("etcdctl")
+        .env("ETCDCTL_API", "3")
+        .arg("--endpoints")
+        .arg(etcd.endpoint())
+        .args(args)
+        .output()
+        .expect("run etcdctl (Debian package etcd-client, installed by `cargo xtask setup`)");
+    assert!(out.status.success(), "etcdctl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[tokio::test]
+async fn etcd_store_apply_list_delete_and_watch() {
+    let state = StateDir::new();
+    let etcd = Etcd::start(&state.0).unwrap();
+    let store = open(&etcd).await;
+    assert!(store.describe().starts_with("etcd:http://127.0.0.1:"), "{}", store.describe());
+
+    let empty = store.list().await.unwrap();
+    assert!(empty.resources.is_empty());
+    let batch = vec![
+        Change::Put(namespace("team-a")),
+        Change::Put(workload("web", "10.1.0.1")),
+        Change::Put(workload("db", "10.1.0.2")),
+    ];
+    let first = store.apply(empty.revision, batch).await.unwrap();
+    assert!(first > empty.revision);
+    published(&store, first).await;
+
+    let listing = store.list().await.unwrap();
+    assert_eq!(listing.revision, first, "the listing's revision is the one the batch was written at");
+    assert_eq!(names(&listing), ["Namespace team-a", "Workload default/db", "Workload default/web"]);
+    let web = listing.resources.iter().find(|l| l.resource.metadata().name == "web").unwrap();
+    assert_eq!(web.resource, workload("web", "10.1.0.1"), "round trip through etcd");
+    assert_eq!(web.origin.to_string(), "etcd:/palisade/resources/Workload/default/web:1");
+    // The keys are where the layout says, as YAML anyone can read with etcdctl.
+    let keys = etcdctl(&etcd, &["get", "--prefix", "--keys-only", "/palisade/resources/"]);
+    assert!(keys.contains("/palisade/resources/Namespace/team-a"), "{keys}");
+    assert!(
+        etcdctl(&etcd, &["get", "--print-value-only", "/palisade/resources/Workload/default/db"]).contains("10.1.0.2")
+    );
+
+    // Replace one, delete another: one new revision.
+    let second = store
+        .apply(
+            first,
+            vec![Change::Put(workload("web", "10.1.0.9")), Change::Delete(ResourceKey::of(&workload("db", "")))],
+        )
+        .await
+        .unwrap();
+    assert!(second > first);
+    published(&store, second).await;
+    let listing = store.list().await.unwrap();
+    assert_eq!(listing.revision, second);
+    assert_eq!(names(&listing), ["Namespace team-a", "Workload default/web"]);
+
+    // Deletes alone move the revision too (the marker), so watchers notice them.
+    let third = store.apply(second, vec![Change::Delete(ResourceKey::of(&namespace("team-a")))]).await.unwrap();
+    assert!(third > second);
+    published(&store, third).await;
+    assert_eq!(store.list().await.unwrap().revision, third);
+}
+
+#[tokio::test]
+async fn etcd_store_refused_batches_change_nothing() {
+    let state = StateDir::new();
+    let etcd = Etcd::start(&state.0).unwrap();
+    let store = open(&etcd).await;
+    let rev = store.apply(0, vec![Change::Put(workload("web", "10.1.0.1"))]).await.unwrap();
+    let before = store.list().await.unwrap();
+
+    // A stale revision: somebody changed the store since the batch was validated.
+    let stale = store.apply(rev - 1, vec![Change::Put(workload("late", "10.1.0.3"))]).await;
+    assert!(matches!(stale, Err(StoreError::Conflict { actual, .. }) if actual == rev), "{stale:?}");
+    // One bad change spoils the batch: the good put beside it is not written.
+    let missing = store
+        .apply(
+            rev,
+            vec![Change::Put(workload("new", "10.1.0.4")), Change::Delete(ResourceKey::of(&workload("gone", "")))],
+        )
+        .await;
+    match missing {
+        Err(e @ StoreError::NotFound { .. }) => assert!(e.to_string().contains("Workload default/gone"), "{e}"),
+        other => panic!("expected NotFound, got {other:?}"),
+    }
+    // A batch larger than one etcd transaction may be (128 operations by default) is refused
+    // whole, with the limit to raise.
+    let big: Vec<Change> =
+        (0..200).map(|i| Change::Put(workload(&format!("w{i}"), &format!("10.2.0.{}", i % 250)))).collect();
+    match store.apply(rev, big).await {
+        Err(e @ StoreError::Backend { .. }) => assert!(e.to_string().contains("--max-txn-ops"), "{e}"),
+        other => panic!("expected etcd to refuse the transaction, got {other:?}"),
+    }
+
+    let after = store.list().await.unwrap();
+    assert_eq!(after.revision, before.revision, "nothing was written");
+    assert_eq!(names(&after), names(&before));
+}
+
+#[tokio::test]
+async fn etcd_store_two_replicas_see_one_content_and_race_safely() {
+    let state = StateDir::new();
+    let etcd = Etcd::start(&state.0).unwrap();
+    let a = open(&etcd).await;
+    let b = open(&etcd).await;
+    let start = a.list().await.unwrap().revision;
+
+    let rev = a.apply(start, vec![Change::Put(workload("web", "10.1.0.1"))]).await.unwrap();
+    // B learns of A's write through its watch, and lists what A wrote at the same revision.
+    published(&b, rev).await;
+    let (la, lb) = (a.list().await.unwrap(), b.list().await.unwrap());
+    assert_eq!((la.revision, names(&la)), (lb.revision, names(&lb)));
+    assert_eq!(lb.resources[0].resource, workload("web", "10.1.0.1"));
+
+    // Both validated against the same revision: exactly one batch wins.
+    let (ra, rb) = tokio::join!(
+        a.apply(rev, vec![Change::Put(workload("from-a", "10.1.0.2"))]),
+        b.apply(rev, vec![Change::Put(workload("from-b", "10.1.0.3"))]),
+    );
+    let won = [ra.is_ok(), rb.is_ok()];
+    assert_eq!(won.iter().filter(|w| **w).count(), 1, "a: {ra:?}, b: {rb:?}");
+    let loser = if ra.is_ok() { rb } else { ra };
+    assert!(matches!(loser, Err(StoreError::Conflict { .. })), "{loser:?}");
+    let listing = b.list().await.unwrap();
+    assert_eq!(listing.resources.len(), 2, "{:?}", names(&listing));
+}
+
+#[tokio::test]
+async fn etcd_store_names_bad_values_by_key_and_notices_hand_deletes() {
+    let state = StateDir::new();
+    let etcd = Etcd::start(&state.0).unwrap();
+    let store = open(&etcd).await;
+    let rev = store.apply(0, vec![Change::Put(workload("web", "10.1.0.1"))]).await.unwrap();
+
+    // Deleted by hand: the watch sees it and the revision every replica computes moves on.
+    etcdctl(&etcd, &["del", "/palisade/resources/Workload/default/web"]);
+    // The delete (rev + 1), then the watcher's marker (rev + 2).
+    published(&store, rev + 2).await;
+    let listing = store.list().await.unwrap();
+    assert!(listing.resources.is_empty());
+    assert!(listing.revision > rev, "a hand delete moves the revision: {} after {rev}", listing.revision);
+
+    // A value that is not a resource, and one under the wrong key: both named, with lines.
+    etcdctl(&etcd, &["put", "/palisade/resources/Workload/default/bad", "kind: Workload\nmetadata: [oops\n"]);
+    let elsewhere = "apiVersion: palisade.dev/v1alpha1\nkind: Namespace\nmetadata: {name: real}\n";
+    etcdctl(&etcd, &["put", "/palisade/resources/Namespace/other", elsewhere]);
+    let err = store.list().await.expect_err("bad values").to_string();
+    assert!(err.contains("etcd:/palisade/resources/Workload/default/bad:"), "{err}");
+    assert!(err.contains("etcd:/palisade/resources/Namespace/other:1: holds Namespace real"), "{err}");
+}
+
+#[tokio::test]
+async fn etcd_store_identities_are_stable_across_replicas_and_restarts() {
+    let state = StateDir::new();
+    let etcd = Etcd::start(&state.0).unwrap();
+    let ident = |sa: &str, app: &str| IdentityLabels {
+        namespace: "default".into(),
+        service_account: sa.into(),
+        labels: [("app".to_string(), app.to_string())].into(),
+    };
+    let (web, db, cache) = (ident("web", "web"), ident("db", "db"), ident("cache", "cache"));
+    {
+        let a = open(&etcd).await;
+        let numbers = a.assign_identities(&[web.clone(), db.clone()]).await.unwrap();
+        assert_eq!(numbers[&web], FIRST_WORKLOAD_IDENTITY);
+        assert_eq!(numbers[&db], FIRST_WORKLOAD_IDENTITY + 1);
+        // Another replica: known identities keep their numbers, a new one does not renumber them.
+        let b = open(&etcd).await;
+        let numbers = b.assign_identities(&[cache.clone(), db.clone(), web.clone()]).await.unwrap();
+        assert_eq!(
+            (numbers[&web], numbers[&db], numbers[&cache]),
+            (FIRST_WORKLOAD_IDENTITY, FIRST_WORKLOAD_IDENTITY + 1, FIRST_WORKLOAD_IDENTITY + 2)
+        );
+
+        // Two replicas numbering the same 150 new identities at once (several transactions
+        // each): one number per identity, no number twice.
+        let many: Vec<IdentityLabels> = (0..150).map(|i| ident(&format!("sa{i}"), "x")).collect();
+        let reversed: Vec<IdentityLabels> = many.iter().rev().cloned().collect();
+        let (na, nb) = tokio::join!(a.assign_identities(&many), b.assign_identities(&reversed));
+        let (na, nb) = (na.unwrap(), nb.unwrap());
+        assert_eq!(na, nb);
+        let mut numbers: Vec<u32> = a.identities().await.unwrap().into_values().collect();
+        numbers.sort();
+        numbers.dedup();
+        assert_eq!(numbers.len(), 153, "every identity has its own number");
+    }
+    // Every replica gone, etcd restarted: the numbers are still there.
+    let mut etcd = etcd;
+    etcd.restart().unwrap();
+    let c = open(&etcd).await;
+    let numbers = c.assign_identities(std::slice::from_ref(&db)).await.unwrap();
+    assert_eq!(numbers[&db], FIRST_WORKLOAD_IDENTITY + 1);
+    assert_eq!(c.identities().await.unwrap().len(), 153);
+}
+
+#[tokio::test]
+async fn etcd_store_rides_out_an_etcd_restart() {
+    let state = StateDir::new();
+    let mut etcd = Etcd::start(&state.0).unwrap();
+    let store = open(&etcd).await;
+    let rev = store.apply(0, vec![Change::Put(workload("web", "10.1.0.1"))]).await.unwrap();
+
+    etcd.kill();
+    let down = store.list().await.expect_err("etcd is down").to_string();
+    assert!(down.contains("etcd:http://127.0.0.1:"), "the error names the store: {down}");
+    etcd.restart().unwrap();
+
+    // The watch comes back by itself and sees writes made by another replica.
+    let other = open(&etcd).await;
+    let next = other.apply(rev, vec![Change::Put(workload("db", "10.1.0.2"))]).await.unwrap();
+    published(&store, next).await;
+    assert_eq!(names(&store.list().await.unwrap()), ["Workload default/db", "Workload default/web"]);
+}
