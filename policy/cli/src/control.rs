@@ -19,9 +19,10 @@ pub enum ControlCommand {
     /// Run the control plane: serve the store's resources to every ztunnel (mutual TLS, node
     /// credentials) and the admin API to this CLI.
     Serve {
-        /// Directory of YAML resources (watched; `apply` writes into its `applied/`).
+        /// Where resources live: a directory of YAML (watched; `apply` writes into its
+        /// `applied/`), or `etcd://host:port[,host:port…]` for replicas sharing one etcd.
         #[arg(long)]
-        store: PathBuf,
+        store: String,
         /// The CA directory (`palisade ca init`): the server's own credential is issued from it.
         #[arg(long, env = "PALISADE_CA_DIR")]
         ca_dir: PathBuf,
@@ -146,9 +147,14 @@ pub fn run(command: ControlCommand) -> anyhow::Result<()> {
                 .init();
             let ca = palisade_ca::authority::CertificateAuthority::open(&ca_dir, &trust_domain)?;
             runtime()?.block_on(async {
-                let store = palisade_server::store::dir::DirStore::open(&store, Duration::from_millis(poll_ms))?;
+                let store: Arc<dyn palisade_server::store::Store> = if store.starts_with("etcd://") {
+                    Arc::new(palisade_server::store::etcd::EtcdStore::open(&store).await?)
+                } else {
+                    let dir = Path::new(&store);
+                    Arc::new(palisade_server::store::dir::DirStore::open(dir, Duration::from_millis(poll_ms))?)
+                };
                 let config = palisade_server::ServeConfig { listen, admin_socket };
-                palisade_server::serve(config, Arc::new(store), ca).await?;
+                palisade_server::serve(config, store, ca).await?;
                 Ok(())
             })
         }
