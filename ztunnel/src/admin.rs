@@ -33,6 +33,8 @@ pub struct AdminState {
     pub config: Config,
     pub ctx: Arc<ProxyCtx>,
     pub pods: Arc<Pods>,
+    /// The last policy refused (see `policy_source`).
+    pub last_rejected: Arc<crate::policy_source::LastRejected>,
 }
 
 type RespBody = BoxBody<Bytes, Infallible>;
@@ -126,6 +128,8 @@ fn route(state: &AdminState, role: Role, req: Request<Incoming>) -> Response<Res
                 "config": state.config,
                 "policy_generation": state.ctx.metrics.policy_generation.load(std::sync::atomic::Ordering::Relaxed),
                 "policy": &*snapshot,
+                // What was refused, when, why (file:line: field: reason), and what stayed.
+                "last_rejected_policy": &*state.last_rejected.lock().expect("rejection lock"),
                 "pods": state.pods.list(),
                 "certificates": certificates,
                 "trust_bundle_roots": state.ctx.mesh.as_ref().map(|m| m.secrets.bundle().roots.len()),

@@ -51,6 +51,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let (mut policy, snapshot) =
         PolicySource::new(config.policy.clone(), config.trust_domain.clone(), kernel.policy, metrics.clone());
     let generations = policy.generations();
+    let last_rejected = policy.last_rejected();
     // Files, polled; or the control plane's stream (which owns the source from here on).
     let (files, control_plane) = if config.control_plane.is_empty() {
         let stats = policy.reload().await.context("initial policy")?;
@@ -82,7 +83,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     };
     let kept = node_listeners.try_clone().context("duplicate node listeners")?;
     let events = tokio::spawn(crate::flows::drain_kernel_events(kernel.events, hub.clone()));
-    let state = Arc::new(AdminState { config: config.clone(), ctx: ctx.clone(), pods: pods.clone() });
+    let state = Arc::new(AdminState { config: config.clone(), ctx: ctx.clone(), pods: pods.clone(), last_rejected });
     // Pods first: readiness means every recorded pod is served again (requests wait in the
     // listeners' queues meanwhile).
     pods.restore(inherited_pods).await;

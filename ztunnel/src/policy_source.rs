@@ -30,6 +30,23 @@ pub struct PolicySource {
     publish: watch::Sender<Arc<Snapshot>>,
     /// Recent generations' snapshots, to name kernel events with the policy that decided.
     generations: Arc<crate::flows::Generations>,
+    /// The last policy refused, served at `/config_dump`.
+    last_rejected: Arc<LastRejected>,
+}
+
+/// The last policy refused and why, for `/config_dump` (a log line and a counter alone left
+/// operators guessing which file and which field).
+pub type LastRejected = std::sync::Mutex<Option<Rejection>>;
+
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct Rejection {
+    /// When, in seconds since the Unix epoch.
+    pub at_unix_secs: u64,
+    /// Every problem, each `file:line: resource: field: reason` (or the error, when the
+    /// input could not be read at all).
+    pub problems: Vec<String>,
+    /// The policy generation that stayed in force.
+    pub generation_in_force: u64,
 }
 
 /// The policy files as the loader sees them, and the read failure last reported.
@@ -78,13 +95,20 @@ impl PolicySource {
         let (publish, rx) = watch::channel(Arc::new(Snapshot::default()));
         let generations = Arc::default();
         let files = Some(Files { changes: ChangeDetector::new(paths.clone()), read_error: None });
-        let source = PolicySource { paths, trust_domain, maps: Some(maps), files, metrics, publish, generations };
+        let last_rejected = Arc::default();
+        let source =
+            PolicySource { paths, trust_domain, maps: Some(maps), files, metrics, publish, generations, last_rejected };
         (source, rx)
     }
 
     /// The snapshots of recent generations, recorded as each is put in force.
     pub fn generations(&self) -> Arc<crate::flows::Generations> {
         self.generations.clone()
+    }
+
+    /// The last policy refused (shared with the admin endpoint).
+    pub fn last_rejected(&self) -> Arc<LastRejected> {
+        self.last_rejected.clone()
     }
 
     /// Loads the files and puts the result in force. Errors leave the last good policy.
@@ -129,6 +153,19 @@ impl PolicySource {
         let generation = maps.generation();
         self.maps = Some(maps);
         self.metrics.policy_reload(result.is_ok());
+        if let Err(e) = &result {
+            let problems = match e.downcast_ref::<palisade_model::ConfigError>() {
+                Some(palisade_model::ConfigError::Invalid(invalid)) => {
+                    invalid.0.iter().map(|p| p.to_string()).collect()
+                }
+                _ => vec![format!("{e:#}")],
+            };
+            let at_unix_secs =
+                std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+            let generation_in_force = self.metrics.policy_generation.load(Ordering::Relaxed);
+            *self.last_rejected.lock().expect("rejection lock") =
+                Some(Rejection { at_unix_secs, problems, generation_in_force });
+        }
         let (snapshot, stats) = result?;
         self.metrics.policy_generation.store(generation.into(), Ordering::Relaxed);
         self.metrics.policy_applied(&stats);
