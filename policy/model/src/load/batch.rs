@@ -136,13 +136,18 @@ pub(super) fn read_document(
             Err(super::DocError::Yaml(e)) => e,
         };
         let (path, message) = split_serde_message(&e.to_string());
+        // serde_yaml names the list, not the entry, when an entry's own deserializer refuses
+        // it (a bad CIDR in a list); the entry is the one whose text the message quotes.
+        let entry = entry_quoted(text, &path, &message);
+        let refined = entry.is_some();
+        let path = entry.unwrap_or(path);
         let original = translate(&path, &removed);
         let field = match quoted_field(&message) {
             Some(name) if original.is_empty() => name.to_string(),
             Some(name) => format!("{original}.{name}"),
             None => original.clone(),
         };
-        let at = match (&current, e.location()) {
+        let at = match (&current, e.location().filter(|_| !refined)) {
             // The first reading is of the original text: serde's own position is exact.
             (None, Some(l)) => Origin { file: origin.file.clone(), line: origin.line + l.line() - 1 },
             _ => locate(origin, doc, &field),
@@ -188,6 +193,36 @@ fn locate(origin: &Origin, doc: &str, field: &str) -> Origin {
 
 fn parent_of(path: &str) -> &str {
     position::parent(path).unwrap_or("")
+}
+
+/// `path[i]` when `path` is a list and its entry `i` is the string `message` quotes.
+fn entry_quoted(doc: &str, path: &str, message: &str) -> Option<String> {
+    let quoted = message.split('"').nth(1)?;
+    let value: Value = serde_yaml::from_str(doc).ok()?;
+    let list = lookup(&value, path)?.as_sequence()?;
+    let i = list.iter().position(|v| v.as_str() == Some(quoted))?;
+    Some(format!("{path}[{i}]"))
+}
+
+/// The node at `path` (a label key may contain dots: the longest key that fits is taken).
+fn lookup<'v>(value: &'v Value, path: &str) -> Option<&'v Value> {
+    if path.is_empty() {
+        return Some(value);
+    }
+    if let Some(p) = path.strip_prefix('[') {
+        let close = p.find(']')?;
+        let rest = &p[close + 1..];
+        let entry = value.as_sequence()?.get(p[..close].parse::<usize>().ok()?)?;
+        return lookup(entry, rest.strip_prefix('.').unwrap_or(rest));
+    }
+    let map = value.as_mapping()?;
+    let key = map
+        .keys()
+        .filter_map(Value::as_str)
+        .filter(|k| path.strip_prefix(*k).is_some_and(|after| after.is_empty() || after.starts_with(['.', '['])))
+        .max_by_key(|k| k.len())?;
+    let after = &path[key.len()..];
+    lookup(map.get(key)?, after.strip_prefix('.').unwrap_or(after))
 }
 
 /// serde_yaml writes `path: message at line L column C` (no path at the document's root).

@@ -37,10 +37,15 @@ pub fn parent(path: &str) -> Option<&str> {
 }
 
 fn exact_line(doc: &str, path: &str) -> Option<usize> {
+    mark_of(doc, path).map(|(line, _)| line)
+}
+
+/// 1-based (line, column) where the node at `path` starts (for a key: the key), if it is there.
+fn mark_of(doc: &str, path: &str) -> Option<(usize, usize)> {
     let de = serde_yaml::Deserializer::from_str(doc);
     let found = Find { rest: path }.deserialize(de);
     match found {
-        Err(e) if e.to_string().contains(FOUND) => e.location().map(|l| l.line()),
+        Err(e) if e.to_string().contains(FOUND) => e.location().map(|l| (l.line(), l.column())),
         _ => None,
     }
 }

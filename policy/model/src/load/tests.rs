@@ -258,6 +258,6 @@ fn a_batch_goes_on_past_an_unreadable_or_refused_file() {
     let got: Vec<String> = batch.findings.iter().map(|f| f.to_string()).collect();
     assert_eq!(got.len(), 2, "{got:#?}");
     assert!(got[0].contains("a.yaml:1: refused: YAML nested deeper"), "{got:#?}");
-    assert!(got[1].contains("b.yaml:3: metadata.colour: unknown field"), "{got:#?}");
+    assert!(got[1].contains("b.yaml:3: Namespace b: metadata.colour: unknown field"), "{got:#?}");
     assert_eq!(names(&batch.resources), ["a"]);
 }
