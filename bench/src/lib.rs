@@ -11,9 +11,11 @@
 //! 8. restarts: connections alive across an upgrade under load, and the longest windows in
 //!    which a denied connection succeeded or an allowed one failed (upgrade; kill -9 + restart);
 //! 9. hostile peers: legitimate p99 latency and success while a handshake flood runs against
-//!    15008, beside the same run without it, and ztunnel RSS before, during and after.
+//!    15008, beside the same run without it, and ztunnel RSS before, during and after;
+//! 10. control plane: `apply` until every node ACKed (its maps switched), p50 and p99.
 //!
 //! No figure is asserted anywhere: the report states them, `BENCHMARKS.md` keeps the latest.
+mod control_plane;
 mod hostile;
 mod measure;
 mod procfs;
@@ -47,6 +49,8 @@ pub struct Sizes {
     pub scale_rules: usize,
     /// Paced connections kept open across the upgrade of both nodes.
     pub restart_streams: usize,
+    /// Applies through the control plane, each timed until every node ACKed.
+    pub applies: usize,
 }
 
 impl Sizes {
@@ -64,6 +68,7 @@ impl Sizes {
             scale_workloads: 10_000,
             scale_rules: 100_000,
             restart_streams: 32,
+            applies: 100,
         }
     }
 
@@ -96,6 +101,7 @@ impl Sizes {
             scale_workloads: 50,
             scale_rules: 200,
             restart_streams: 2,
+            applies: 3,
         }
     }
 }
@@ -114,5 +120,6 @@ pub fn run(options: &Options) -> anyhow::Result<Report> {
     figures.extend(measure::idle_and_policy_scale(options)?);
     figures.extend(restart::restarts(options)?);
     figures.extend(hostile::hostile(options)?);
+    figures.extend(control_plane::apply_to_enforced(options)?);
     Ok(Report::new(options, figures, started.elapsed()))
 }

@@ -45,6 +45,10 @@ pub struct Nack {
     pub at_ms: u64,
 }
 
+/// One stream of a node (see [`Control::open_session`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Session(u64);
+
 pub fn now_ms() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
 }
@@ -52,7 +56,8 @@ pub fn now_ms() -> u64 {
 pub struct Control {
     pub store: Arc<dyn Store>,
     payload: watch::Sender<Option<Arc<Payload>>>,
-    nodes: Mutex<BTreeMap<String, NodeStatus>>,
+    nodes: Mutex<BTreeMap<String, (Session, NodeStatus)>>,
+    next_session: std::sync::atomic::AtomicU64,
     /// Why the store's current content is not pushed (invalid), if it is not.
     store_error: Mutex<Option<String>>,
 }
@@ -60,7 +65,13 @@ pub struct Control {
 impl Control {
     pub fn new(store: Arc<dyn Store>) -> Arc<Control> {
         let (payload, _) = watch::channel(None);
-        Arc::new(Control { store, payload, nodes: Mutex::default(), store_error: Mutex::default() })
+        Arc::new(Control {
+            store,
+            payload,
+            nodes: Mutex::default(),
+            next_session: Default::default(),
+            store_error: Mutex::default(),
+        })
     }
 
     pub fn payload(&self) -> watch::Receiver<Option<Arc<Payload>>> {
@@ -110,14 +121,29 @@ impl Control {
     }
 
     pub fn nodes(&self) -> Vec<NodeStatus> {
-        self.nodes.lock().expect("nodes lock").values().cloned().collect()
+        self.nodes.lock().expect("nodes lock").values().map(|(_, s)| s.clone()).collect()
     }
 
-    pub fn update_node(&self, node: &str, change: impl FnOnce(&mut NodeStatus)) {
+    /// A new stream from `node`: it supersedes any earlier one (an upgraded ztunnel's
+    /// predecessor may keep its stream while it drains; only the newest speaks for the node).
+    pub fn open_session(&self, node: &str) -> Session {
+        let session = Session(self.next_session.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1);
         let mut nodes = self.nodes.lock().expect("nodes lock");
-        let status =
-            nodes.entry(node.to_string()).or_insert_with(|| NodeStatus { node: node.into(), ..Default::default() });
-        change(status);
+        let fresh = || (session, NodeStatus { node: node.into(), ..Default::default() });
+        let entry = nodes.entry(node.to_string()).or_insert_with(fresh);
+        entry.0 = session;
+        entry.1.connected = true;
+        session
+    }
+
+    /// Changes the node's status if `session` is still its newest stream.
+    pub fn update_node(&self, node: &str, session: Session, change: impl FnOnce(&mut NodeStatus)) {
+        let mut nodes = self.nodes.lock().expect("nodes lock");
+        if let Some((current, status)) = nodes.get_mut(node)
+            && *current == session
+        {
+            change(status);
+        }
     }
 }
 

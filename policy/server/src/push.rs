@@ -13,7 +13,7 @@ use tokio_stream::Stream;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
-use crate::control::{Control, Nack, now_ms};
+use crate::control::{Control, Nack, Session, now_ms};
 use crate::tls::NodeName;
 
 pub struct Push {
@@ -44,15 +44,15 @@ impl SnapshotDiscovery for Push {
         let control = self.control.clone();
         tokio::spawn(async move {
             tracing::info!(%node, version = %first.version_info, "node subscribed");
-            control.update_node(&node, |s| {
-                s.connected = true;
+            let session = control.open_session(&node);
+            control.update_node(&node, session, |s| {
                 if !first.version_info.is_empty() {
                     s.version = Some(first.version_info.clone());
                 }
             });
-            let ended = serve_node(&control, &node, first, &mut inbound, &tx).await;
+            let ended = serve_node(&control, &node, session, first, &mut inbound, &tx).await;
             tracing::info!(%node, reason = %ended, "node stream ended");
-            control.update_node(&node, |s| s.connected = false);
+            control.update_node(&node, session, |s| s.connected = false);
         });
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
@@ -62,6 +62,7 @@ impl SnapshotDiscovery for Push {
 async fn serve_node(
     control: &Control,
     node: &str,
+    session: Session,
     first: SnapshotRequest,
     inbound: &mut Streaming<SnapshotRequest>,
     tx: &mpsc::Sender<Result<SnapshotResponse, Status>>,
@@ -83,7 +84,7 @@ async fn serve_node(
             if tx.send(Ok(response)).await.is_err() {
                 return "the node went away".into();
             }
-            control.update_node(node, |s| s.sent_version = Some(p.version.clone()));
+            control.update_node(node, session, |s| s.sent_version = Some(p.version.clone()));
             let answer = loop {
                 match inbound.message().await {
                     Ok(Some(r)) if r.response_nonce == nonce.to_string() => break r,
@@ -98,14 +99,14 @@ async fn serve_node(
                 Some(error) => {
                     tracing::warn!(%node, version = %p.version, reason = %error.message, "node NACKed a snapshot");
                     nacked = Some(p.version.clone());
-                    control.update_node(node, |s| {
+                    control.update_node(node, session, |s| {
                         s.version = (!in_force.is_empty()).then(|| in_force.clone());
                         s.last_nack = Some(Nack { version: p.version.clone(), reason: error.message, at_ms: now_ms() });
                     });
                 }
                 None => {
                     tracing::debug!(%node, version = %in_force, "node ACKed");
-                    control.update_node(node, |s| {
+                    control.update_node(node, session, |s| {
                         s.version = Some(in_force.clone());
                         s.acked_at_ms = Some(now_ms());
                     });

@@ -20,7 +20,10 @@ use serde::{Deserialize, Serialize};
 
 use crate::sys::{self, ip, ip_in, sysctl_in};
 
+mod control_plane;
 mod ztunnel;
+
+pub use control_plane::CONTROL_PLANE_ADDR;
 
 pub const PREFIX: &str = "plsd-";
 /// Where the CA listens: the fabric bridge's address, reachable from every node.
@@ -145,6 +148,9 @@ pub struct Cluster {
     ztunnel_generation: BTreeMap<usize, u32>,
     /// Other processes of the cluster (the CA).
     processes: Vec<Child>,
+    /// `palisade serve` and its binary (see `control_plane`).
+    control_plane: Option<Child>,
+    control_plane_bin: Option<PathBuf>,
     /// ztunnels replaced by [`Cluster::start_new_ztunnel`] (draining after a hand-over, or dead).
     retired: Vec<Child>,
     teardown_on_drop: bool,
@@ -169,7 +175,8 @@ impl Cluster {
                 id: spec.id.clone(),
                 state_dir: spec.state_dir.clone(),
                 cgroup: sys::cgroup2_root()?.join(format!("{PREFIX}{}", spec.id)),
-                policy_file: spec.state_dir.join("policy.yaml"),
+                // In the control plane's store directory (see `control_plane`).
+                policy_file: spec.state_dir.join("store").join("policy.yaml"),
                 nodes: Vec::new(),
                 pods: Vec::new(),
             },
@@ -178,6 +185,8 @@ impl Cluster {
             started: Vec::new(),
             ztunnel_generation: BTreeMap::new(),
             processes: Vec::new(),
+            control_plane: None,
+            control_plane_bin: None,
             retired: Vec::new(),
             teardown_on_drop: true,
         };
@@ -196,6 +205,7 @@ impl Cluster {
 
     fn build(&mut self, spec: &ClusterSpec) -> Result<()> {
         std::fs::create_dir_all(&spec.state_dir)?;
+        std::fs::create_dir_all(self.store_dir())?;
         std::fs::create_dir_all(&self.info.cgroup).with_context(|| format!("create {}", self.info.cgroup.display()))?;
         let id = &spec.id;
         let fabric = netns_name(id, "fab");
@@ -275,6 +285,8 @@ impl Cluster {
         if let Some(bin) = &spec.ztunnel {
             if let Some(palisade) = &spec.palisade {
                 self.start_ca(palisade, spec.workload_ttl)?;
+                self.control_plane_bin = Some(palisade.clone());
+                self.start_control_plane(palisade)?;
             }
             for i in 0..self.info.nodes.len() {
                 self.start_ztunnel(i, bin, spec.palisade.is_some())?;
@@ -343,7 +355,7 @@ impl Cluster {
         cmd.args(["ca", "--dir"])
             .arg(&ca_dir)
             .args(["serve", "--listen", CA_ADDR, "--inventory"])
-            .arg(&self.info.policy_file)
+            .arg(self.store_dir())
             .args(["--workload-ttl-secs", &workload_ttl.as_secs().to_string()]);
         let fabric = netns_name(&self.info.id, "fab");
         let child = self.spawn_in(&fabric, "ca", cmd, &self.info.state_dir.join("ca.log"))?;
@@ -507,7 +519,9 @@ impl Cluster {
     pub fn log_tails(&self) -> String {
         let mut out = String::new();
         let logs = self.info.nodes.iter().map(|n| (n.name.clone(), n.log.clone()));
-        for (name, log) in logs.chain([("ca".to_string(), self.info.state_dir.join("ca.log"))]) {
+        let others = [("ca", "ca.log"), ("palisade serve", "serve.log")];
+        let others = others.map(|(name, file)| (name.to_string(), self.info.state_dir.join(file)));
+        for (name, log) in logs.chain(others) {
             let Ok(text) = std::fs::read_to_string(&log) else { continue };
             let lines: Vec<&str> = text.lines().collect();
             let tail = &lines[lines.len().saturating_sub(30)..];
@@ -536,6 +550,8 @@ impl Cluster {
             started: Vec::new(),
             ztunnel_generation: BTreeMap::new(),
             processes: Vec::new(),
+            control_plane: None,
+            control_plane_bin: None,
             retired: Vec::new(),
             teardown_on_drop: false,
         }
@@ -554,6 +570,7 @@ impl Cluster {
         self.teardown_on_drop = false;
         self.ztunnels.clear();
         self.processes.clear();
+        self.control_plane = None;
     }
 
     /// Stops ztunnels gracefully, then removes everything (their pins included).
@@ -569,13 +586,15 @@ impl Cluster {
             }
         }
         teardown(&self.info.id, &self.info.state_dir)?;
-        for child in self.ztunnels.iter_mut().chain(&mut self.processes).chain(&mut self.retired) {
+        let control_plane = self.control_plane.iter_mut();
+        for child in self.ztunnels.iter_mut().chain(&mut self.processes).chain(&mut self.retired).chain(control_plane) {
             let _ = child.kill();
             let _ = child.wait();
         }
         self.ztunnels.clear();
         self.processes.clear();
         self.retired.clear();
+        self.control_plane = None;
         Ok(())
     }
 }

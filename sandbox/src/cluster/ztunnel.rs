@@ -13,10 +13,14 @@ impl Cluster {
     fn ztunnel_command(&self, i: usize, bin: &Path, with_ca: bool) -> Command {
         let node = &self.info.nodes[i];
         let mut cmd = Command::new(bin);
-        cmd.args(["--node", &node.name])
-            .arg("--policy")
-            .arg(&self.info.policy_file)
-            .arg("--enroll-socket")
+        cmd.args(["--node", &node.name]);
+        // With a CA, the node has a credential to subscribe to the control plane with;
+        // without one (insecure trials), it reads the policy file.
+        match with_ca {
+            true => cmd.args(["--control-plane", super::CONTROL_PLANE_ADDR]),
+            false => cmd.arg("--policy").arg(&self.info.policy_file),
+        };
+        cmd.arg("--enroll-socket")
             .arg(&node.enroll_socket)
             .arg("--pin-dir")
             .arg(pin_root(&self.info.id).join(&node.name))
