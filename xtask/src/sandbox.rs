@@ -48,6 +48,16 @@ pub fn run(command: SandboxCommand) -> Result<()> {
             spec.teardown_on_drop = false;
             let cluster = Cluster::up(spec)?;
             print_summary(&cluster);
+            // Like kubectl's kubeconfig: a plain `palisade apply -f …` now reaches this sandbox.
+            let context = std::env::var_os("PALISADE_CONFIG").map(PathBuf::from).unwrap_or_else(|| {
+                PathBuf::from(std::env::var_os("HOME").unwrap_or_else(|| "/root".into())).join(".palisade/config")
+            });
+            cluster.write_cli_context(&context)?;
+            println!(
+                "  palisade CLI context: {} (admin socket {})",
+                context.display(),
+                cluster.admin_socket().display()
+            );
             cluster.keep();
             Ok(())
         }
