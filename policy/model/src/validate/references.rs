@@ -74,6 +74,7 @@ pub(super) fn check(resources: &[Located], out: &mut Findings) {
                 let selector = spec.pod_selector.as_ref().map(crate::k8s::selector).unwrap_or_default();
                 attachment(out, &inv, &at, ns, "spec.podSelector", &selector);
                 named_ports(out, &inv, &at, spec);
+                network_policy_peers(out, &inv, &at, spec);
                 // What the translation cannot enforce (a UDP port, …), for a policy that is valid.
                 if crate::k8s::problems(spec).is_empty() {
                     for note in crate::k8s::translate(ns, spec).notes {
@@ -193,6 +194,34 @@ fn named_ports(
                         at,
                         &format!("spec.{list}[{r}].ports[{p}].port"),
                         format!("no workload has a TCP container port named {name:?} (yet): this port matches nothing"),
+                    );
+                }
+            }
+        }
+    }
+}
+
+/// A NetworkPolicy peer's namespaceSelector that selects no namespace known (yet).
+fn network_policy_peers(
+    out: &mut Findings,
+    inv: &Inventory,
+    at: &At,
+    spec: &k8s_openapi::api::networking::v1::NetworkPolicySpec,
+) {
+    let ingress = spec.ingress.iter().flatten().map(|r| r.from.as_ref());
+    let egress = spec.egress.iter().flatten().map(|r| r.to.as_ref());
+    let namespaces = inv.namespace_labels();
+    for (list, peers_key, rules) in
+        [("ingress", "from", ingress.collect::<Vec<_>>()), ("egress", "to", egress.collect())]
+    {
+        for (r, peers) in rules.into_iter().enumerate() {
+            for (p, peer) in peers.into_iter().flatten().enumerate() {
+                let Some(sel) = peer.namespace_selector.as_ref().map(crate::k8s::selector) else { continue };
+                if !sel.is_empty() && !namespaces.iter().any(|l| sel.matches(l)) {
+                    out.warning(
+                        at,
+                        &format!("spec.{list}[{r}].{peers_key}[{p}].namespaceSelector"),
+                        "selects no namespace (yet): this peer matches nothing".into(),
                     );
                 }
             }

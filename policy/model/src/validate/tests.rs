@@ -109,3 +109,35 @@ spec:
     let got: Vec<(usize, String)> = check_batch(&batch(&text)).iter().map(|f| (f.line, f.field.clone())).collect();
     assert_eq!(got, [(11, "spec.rules[0].ports".to_string()), (14, "spec.rules[1].from[0]".to_string())]);
 }
+
+#[test]
+fn network_policy_references_and_unenforced_ports_are_warnings_at_their_fields() {
+    let text = format!(
+        "{NS}---\n\
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {{name: np, namespace: x}}
+spec:
+  podSelector: {{matchLabels: {{app: none}}}}
+  ingress:
+  - from:
+    - namespaceSelector: {{matchLabels: {{team: ghosts}}}}
+    ports:
+    - port: http
+    - port: 53
+      protocol: UDP
+"
+    );
+    let got: Vec<(usize, Severity, String)> =
+        check_batch(&batch(&text)).iter().map(|f| (f.line, f.severity, f.field.clone())).collect();
+    let w = Severity::Warning;
+    assert_eq!(
+        got,
+        [
+            (9, w, "spec.podSelector".to_string()),
+            (12, w, "spec.ingress[0].from[0].namespaceSelector".to_string()),
+            (14, w, "spec.ingress[0].ports[0].port".to_string()),
+            (16, w, "spec.ingress[0].ports[1].protocol".to_string()),
+        ]
+    );
+}
