@@ -21,8 +21,11 @@ enum Command {
     /// Check resources; every problem is printed with its file, line and field.
     Validate {
         /// YAML files or directories.
-        #[arg(required = true)]
+        #[arg(required_unless_present = "files")]
         paths: Vec<PathBuf>,
+        /// The same, kubectl style (`validate -f FILE`); offline, like the positional form.
+        #[arg(short = 'f', long = "filename")]
+        files: Vec<PathBuf>,
     },
     /// Show the verdict the mesh gives a connection, and the rule that decides it.
     Explain {
@@ -148,7 +151,8 @@ fn main() -> ExitCode {
             }
         };
     }
-    if let Command::Validate { paths } = cli.command {
+    if let Command::Validate { mut paths, files } = cli.command {
+        paths.extend(files);
         return match validate::run(&paths, palisade_model::compile::DEFAULT_TRUST_DOMAIN) {
             Ok(true) => ExitCode::SUCCESS,
             Ok(false) => ExitCode::FAILURE,
