@@ -1,17 +1,23 @@
 //! The etcd store against a real etcd (Debian's `etcd-server`), one member per test on free
 //! ports of 127.0.0.1: apply, list, delete and watch; batches are all or nothing; two stores
 //! on one etcd (two `palisade serve` replicas) see the same content at the same revision and
-//! give every identity one number.
+//! give every identity one number; on a sandbox, two `palisade serve` replicas on one etcd
+//! serve one snapshot and a ztunnel fails over from one to the other.
+mod support;
+
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use palisade_model::compile::{FIRST_WORKLOAD_IDENTITY, IdentityLabels};
 use palisade_model::load;
 use palisade_model::resource::Resource;
 use palisade_sandbox::etcd::Etcd;
+use palisade_sandbox::{Cluster, ClusterSpec};
 use palisade_server::store::etcd::EtcdStore;
 use palisade_server::store::{Change, Listing, ResourceKey, Revision, Store, StoreError};
+use serde_json::{Value, json};
 
 /// Bounds every wait for a watch (a hang fails the test instead of blocking the suite).
 const WAIT: Duration = Duration::from_secs(20);
@@ -281,4 +287,99 @@ async fn etcd_store_rides_out_an_etcd_restart() {
     let next = other.apply(rev, vec![Change::Put(workload("db", "10.1.0.2"))]).await.unwrap();
     published(&store, next).await;
     assert_eq!(names(&store.list().await.unwrap()), ["Workload default/db", "Workload default/web"]);
+}
+
+/// Every node's status as replica `i` sees it, by node name (a node is connected to one
+/// replica at a time).
+fn replica_nodes(cluster: &Cluster, i: usize) -> BTreeMap<String, Value> {
+    let answer = cluster.replica_admin(i, &json!({"op": "nodes"})).unwrap();
+    let nodes = answer["nodes"].as_array().cloned().unwrap_or_default();
+    nodes.into_iter().map(|n| (n["node"].as_str().unwrap().to_string(), n)).collect()
+}
+
+/// Replica `i`'s resources and the revision it read them at (`palisade get -o json`).
+fn get(cluster: &Cluster, i: usize) -> Value {
+    cluster.replica_admin(i, &json!({"op": "get"})).unwrap()
+}
+
+/// Whether `node` is connected to replica `i` now.
+fn connected(cluster: &Cluster, i: usize, node: &str) -> bool {
+    replica_nodes(cluster, i).get(node).is_some_and(|n| n["connected"] == true)
+}
+
+/// Waits until `node` is connected to replica `i` with `revision` (or later) in force.
+fn wait_in_force(cluster: &Cluster, i: usize, node: &str, revision: u64) -> Value {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let status = replica_nodes(cluster, i).remove(node).unwrap_or(Value::Null);
+        let version = status["version"].as_str().and_then(|v| v.parse::<u64>().ok());
+        if status["connected"] == true && version.is_some_and(|v| v >= revision) {
+            return status;
+        }
+        assert!(Instant::now() < deadline, "{node} has not put revision {revision} in force via replica {i}: {status}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn etcd_two_replicas_serve_one_snapshot_and_a_ztunnel_fails_over() {
+    let id = palisade_sandbox::unique_test_id();
+    let mut spec = ClusterSpec::uniform(&id, palisade_sandbox::test_state_dir(&id), 2, 1);
+    spec.ztunnel = Some(palisade_sandbox::workspace_bin("ztunnel").expect("ztunnel binary"));
+    spec.etcd_replicas = 2;
+    let mut cluster = support::start_spec(spec);
+    let _server = support::serve(&cluster, "p2-1", 9090);
+    let dst = format!("{}:9090", cluster.pod("p2-1").unwrap().ip);
+    assert_eq!(support::connect(&cluster, "p1-1", &dst, 10)["verified"], true);
+
+    // Both replicas read the same content at the same revision from etcd.
+    let (first, second) = (get(&cluster, 0), get(&cluster, 1));
+    assert!(first["revision"].as_u64().is_some_and(|r| r > 0), "{first}");
+    assert_eq!(first["revision"], second["revision"]);
+    assert_eq!(first["resources"], second["resources"]);
+    let revision = first["revision"].as_u64().unwrap();
+
+    // Each node follows one replica; find node-1's, and check both replicas' nodes agree.
+    let deadline = Instant::now() + WAIT;
+    let serving = loop {
+        let on: Vec<usize> = (0..2).filter(|i| connected(&cluster, *i, "node-1")).collect();
+        if let [i] = on.as_slice() {
+            break *i;
+        }
+        assert!(Instant::now() < deadline, "node-1 is connected to {on:?}");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    for node in ["node-1", "node-2"] {
+        let deadline = Instant::now() + WAIT;
+        let i = loop {
+            if let Some(i) = (0..2).find(|i| connected(&cluster, *i, node)) {
+                break i;
+            }
+            assert!(Instant::now() < deadline, "{node} is connected to no replica");
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        wait_in_force(&cluster, i, node, revision);
+    }
+
+    // node-1's replica dies; the survivor takes a new apply and node-1 gets it from there.
+    cluster.stop_replica(serving).unwrap();
+    let survivor = 1 - serving;
+    let deny = "apiVersion: palisade.dev/v1alpha1\nkind: SegmentationPolicy\nmetadata: {name: no-9090, namespace: default}\n\
+                spec:\n  selector: {matchLabels: {app: p2-1}}\n  action: Deny\n  rules:\n  - from: [{namespace: default}]\n    ports: [9090]\n";
+    let answer = cluster
+        .replica_admin(survivor, &json!({"op": "apply", "files": [{"name": "deny.yaml", "text": deny}]}))
+        .unwrap();
+    assert_eq!(answer["errors"], json!([]), "{answer}");
+    let applied = answer["revision"].as_u64().expect("revision");
+    assert!(applied > revision);
+    for node in ["node-1", "node-2"] {
+        wait_in_force(&cluster, survivor, node, applied);
+    }
+    let r = support::connect(&cluster, "p1-1", &dst, 10);
+    assert_eq!(r["errno"], 1, "the policy applied through the survivor is enforced at the source (EPERM): {r}");
+
+    // The dead replica comes back and serves the same snapshot as the survivor.
+    cluster.start_replica(serving).unwrap();
+    let (back, other) = (get(&cluster, serving), get(&cluster, survivor));
+    assert_eq!((back["revision"].as_u64(), &back["resources"]), (Some(applied), &other["resources"]));
 }

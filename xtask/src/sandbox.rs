@@ -18,6 +18,11 @@ pub enum SandboxCommand {
         nodes: usize,
         #[arg(long, default_value_t = 2)]
         pods: usize,
+        /// Where the control plane keeps resources: `dir` (one `palisade serve` over a
+        /// directory) or `etcd` (a real etcd and two `palisade serve` replicas on it; every
+        /// ztunnel is given both and fails over between them).
+        #[arg(long, value_enum, default_value_t = StoreKind::Dir)]
+        store: StoreKind,
     },
     /// Remove every namespace, cgroup, process and file the sandbox made.
     Down,
@@ -31,13 +36,22 @@ pub enum SandboxCommand {
     Status,
 }
 
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum StoreKind {
+    Dir,
+    Etcd,
+}
+
+/// Replicas of `palisade serve` with `--store etcd`.
+const ETCD_REPLICAS: usize = 2;
+
 pub fn state_dir() -> PathBuf {
     crate::root().join("target/sandbox")
 }
 
 pub fn run(command: SandboxCommand) -> Result<()> {
     match command {
-        SandboxCommand::Up { nodes, pods } => {
+        SandboxCommand::Up { nodes, pods, store } => {
             if nodes == 0 || nodes > 200 || pods > 200 {
                 bail!("--nodes must be 1..=200 and --pods 0..=200");
             }
@@ -46,6 +60,9 @@ pub fn run(command: SandboxCommand) -> Result<()> {
             spec.ztunnel = Some(palisade_sandbox::workspace_bin("ztunnel")?);
             spec.palisade = Some(palisade_sandbox::workspace_bin("palisade")?);
             spec.teardown_on_drop = false;
+            if store == StoreKind::Etcd {
+                spec.etcd_replicas = ETCD_REPLICAS;
+            }
             let cluster = Cluster::up(spec)?;
             print_summary(&cluster);
             // Like kubectl's kubeconfig: a plain `palisade apply -f …` now reaches this sandbox.
@@ -58,6 +75,15 @@ pub fn run(command: SandboxCommand) -> Result<()> {
                 context.display(),
                 cluster.admin_socket().display()
             );
+            if store == StoreKind::Etcd {
+                let addrs: Vec<String> = cluster.control_plane_addrs().iter().map(|a| a.to_string()).collect();
+                println!(
+                    "  etcd {} (fabric netns; log {}), palisade serve replicas {}",
+                    cluster::ETCD_ADDR,
+                    cluster.info.state_dir.join("etcd.log").display(),
+                    addrs.join(", ")
+                );
+            }
             cluster.keep();
             Ok(())
         }

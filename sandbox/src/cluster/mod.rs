@@ -21,9 +21,11 @@ use serde::{Deserialize, Serialize};
 use crate::sys::{self, ip, ip_in, sysctl_in};
 
 mod control_plane;
+mod etcd_plane;
 mod ztunnel;
 
 pub use control_plane::CONTROL_PLANE_ADDR;
+pub use etcd_plane::{ETCD_ADDR, replica_addr};
 
 pub const PREFIX: &str = "plsd-";
 /// Where the CA listens: the fabric bridge's address, reachable from every node.
@@ -75,6 +77,9 @@ pub struct ClusterSpec {
     pub policy: String,
     /// Remove everything when the `Cluster` is dropped.
     pub teardown_on_drop: bool,
+    /// 0: one `palisade serve` over a directory. More: etcd and that many replicas on it
+    /// (see `etcd_plane`).
+    pub etcd_replicas: usize,
 }
 
 impl ClusterSpec {
@@ -95,6 +100,7 @@ impl ClusterSpec {
             enroll: true,
             policy: String::new(),
             teardown_on_drop: true,
+            etcd_replicas: 0,
         }
     }
 }
@@ -151,6 +157,8 @@ pub struct Cluster {
     /// `palisade serve` and its binary (see `control_plane`).
     control_plane: Option<Child>,
     control_plane_bin: Option<PathBuf>,
+    /// etcd and the `palisade serve` replicas, when the spec asks for them.
+    etcd_plane: Option<etcd_plane::EtcdPlane>,
     /// ztunnels replaced by [`Cluster::start_new_ztunnel`] (draining after a hand-over, or dead).
     retired: Vec<Child>,
     teardown_on_drop: bool,
@@ -187,6 +195,7 @@ impl Cluster {
             processes: Vec::new(),
             control_plane: None,
             control_plane_bin: None,
+            etcd_plane: None,
             retired: Vec::new(),
             teardown_on_drop: true,
         };
@@ -286,7 +295,12 @@ impl Cluster {
             if let Some(palisade) = &spec.palisade {
                 self.start_ca(palisade, spec.workload_ttl)?;
                 self.control_plane_bin = Some(palisade.clone());
-                self.start_control_plane(palisade)?;
+                if spec.etcd_replicas > 0 {
+                    self.etcd_plane = Some(etcd_plane::EtcdPlane::new(spec.etcd_replicas, palisade));
+                    self.start_etcd_plane()?;
+                } else {
+                    self.start_control_plane(palisade)?;
+                }
             }
             for i in 0..self.info.nodes.len() {
                 self.start_ztunnel(i, bin, spec.palisade.is_some())?;
@@ -460,6 +474,9 @@ impl Cluster {
             self.info.nodes.iter().map(|n| self.policy_generation(&n.name)).collect::<Result<_>>()?;
         self.extra_policy = extra.to_string();
         self.write_policy_file(extra)?;
+        if self.etcd_plane.is_some() {
+            self.apply_policy_to_etcd()?;
+        }
         let deadline = Instant::now() + timeout;
         for (node, old) in self.info.nodes.iter().zip(before) {
             while self.policy_generation(&node.name)? <= old {
@@ -552,6 +569,7 @@ impl Cluster {
             processes: Vec::new(),
             control_plane: None,
             control_plane_bin: None,
+            etcd_plane: None,
             retired: Vec::new(),
             teardown_on_drop: false,
         }
@@ -571,6 +589,7 @@ impl Cluster {
         self.ztunnels.clear();
         self.processes.clear();
         self.control_plane = None;
+        self.etcd_plane = None;
     }
 
     /// Stops ztunnels gracefully, then removes everything (their pins included).
@@ -586,7 +605,7 @@ impl Cluster {
             }
         }
         teardown(&self.info.id, &self.info.state_dir)?;
-        let control_plane = self.control_plane.iter_mut();
+        let control_plane = self.control_plane.iter_mut().chain(self.etcd_plane.iter_mut().flat_map(|p| p.children()));
         for child in self.ztunnels.iter_mut().chain(&mut self.processes).chain(&mut self.retired).chain(control_plane) {
             let _ = child.kill();
             let _ = child.wait();
@@ -595,6 +614,7 @@ impl Cluster {
         self.processes.clear();
         self.retired.clear();
         self.control_plane = None;
+        self.etcd_plane = None;
         Ok(())
     }
 }

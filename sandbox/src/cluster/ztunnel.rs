@@ -17,7 +17,9 @@ impl Cluster {
         // With a CA, the node has a credential to subscribe to the control plane with;
         // without one (insecure trials), it reads the policy file.
         match with_ca {
-            true => cmd.args(["--control-plane", super::CONTROL_PLANE_ADDR]),
+            true => {
+                cmd.args(self.control_plane_addrs().iter().flat_map(|a| ["--control-plane".to_string(), a.to_string()]))
+            }
             false => cmd.arg("--policy").arg(&self.info.policy_file),
         };
         cmd.arg("--enroll-socket")
