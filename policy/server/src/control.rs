@@ -160,3 +160,54 @@ fn render(listing: &Listing) -> Result<Payload, String> {
     let digest = digest.as_ref().iter().map(|b| format!("{b:02x}")).collect();
     Ok(Payload { version: listing.revision.to_string(), revision: listing.revision, resources_yaml: yaml, digest })
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+    use crate::store::dir::DirStore;
+
+    const NS: &str = "apiVersion: palisade.dev/v1alpha1\nkind: Namespace\nmetadata: {name: a}\n";
+
+    #[tokio::test]
+    async fn an_invalid_store_content_is_reported_and_the_last_good_payload_stays() {
+        let dir = std::env::temp_dir().join(format!("palisade-control-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let _cleanup = RemoveOnDrop(dir.clone());
+        std::fs::write(dir.join("a.yaml"), NS).unwrap();
+        let control = Control::new(Arc::new(DirStore::open(&dir, Duration::from_millis(20)).unwrap()));
+        tokio::spawn(control.clone().follow_store());
+        let mut payloads = control.payload();
+        let first = payloads.wait_for(Option::is_some).await.unwrap().clone().unwrap();
+        assert!(first.resources_yaml.contains("name: a"), "{}", first.resources_yaml);
+
+        // A bad `git pull`: a name that is not a DNS label.
+        std::fs::write(dir.join("b.yaml"), NS.replace("name: a", "name: Not_Valid")).unwrap();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while control.store_error().is_none() {
+            assert!(tokio::time::Instant::now() < deadline, "the invalid content was not reported");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let error = control.store_error().unwrap();
+        assert!(error.contains("b.yaml:1") && error.contains("Not_Valid"), "{error}");
+        assert_eq!(control.payload().borrow().as_ref().unwrap().version, first.version, "the last good payload stays");
+
+        // Fixed: pushed again, with a newer version.
+        std::fs::write(dir.join("b.yaml"), NS.replace("name: a", "name: b")).unwrap();
+        let next =
+            payloads.wait_for(|p| p.as_ref().is_some_and(|p| p.revision > first.revision)).await.unwrap().clone();
+        assert!(next.unwrap().resources_yaml.contains("name: b"));
+        assert!(control.store_error().is_none());
+    }
+
+    /// Removes the directory also when the test fails.
+    struct RemoveOnDrop(std::path::PathBuf);
+
+    impl Drop for RemoveOnDrop {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+}
