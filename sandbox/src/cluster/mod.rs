@@ -536,7 +536,14 @@ impl Cluster {
     pub fn log_tails(&self) -> String {
         let mut out = String::new();
         let logs = self.info.nodes.iter().map(|n| (n.name.clone(), n.log.clone()));
-        let others = [("ca", "ca.log"), ("palisade serve", "serve.log")];
+        // Files that do not exist (no etcd in a directory-store cluster) are skipped.
+        let others = [
+            ("ca", "ca.log"),
+            ("palisade serve", "serve.log"),
+            ("etcd", "etcd.log"),
+            ("palisade serve replica 0", "serve-0.log"),
+            ("palisade serve replica 1", "serve-1.log"),
+        ];
         let others = others.map(|(name, file)| (name.to_string(), self.info.state_dir.join(file)));
         for (name, log) in logs.chain(others) {
             let Ok(text) = std::fs::read_to_string(&log) else { continue };
