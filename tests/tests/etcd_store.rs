@@ -364,6 +364,10 @@ fn etcd_two_replicas_serve_one_snapshot_and_a_ztunnel_fails_over() {
     // node-1's replica dies; the survivor takes a new apply and node-1 gets it from there.
     cluster.stop_replica(serving).unwrap();
     let survivor = 1 - serving;
+    // The survivor serves the same version for the same content, so node-1 reconnects to it
+    // with that version in force (and nothing to rewrite).
+    let status = wait_in_force(&cluster, survivor, "node-1", revision);
+    assert_eq!(status["version"], revision.to_string(), "{status}");
     let deny = "apiVersion: palisade.dev/v1alpha1\nkind: SegmentationPolicy\nmetadata: {name: no-9090, namespace: default}\n\
                 spec:\n  selector: {matchLabels: {app: p2-1}}\n  action: Deny\n  rules:\n  - from: [{namespace: default}]\n    ports: [9090]\n";
     let answer = cluster

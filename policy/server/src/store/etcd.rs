@@ -57,9 +57,9 @@ pub fn parse_url(url: &str) -> Result<Vec<String>, StoreError> {
     let rest = url
         .strip_prefix("etcd://")
         .or_else(|| url.strip_prefix("http://"))
-        .ok_or_else(|| bad("expected etcd://host:port[,host:port…] (TLS to etcd is not supported yet)".into()))?;
-    let endpoints: Vec<String> =
-        rest.trim_end_matches('/').split(',').filter(|e| !e.is_empty()).map(|e| format!("http://{e}")).collect();
+        .ok_or_else(|| bad("expected etcd://host:port[,host:port…] (TLS to etcd is not supported yet)".into()))?
+        .trim_end_matches('/');
+    let endpoints: Vec<String> = rest.split(',').filter(|e| !e.is_empty()).map(|e| format!("http://{e}")).collect();
     if endpoints.is_empty() || rest.contains(['/', '@', '?']) {
         return Err(bad("expected etcd://host:port[,host:port…]".into()));
     }
@@ -336,3 +336,6 @@ impl Store for EtcdStore {
         format!("etcd:{}", self.endpoints.join(","))
     }
 }
+
+#[cfg(test)]
+mod tests;
