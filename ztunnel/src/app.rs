@@ -51,6 +51,8 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let (mut policy, snapshot) =
         PolicySource::new(config.policy.clone(), config.trust_domain.clone(), kernel.policy, metrics.clone());
     let generations = policy.generations();
+    // Set once a successor took over: from then on its state files are the successor's.
+    let handed_over_flag = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let last_rejected = policy.last_rejected();
     // Files, polled; or the control plane's stream (which owns the source from here on).
     let (files, control_plane) = if config.control_plane.is_empty() {
@@ -58,7 +60,8 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         tracing::info!(stats = ?stats, "policy in force");
         (Some(policy), None)
     } else {
-        (None, Some(crate::config_client::start(&config, policy).await.context("control plane")?))
+        let task = crate::config_client::start(&config, policy, handed_over_flag.clone()).await;
+        (None, Some(task.context("control plane")?))
     };
 
     let hub = Arc::new(FlowHub::new(config.node.clone(), metrics.clone(), snapshot.clone(), generations));
@@ -107,6 +110,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             Duration::from_secs(config.drain_secs)
         }
         successor = handed_over => {
+            handed_over_flag.store(true, std::sync::atomic::Ordering::Relaxed);
             tracing::info!(successor = ?successor.ok(), drain_secs = config.upgrade_drain_secs,
                 "handed over to a new ztunnel: carrying established connections until they end");
             Duration::from_secs(config.upgrade_drain_secs)

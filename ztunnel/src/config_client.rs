@@ -10,6 +10,7 @@
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use palisade_api::v1::snapshot_discovery_client::SnapshotDiscoveryClient;
@@ -21,6 +22,8 @@ use tokio::sync::mpsc;
 
 use crate::policy_source::PolicySource;
 
+/// Input files of processes that handed over (see [`ConfigClient::handed_over`]).
+const RETIRED_PREFIX: &str = "control-plane-retired-";
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(15);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -48,6 +51,11 @@ pub struct ConfigClient {
     state_dir: PathBuf,
     /// What is in force (empty version: nothing from the control plane yet).
     current: Saved,
+    /// Set once this process handed the node over to a successor (upgrade): it keeps following
+    /// the control plane, so the connections it still carries are re-checked against new
+    /// policies, but it no longer writes the state directory's files, which are the
+    /// successor's now (the successor's stream is the one the server listens to).
+    handed_over: Arc<AtomicBool>,
 }
 
 impl ConfigClient {
@@ -71,7 +79,7 @@ impl ConfigClient {
         );
         let tls = client_config(Some(CredentialSlot::new(credential)), &bundle, Some(server), &[b"h2"])
             .map_err(|e| bad(e.to_string()))?;
-        Ok(ConfigClient { addrs, node, tls, state_dir, current: Saved::default() })
+        Ok(ConfigClient { addrs, node, tls, state_dir, current: Saved::default(), handed_over: Arc::default() })
     }
 
     fn saved_file(&self) -> PathBuf {
@@ -79,7 +87,22 @@ impl ConfigClient {
     }
 
     fn input_file(&self) -> PathBuf {
-        self.state_dir.join("control-plane.yaml")
+        match self.handed_over.load(Ordering::Relaxed) {
+            false => self.state_dir.join("control-plane.yaml"),
+            true => self.state_dir.join(format!("{RETIRED_PREFIX}{}.yaml", std::process::id())),
+        }
+    }
+
+    /// Removes the input files of predecessors that have exited.
+    fn remove_stale_inputs(&self) {
+        let Ok(entries) = std::fs::read_dir(&self.state_dir) else { return };
+        for entry in entries.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let pid = name.strip_prefix(RETIRED_PREFIX).and_then(|r| r.strip_suffix(".yaml"));
+            if pid.is_some_and(|pid| !Path::new("/proc").join(pid).exists()) {
+                let _ = std::fs::remove_file(entry.path());
+            }
+        }
     }
 
     /// Puts the snapshot saved on disk in force, if there is one (start-up while the control
@@ -184,6 +207,7 @@ impl ConfigClient {
                 false => self.put_in_force(policy, &offered).await,
             };
             match result {
+                Ok(()) if self.handed_over.load(Ordering::Relaxed) => self.current = offered,
                 Ok(()) => {
                     if let Err(e) = write_atomic(&self.saved_file(), &serde_json::to_vec(&offered).unwrap_or_default())
                     {
@@ -213,6 +237,7 @@ impl ConfigClient {
 pub async fn start(
     config: &crate::config::Config,
     mut policy: PolicySource,
+    handed_over: Arc<AtomicBool>,
 ) -> anyhow::Result<tokio::task::JoinHandle<()>> {
     let mut client = ConfigClient::new(
         config.control_plane.clone(),
@@ -221,6 +246,8 @@ pub async fn start(
         &config.trust_domain,
         config.state_dir.clone(),
     )?;
+    client.handed_over = handed_over;
+    client.remove_stale_inputs();
     let from_disk = match client.start_from_disk(&mut policy).await {
         Ok(done) => done,
         Err(e) => {
