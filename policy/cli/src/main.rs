@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+use palisade_model::compile::Direction;
 
 mod control;
 mod validate;
@@ -188,6 +189,13 @@ fn main() -> ExitCode {
                     s.identity_name(v.dst_identity),
                     s.describe_verdict(v)
                 );
+                // Both ends must consent: say what each direction decided.
+                for (direction, part) in [(Direction::Egress, d.egress), (Direction::Ingress, d.ingress)]
+                    .into_iter()
+                    .filter_map(|(d, p)| Some((d, p?)))
+                {
+                    println!("  {}", s.describe_direction(direction, part, v));
+                }
                 if let Some(rule) = d.audit_deny {
                     println!("audit: would be denied by {}", s.describe_rule(rule, v.dst_identity));
                 }

@@ -201,6 +201,11 @@ pub struct Decision {
     pub verdict: Verdict,
     /// Rule of an Audit-mode policy that would deny this connection (which is allowed).
     pub audit_deny: Option<u32>,
+    /// Each direction's own (action, rule): the source's egress and the destination's
+    /// ingress, which [`combine`] made `verdict`; `None` when the connection was refused
+    /// before any policy was read (a proven identity not at its source address).
+    pub egress: Option<(Action, u32)>,
+    pub ingress: Option<(Action, u32)>,
 }
 
 impl Snapshot {
@@ -297,6 +302,25 @@ impl Snapshot {
         }
     }
 
+    /// One direction's part of a decision, readable: whose policy it is and what decided.
+    pub fn describe_direction(&self, direction: Direction, (action, rule): (Action, u32), v: &Verdict) -> String {
+        let (end, id) = match direction {
+            Direction::Egress => ("egress of the source", v.src_identity),
+            Direction::Ingress => ("ingress of the destination", v.dst_identity),
+        };
+        let why = match (direction, rule) {
+            (Direction::Egress, RULE_DEFAULT_ALLOW) => "no egress policy selects it".to_string(),
+            (Direction::Egress, RULE_EGRESS_DEFAULT_DENY) => self.describe_verdict(&Verdict {
+                action,
+                rule,
+                src_identity: v.src_identity,
+                dst_identity: v.dst_identity,
+            }),
+            _ => self.describe_rule(rule, v.dst_identity),
+        };
+        format!("{end} ({}): {action:?}, {why}", self.identity_name(id))
+    }
+
     /// The TCP port a workload address names `name`.
     pub fn named_port(&self, addr: IpAddr, name: &str) -> Option<u16> {
         let w = &self.workloads[*self.workload_at.get(&canonical(addr))?];
@@ -386,7 +410,7 @@ impl Snapshot {
                 src_identity: self.identity_of(src),
                 dst_identity: self.identity_of(dst),
             };
-            return Decision { verdict, audit_deny: None };
+            return Decision { verdict, audit_deny: None, egress: None, ingress: None };
         }
         self.authorize(src, None, dst, port)
     }
@@ -400,7 +424,8 @@ impl Snapshot {
         let (namespace, service_account, labels) = match proven {
             Some((ns, sa)) => {
                 let Some(same) = labels_at.filter(|l| l.namespace == ns && l.service_account == sa) else {
-                    return Decision { verdict: verdict(Action::Deny, RULE_NOT_AT_SOURCE), audit_deny: None };
+                    let verdict = verdict(Action::Deny, RULE_NOT_AT_SOURCE);
+                    return Decision { verdict, audit_deny: None, egress: None, ingress: None };
                 };
                 (Some(ns), Some(sa), Some(&same.labels))
             }
@@ -442,14 +467,14 @@ impl Snapshot {
                 self.evaluate(Direction::Egress, s, &dst_facts, port, &named, audit)
             });
             let (action, rule) = combine(egress, ingress);
-            verdict(action, rule)
+            (verdict(action, rule), egress, ingress)
         };
-        let enforced = evaluate(false);
+        let (enforced, egress, ingress) = evaluate(false);
         let audit_deny = match enforced.action {
-            Action::Allow => Some(evaluate(true)).filter(|v| v.action == Action::Deny).map(|v| v.rule),
+            Action::Allow => Some(evaluate(true).0).filter(|v| v.action == Action::Deny).map(|v| v.rule),
             Action::Deny => None,
         };
-        Decision { verdict: enforced, audit_deny }
+        Decision { verdict: enforced, audit_deny, egress: Some(egress), ingress: Some(ingress) }
     }
 }
 
