@@ -13,6 +13,7 @@ use palisade_sandbox::{Cluster, PodTemplate};
 use support::*;
 
 const EPERM: i64 = 1;
+const ECONNREFUSED: i64 = 111;
 /// Every pod serves these; `a` names 81 `p81`.
 const PORTS: [u16; 2] = [80, 81];
 
@@ -235,4 +236,34 @@ fn network_policy_truth_table_on_real_connections() {
         }
     }
     assert!(failures.is_empty(), "{} disagreements:\n{}", failures.len(), failures.join("\n"));
+
+    // ipBlock from outside the mesh: the nodes' own addresses (plaintext, checked at xa's
+    // socket lookup: a refusal is a reset).
+    let node2_ip = cluster.node("node-2").unwrap().ip.clone();
+    let policy = np(
+        "from-node-2",
+        "x",
+        &format!(
+            "  podSelector: {{matchLabels: {{pod: a}}}}\n  ingress:\n  - from: [{{ipBlock: {{cidr: {node2_ip}/32}}}}]\n"
+        ),
+    );
+    cluster.set_policy(&format!("{NAMESPACES}{policy}")).unwrap();
+    let snapshot = palisade_model::load_snapshot(std::slice::from_ref(&cluster.info.policy_file)).unwrap();
+    let xa = cluster.pod("xa").unwrap().ip.clone();
+    for (node, want) in [("node-2", true), ("node-1", false)] {
+        let info = cluster.node(node).unwrap();
+        let out = Command::new("ip")
+            .args(["netns", "exec", &info.netns])
+            .arg(palisade_sandbox::workspace_bin("palisade-probe").unwrap())
+            .args(["connect", "--to", &format!("{xa}:80"), "--bytes", "100", "--timeout-ms", "5000"])
+            .output()
+            .expect("probe in the node's namespace");
+        let r: serde_json::Value = serde_json::from_slice(&out.stdout).expect("probe report");
+        assert_eq!(r["verified"] == true, want, "{node} ({}) -> xa:80: {r}", info.ip);
+        if !want {
+            assert_eq!(r["errno"], ECONNREFUSED, "refused at xa's socket lookup: {r}");
+        }
+        let exact = snapshot.authorize(info.ip.parse().unwrap(), None, xa.parse().unwrap(), 80).verdict;
+        assert_eq!(exact.action == Action::Allow, want, "exact {node} -> xa:80: {}", snapshot.describe_verdict(&exact));
+    }
 }
