@@ -187,6 +187,40 @@ fn with_the_control_plane_down_enforcement_continues_and_nodes_resync_when_it_re
     assert!(node_table(&cluster).values().all(|n| n["version"] == revision.as_str()), "{:?}", node_table(&cluster));
 }
 
+#[test]
+fn after_a_root_rotation_nodes_follow_a_control_plane_whose_certificate_has_the_new_root() {
+    let mut cluster = mesh(2, 1, "");
+    let _s = serve(&cluster, "p2-1", 9090);
+    let dst = format!("{}:9090", cluster.pod("p2-1").unwrap().ip);
+    let palisade = palisade_sandbox::workspace_bin("palisade").unwrap();
+    let ca = |step: &str| {
+        let ca_dir = cluster.info.state_dir.join("ca");
+        let out = std::process::Command::new(&palisade).args(["ca", "--dir", ca_dir.to_str().unwrap(), step]).output();
+        let out = out.unwrap();
+        assert!(out.status.success(), "palisade ca {step}: {}", text(&out));
+    };
+    let roots = |node: &str| {
+        let dump: Value = serde_json::from_str(&cluster.admin_get(node, "/config_dump").unwrap()).unwrap();
+        dump["trust_bundle_roots"].as_u64().unwrap_or(0)
+    };
+    ca("rotate");
+    wait_until("both nodes trust two roots", || roots("node-1") == 2 && roots("node-2") == 2);
+    ca("activate");
+    // Started now, the control plane presents a certificate of the new root, which the nodes'
+    // bundle.pem (written before the rotation) does not hold: they trust it through the
+    // bundle their certificate manager keeps current.
+    cluster.restart_control_plane().unwrap();
+    wait_until("both nodes reconnected", || {
+        let nodes = node_table(&cluster);
+        nodes.len() == 2 && nodes.values().all(|n| n["connected"] == true)
+    });
+    let out = apply(&cluster, &write(&cluster, "deny.yaml", &deny_to("no-9090", "p2-1", 9090)));
+    assert!(out.status.success(), "{}", text(&out));
+    let revision = revision_of(&out);
+    assert!(node_table(&cluster).values().all(|n| n["version"] == revision.as_str()), "{:?}", node_table(&cluster));
+    assert_eq!(connect(&cluster, "p1-1", &dst, 10)["errno"], EPERM);
+}
+
 /// Polls `cond` every 50 ms for up to 30 s.
 fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);

@@ -54,21 +54,23 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     // Set once a successor took over: from then on its state files are the successor's.
     let handed_over_flag = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let last_rejected = policy.last_rejected();
-    // Files, polled; or the control plane's stream (which owns the source from here on).
+    let mesh = match config.ca_addr {
+        Some(addr) => Some(mesh(&config, addr).context("identity set-up")?),
+        None => None,
+    };
+    // Files, polled; or the control plane's stream (which owns the source from here on); its
+    // trust bundle follows the CA's (root rotations).
     let (files, control_plane) = if config.control_plane.is_empty() {
         let stats = policy.reload().await.context("initial policy")?;
         tracing::info!(stats = ?stats, "policy in force");
         (Some(policy), None)
     } else {
-        let task = crate::config_client::start(&config, policy, handed_over_flag.clone()).await;
+        let bundle = mesh.as_ref().map(|m| m.secrets.watch_bundle());
+        let task = crate::config_client::start(&config, policy, handed_over_flag.clone(), bundle).await;
         (None, Some(task.context("control plane")?))
     };
 
     let hub = Arc::new(FlowHub::new(config.node.clone(), metrics.clone(), snapshot.clone(), generations));
-    let mesh = match config.ca_addr {
-        Some(addr) => Some(mesh(&config, addr).context("identity set-up")?),
-        None => None,
-    };
     let ctx = Arc::new(ProxyCtx {
         hub: hub.clone(),
         metrics: metrics.clone(),

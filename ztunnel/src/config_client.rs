@@ -18,7 +18,7 @@ use palisade_api::v1::{ErrorDetail, SnapshotRequest};
 use palisade_mesh::identity::SpiffeId;
 use palisade_mesh::tls::{Credential, CredentialSlot, TrustBundle, client_config, no_sni};
 use serde::{Deserialize, Serialize};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 
 use crate::policy_source::PolicySource;
 
@@ -47,7 +47,10 @@ pub struct Saved {
 pub struct ConfigClient {
     addrs: Vec<SocketAddr>,
     node: String,
-    tls: Arc<tokio_rustls::rustls::ClientConfig>,
+    credential: Arc<CredentialSlot>,
+    /// The trust bundle, kept current by the certificate manager when there is one.
+    bundle: watch::Receiver<TrustBundle>,
+    server: SpiffeId,
     state_dir: PathBuf,
     /// What is in force (empty version: nothing from the control plane yet).
     current: Saved,
@@ -77,9 +80,19 @@ impl ConfigClient {
             palisade_mesh::ca_api::CONTROL_PLANE_NAMESPACE,
             palisade_api::SERVER_SERVICE_ACCOUNT,
         );
-        let tls = client_config(Some(CredentialSlot::new(credential)), &bundle, Some(server), &[b"h2"])
-            .map_err(|e| bad(e.to_string()))?;
-        Ok(ConfigClient { addrs, node, tls, state_dir, current: Saved::default(), handed_over: Arc::default() })
+        // Checked now, so a bad bundle fails start-up rather than every connection.
+        client_config(None, &bundle, Some(server.clone()), &[b"h2"]).map_err(|e| bad(e.to_string()))?;
+        let (_, bundle) = watch::channel(bundle);
+        Ok(ConfigClient {
+            addrs,
+            node,
+            credential: CredentialSlot::new(credential),
+            bundle,
+            server,
+            state_dir,
+            current: Saved::default(),
+            handed_over: Arc::default(),
+        })
     }
 
     fn saved_file(&self) -> PathBuf {
@@ -155,7 +168,10 @@ impl ConfigClient {
         backoff: &mut Duration,
     ) -> Result<(), ClientError> {
         let failed = |message: String| ClientError::Stream { addr, message };
-        let tls = tokio_rustls::TlsConnector::from(self.tls.clone());
+        let bundle = self.bundle.borrow().clone();
+        let config = client_config(Some(self.credential.clone()), &bundle, Some(self.server.clone()), &[b"h2"])
+            .map_err(|e| failed(e.to_string()))?;
+        let tls = tokio_rustls::TlsConnector::from(config);
         let connector = tower::service_fn(move |_: tonic::transport::Uri| {
             let tls = tls.clone();
             async move {
@@ -238,6 +254,7 @@ pub async fn start(
     config: &crate::config::Config,
     mut policy: PolicySource,
     handed_over: Arc<AtomicBool>,
+    bundle: Option<watch::Receiver<TrustBundle>>,
 ) -> anyhow::Result<tokio::task::JoinHandle<()>> {
     let mut client = ConfigClient::new(
         config.control_plane.clone(),
@@ -247,6 +264,9 @@ pub async fn start(
         config.state_dir.clone(),
     )?;
     client.handed_over = handed_over;
+    if let Some(bundle) = bundle {
+        client.bundle = bundle;
+    }
     client.remove_stale_inputs();
     let from_disk = match client.start_from_disk(&mut policy).await {
         Ok(done) => done,

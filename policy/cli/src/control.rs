@@ -153,7 +153,7 @@ pub fn run(command: ControlCommand) -> anyhow::Result<()> {
                     let dir = Path::new(&store);
                     Arc::new(palisade_server::store::dir::DirStore::open(dir, Duration::from_millis(poll_ms))?)
                 };
-                let config = palisade_server::ServeConfig { listen, admin_socket };
+                let config = palisade_server::ServeConfig { listen, admin_socket, ca_dir };
                 palisade_server::serve(config, store, ca).await?;
                 Ok(())
             })

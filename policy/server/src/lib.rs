@@ -39,6 +39,8 @@ pub struct ServeConfig {
     pub listen: SocketAddr,
     /// The admin socket the CLI uses.
     pub admin_socket: PathBuf,
+    /// The CA directory, re-read for renewals and root rotations.
+    pub ca_dir: PathBuf,
 }
 
 /// Serves until the process ends (or a listener fails).
@@ -49,7 +51,7 @@ pub async fn serve(
 ) -> Result<(), ServeError> {
     let control = Control::new(store);
     tokio::spawn(control.clone().follow_store());
-    let (credential, bundle) = tls::serving_credential(ca)?;
+    let tls = tls::serving(ca, config.ca_dir.clone())?;
     let listener = tokio::net::TcpListener::bind(config.listen).await.map_err(|source| ServeError::Io {
         what: "bind",
         addr: config.listen.to_string(),
@@ -57,7 +59,7 @@ pub async fn serve(
     })?;
     let admin = admin::bind(&config.admin_socket)?;
     tokio::spawn(admin::serve(admin, control.clone()));
-    let incoming = tls::incoming(listener, credential, &bundle)?;
+    let incoming = tls::incoming(listener, tls);
     tracing::info!(listen = %config.listen, admin = %config.admin_socket.display(), store = %control.store.describe(),
         "control plane serving");
     let service = palisade_api::v1::snapshot_discovery_server::SnapshotDiscoveryServer::new(push::Push { control })

@@ -3,10 +3,12 @@
 //! node name travels with each gRPC request ([`NodeName`]). The server presents
 //! `spiffe://<td>/ns/palisade-system/sa/palisade-server`, issued from the CA directory.
 use std::io;
+use std::path::PathBuf;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::RwLock;
 use std::task::{Context, Poll};
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use palisade_ca::authority::CertificateAuthority;
 use palisade_mesh::accept::{Acceptor, HandshakeLimit};
@@ -16,6 +18,7 @@ use palisade_mesh::tls::{Clients, Credential, CredentialSlot, TrustBundle, serve
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
+use tokio_rustls::TlsAcceptor;
 use tokio_rustls::server::TlsStream;
 
 use crate::ServeError;
@@ -27,6 +30,8 @@ pub fn server_identity(trust_domain: &str) -> SpiffeId {
 
 /// Lifetime of the serving certificate; renewed at half of it.
 const SERVING_TTL: Duration = Duration::from_secs(24 * 3600);
+/// How often the CA directory is re-read (rotations, renewals).
+const REFRESH_EVERY: Duration = Duration::from_secs(10);
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Connections in their TLS handshake at once (overall, per source address).
 const MAX_HANDSHAKES: (usize, usize) = (256, 16);
@@ -66,22 +71,80 @@ impl AsyncWrite for NodeConn {
     }
 }
 
-/// Issues the serving credential from the CA directory and renews it at half its lifetime.
-pub fn serving_credential(ca: CertificateAuthority) -> Result<(Arc<CredentialSlot>, TrustBundle), ServeError> {
+/// The server's TLS, kept current: the CA directory is re-read every [`REFRESH_EVERY`]; the
+/// serving certificate is renewed at half its lifetime and whenever the trust bundle changes
+/// (so after `palisade ca activate` it chains to the new root), and node credentials of a new
+/// root are accepted as soon as the bundle lists it.
+pub struct ServingTls {
+    acceptor: RwLock<TlsAcceptor>,
+    trust_domain: String,
+}
+
+impl ServingTls {
+    fn acceptor(&self) -> TlsAcceptor {
+        self.acceptor.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+}
+
+fn acceptor_for(
+    credential: Arc<CredentialSlot>,
+    bundle_pem: &str,
+    trust_domain: &str,
+) -> Result<TlsAcceptor, ServeError> {
+    let tls = |e: String| ServeError::Tls(e);
+    let bundle = TrustBundle::from_pem(bundle_pem, trust_domain).map_err(|e| tls(e.to_string()))?;
+    let config = server_config_for(credential, &bundle, Clients::Nodes, &[b"h2"]).map_err(|e| tls(e.to_string()))?;
+    Ok(TlsAcceptor::from(config))
+}
+
+/// Issues the serving credential from `ca` (opened from `ca_dir`) and keeps it and the trust
+/// bundle current.
+pub fn serving(ca: CertificateAuthority, ca_dir: PathBuf) -> Result<Arc<ServingTls>, ServeError> {
     let trust_domain = ca.trust_domain().to_string();
-    let bundle = TrustBundle::from_pem(&ca.bundle_pem(), &trust_domain).map_err(|e| ServeError::Tls(e.to_string()))?;
     let slot = CredentialSlot::new(issue(&ca, &trust_domain)?);
-    let renew = slot.clone();
+    let mut bundle_pem = ca.bundle_pem();
+    let acceptor = RwLock::new(acceptor_for(slot.clone(), &bundle_pem, &trust_domain)?);
+    let tls = Arc::new(ServingTls { acceptor, trust_domain: trust_domain.clone() });
+    let weak = Arc::downgrade(&tls);
     tokio::spawn(async move {
+        let mut issued = Instant::now();
         loop {
-            tokio::time::sleep(SERVING_TTL / 2).await;
-            match issue(&ca, &trust_domain) {
-                Ok(c) => renew.set(c),
-                Err(e) => tracing::error!(error = %e, "serving certificate not renewed; the current one stays"),
+            tokio::time::sleep(REFRESH_EVERY).await;
+            let Some(tls) = weak.upgrade() else { return };
+            let (dir, td) = (ca_dir.clone(), trust_domain.clone());
+            let opened = tokio::task::spawn_blocking(move || CertificateAuthority::open(&dir, &td)).await;
+            let ca = match opened {
+                Ok(Ok(ca)) => ca,
+                Ok(Err(e)) => {
+                    tracing::error!(error = %e, "CA directory unreadable; the serving certificate and bundle stay");
+                    continue;
+                }
+                Err(_) => continue,
+            };
+            let pem = ca.bundle_pem();
+            let rotated = pem != bundle_pem;
+            if rotated || issued.elapsed() >= SERVING_TTL / 2 {
+                match issue(&ca, &trust_domain) {
+                    Ok(c) => {
+                        slot.set(c);
+                        issued = Instant::now();
+                    }
+                    Err(e) => tracing::error!(error = %e, "serving certificate not renewed; the current one stays"),
+                }
+            }
+            if rotated {
+                match acceptor_for(slot.clone(), &pem, &trust_domain) {
+                    Ok(a) => {
+                        *tls.acceptor.write().unwrap_or_else(|p| p.into_inner()) = a;
+                        bundle_pem = pem;
+                        tracing::info!("trust bundle changed: node credentials of every listed root accepted");
+                    }
+                    Err(e) => tracing::error!(error = %e, "new trust bundle unusable; keeping the last"),
+                }
             }
         }
     });
-    Ok((slot, bundle))
+    Ok(tls)
 }
 
 fn issue(ca: &CertificateAuthority, trust_domain: &str) -> Result<Credential, ServeError> {
@@ -96,15 +159,8 @@ fn issue(ca: &CertificateAuthority, trust_domain: &str) -> Result<Credential, Se
 
 /// Accepts TCP connections and completes their handshakes off the accept loop; yields the
 /// connections of proven nodes.
-pub fn incoming(
-    listener: TcpListener,
-    credential: Arc<CredentialSlot>,
-    bundle: &TrustBundle,
-) -> Result<mpsc::Receiver<Result<NodeConn, io::Error>>, ServeError> {
-    let config =
-        server_config_for(credential, bundle, Clients::Nodes, &[b"h2"]).map_err(|e| ServeError::Tls(e.to_string()))?;
-    let acceptor = tokio_rustls::TlsAcceptor::from(config);
-    let trust_domain = bundle.trust_domain.clone();
+pub fn incoming(listener: TcpListener, tls: Arc<ServingTls>) -> mpsc::Receiver<Result<NodeConn, io::Error>> {
+    let trust_domain = tls.trust_domain.clone();
     let (tx, rx) = mpsc::channel(16);
     let limit = HandshakeLimit::new(MAX_HANDSHAKES.0, MAX_HANDSHAKES.1);
     tokio::spawn(async move {
@@ -112,7 +168,7 @@ pub fn incoming(
         loop {
             let (tcp, peer) = accept.accept().await;
             let Ok(permit) = limit.try_admit(peer.ip()) else { continue };
-            let (acceptor, tx, trust_domain) = (acceptor.clone(), tx.clone(), trust_domain.clone());
+            let (acceptor, tx, trust_domain) = (tls.acceptor(), tx.clone(), trust_domain.clone());
             tokio::spawn(async move {
                 let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
                     Ok(Ok(tls)) => tls,
@@ -133,5 +189,5 @@ pub fn incoming(
             });
         }
     });
-    Ok(rx)
+    rx
 }
