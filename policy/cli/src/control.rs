@@ -195,9 +195,9 @@ pub fn run(command: ControlCommand) -> anyhow::Result<()> {
             match output {
                 Output::Json => println!("{}", serde_json::to_string_pretty(&r.resources)?),
                 Output::Yaml => {
+                    // One document per resource, as `apply -f` reads them back.
                     for resource in &r.resources {
-                        // JSON is YAML; one document per resource, block style via the model's serializer.
-                        println!("---\n{}", serde_json::to_string_pretty(resource)?);
+                        print!("---\n{}", serde_yaml::to_string(resource)?);
                     }
                 }
             }
