@@ -33,13 +33,30 @@ pub fn run() -> Result<()> {
         vec![PodTemplate::new("frontend", "shop", "frontend"), PodTemplate::new("scanner", "tools", "scanner")],
         vec![PodTemplate::new("backend", "shop", "backend"), PodTemplate::new("db", "shop", "db")],
     ];
-    spec.policy = POLICY.into();
     spec.ztunnel = Some(palisade_sandbox::workspace_bin("ztunnel")?);
     spec.palisade = Some(palisade_sandbox::workspace_bin("palisade")?);
     println!("== Bringing up the sandbox (2 nodes, a CA, ztunnel on each, every pod enrolled with its certificate)");
     let cluster = Cluster::up(spec)?;
     crate::sandbox::print_summary(&cluster);
-    println!("\n== Policy in force\n{POLICY}");
+    // The policy goes through the control plane, as an operator would apply it: the CLI finds
+    // the demo's `palisade serve` through its context file.
+    let context = cluster.info.state_dir.join("palisade-context");
+    cluster.write_cli_context(&context)?;
+    let policy_file = cluster.info.state_dir.join("shop-policy.yaml");
+    std::fs::write(&policy_file, POLICY)?;
+    let palisade = |args: &[&str]| -> Result<String> {
+        let out = std::process::Command::new(palisade_sandbox::workspace_bin("palisade")?)
+            .args(args)
+            .env("PALISADE_CONFIG", &context)
+            .output()?;
+        let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        ensure!(out.status.success(), "palisade {}: {text}", args.join(" "));
+        Ok(text)
+    };
+    println!("\n== palisade apply -f {}\n{POLICY}", policy_file.display());
+    print!("{}", palisade(&["apply", "-f", policy_file.to_str().context("path")?])?);
+    println!("\n== palisade get nodes (the version each node ACKed once its kernel maps switched)");
+    print!("{}", palisade(&["get", "nodes"])?);
 
     let probe = palisade_sandbox::workspace_bin("palisade-probe")?;
     let mut server =
