@@ -267,3 +267,42 @@ fn network_policy_truth_table_on_real_connections() {
         assert_eq!(exact.action == Action::Allow, want, "exact {node} -> xa:80: {}", snapshot.describe_verdict(&exact));
     }
 }
+
+/// Egress the kernel's cells can only approximate (a port range longer than the cells spell
+/// out) to a destination outside the mesh, where no destination ztunnel re-checks: the
+/// outbound proxy's exact evaluation refuses what the policy does not allow.
+#[test]
+fn egress_beyond_what_the_kernel_can_express_is_refused_by_the_proxy() {
+    let policy = "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: egress-range, namespace: default}\n\
+                  spec:\n  podSelector: {matchLabels: {app: p1-1}}\n  policyTypes: [Egress]\n  egress:\n\
+                  \x20 - to: [{ipBlock: {cidr: 172.18.0.0/24}}]\n    ports: [{protocol: TCP, port: 1000, endPort: 2000}]\n";
+    let cluster = mesh(1, 1, policy);
+    let node = cluster.node("node-1").unwrap();
+    // Two servers outside the mesh, on the node's own address: inside the range and beyond it.
+    let listeners: Vec<std::net::TcpListener> = [1500u16, 3000]
+        .iter()
+        .map(|port| {
+            let addr = format!("{}:{port}", node.ip);
+            palisade_sandbox::sys::in_netns(&node.netns, move || std::net::TcpListener::bind(addr).unwrap()).unwrap()
+        })
+        .collect();
+    for l in &listeners {
+        let l = l.try_clone().unwrap();
+        std::thread::spawn(move || {
+            for mut s in l.incoming().flatten() {
+                std::thread::spawn(move || {
+                    let mut r = s.try_clone().unwrap();
+                    let _ = std::io::copy(&mut r, &mut s);
+                });
+            }
+        });
+    }
+    let inside = connect(&cluster, "p1-1", &format!("{}:1500", node.ip), 100);
+    assert_eq!(inside["verified"], true, "{inside}");
+    let beyond = connect(&cluster, "p1-1", &format!("{}:3000", node.ip), 100);
+    assert_eq!(beyond["ok"], false, "egress beyond the allowed range went through: {beyond}");
+    let ev = wait_flow(&cluster, "node-1", |f| {
+        f["observer"] == "proxy" && f["verdict"] == "deny" && f["dst"] == format!("{}:3000", node.ip)
+    });
+    assert!(ev["policy"].as_str().is_some_and(|p| p.contains("egress")), "{ev}");
+}

@@ -20,6 +20,11 @@ use crate::metrics::{Direction, Metrics};
 /// about 0.5 KiB of strings and addresses: 1,024 of them bound what an idle ztunnel keeps
 /// after a load to about 0.5 MiB (4,096 kept about 2 MiB).
 const HISTORY: usize = 1024;
+/// What naming a rule needs of a verdict (the names do not depend on the action).
+fn verdict_of(src_identity: u32, dst_identity: u32, rule: u32) -> palisade_model::Verdict {
+    palisade_model::Verdict { action: palisade_model::Action::Allow, rule, src_identity, dst_identity }
+}
+
 /// Policy generations kept to name kernel events with the snapshot that decided them. A
 /// generation lives at least one poll interval (200 ms by default) and ztunnel reads the ring
 /// within milliseconds, so 16 generations leave a wide margin.
@@ -188,7 +193,11 @@ impl FlowHub {
     /// Names identities and the deciding rule with the snapshot in force.
     pub fn describe(&self, src_identity: u32, dst_identity: u32, rule: u32) -> (String, String, String) {
         let s = self.snapshot.borrow();
-        (s.identity_name(src_identity), s.identity_name(dst_identity), s.describe_rule(rule, dst_identity))
+        (
+            s.identity_name(src_identity),
+            s.identity_name(dst_identity),
+            s.describe_verdict(&verdict_of(src_identity, dst_identity, rule)),
+        )
     }
 
     /// Names a kernel verdict with the snapshot of the generation that took it; when that
@@ -199,7 +208,7 @@ impl FlowHub {
             None => (self.snapshot.borrow().clone(), Some(self.metrics.policy_generation.load(Ordering::Relaxed))),
         };
         let (src, dst) = (s.identity_name(raw.src_identity), s.identity_name(raw.dst_identity));
-        let mut rule = s.describe_rule(raw.rule, raw.dst_identity);
+        let mut rule = s.describe_verdict(&verdict_of(raw.src_identity, raw.dst_identity, raw.rule));
         if let Some(current) = fallback {
             tracing::debug!(generation = raw.generation, "kernel event of a generation no longer known");
             rule.push_str(&format!(

@@ -1,14 +1,18 @@
 //! Outbound: connections of a pod's applications, redirected by `connect4`/`connect6` to
 //! 127.0.0.1:15001 (or [::1]:15001) inside the pod. The original destination comes from the
 //! `ORIG_DST` map, keyed by the pod's netns cookie and the client's port.
+use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Instant;
 
 use palisade_mesh::accept::Acceptor;
-use tokio::net::TcpListener;
+use palisade_model::Action;
+use tokio::net::{TcpListener, TcpStream};
 
 use super::hbone::{self, workload_identity};
-use super::{Decided, PodNet, ProxyCtx, carry, socket_reset};
+use super::{Decided, Finished, PodNet, ProxyCtx, carry, record, socket_reset};
 use crate::datapath::orig_dst_addr;
+use crate::flows::{Transport, Verdict};
 use crate::limits;
 use crate::metrics::Direction;
 
@@ -43,8 +47,47 @@ pub async fn serve(listener: TcpListener, pod: Arc<PodNet>, ctx: Arc<ProxyCtx>) 
             };
             match tunnel_to {
                 Some(dst_id) => hbone::outbound(&ctx, &pod, client, peer.port(), dst, dst_id, decided).await,
-                None => carry(&ctx, &pod, Direction::Outbound, client, peer, dst, decided, None).await,
+                None => {
+                    if egress_allowed(&ctx, &pod, &client, dst) {
+                        carry(&ctx, &pod, Direction::Outbound, client, peer, dst, decided, None).await
+                    }
+                }
             }
         });
     }
+}
+
+/// The exact egress evaluation for a destination outside the mesh. The kernel's cells may
+/// allow more than a policy does (a peer that covers only some of an identity's addresses, long
+/// port ranges, named ports that differ between workloads); a mesh destination re-checks at
+/// its own ztunnel, but nothing else would here. Refused: reset, with a deny event.
+fn egress_allowed(ctx: &ProxyCtx, pod: &PodNet, client: &TcpStream, dst: SocketAddr) -> bool {
+    let snapshot = ctx.snapshot.borrow().clone();
+    let proven = pod.identity.as_ref().map(|(id, _)| (id.namespace.as_str(), id.service_account.as_str()));
+    let d = snapshot.authorize(pod.ip, proven, dst.ip(), dst.port());
+    if d.verdict.action == Action::Allow {
+        return true;
+    }
+    let _ = socket_reset(client);
+    ctx.metrics.verdict(Direction::Outbound, true);
+    record(
+        ctx,
+        Finished {
+            direction: Direction::Outbound,
+            verdict: Verdict::Deny,
+            src: SocketAddr::new(pod.ip, 0),
+            dst,
+            src_identity: snapshot.identity_name(d.verdict.src_identity),
+            dst_identity: snapshot.identity_name(d.verdict.dst_identity),
+            policy: snapshot.describe_verdict(&d.verdict),
+            transport: Transport::Tcp,
+            peer: None,
+            sent: 0,
+            received: 0,
+            started: Instant::now(),
+            error: None,
+            audit: None,
+        },
+    );
+    false
 }
