@@ -21,7 +21,7 @@ use palisade_ebpf_common::{
     DIRECTION_EGRESS, DIRECTION_INGRESS, IDENTITY_ANY, IDENTITY_WORLD, PORT_ANY, RULE_DEFAULT_ALLOW, RULE_DEFAULT_DENY,
     RULE_EGRESS_DEFAULT_DENY, RULE_NOT_AT_SOURCE, RULE_PLAINTEXT_FROM_MESH, RULE_UNKNOWN_ADDRESS,
 };
-use serde::Serialize;
+use serde::{Deserialize, Serialize, Serializer};
 
 use crate::cidr::Cidr;
 use crate::matching::{Match, PolicyRule, SourceFacts, rule_peers_match, rule_port_matches};
@@ -29,8 +29,10 @@ use crate::resource::{Action, ContainerPort, Mode, Protocol, Selector};
 
 mod build;
 mod cells;
+mod identities;
 
-pub use build::{compile, compile_for};
+pub use build::{compile, compile_for, compile_with, identity_labels_of};
+pub use identities::{Identities, IdentitiesError, NumberedIdentity};
 
 /// Which end of a connection a rule belongs to.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
@@ -58,7 +60,7 @@ pub const FIRST_CIDR_IDENTITY: u32 = 1 << 24;
 pub const DEFAULT_TRUST_DOMAIN: &str = "cluster.local";
 
 /// The identity-defining attributes of a workload.
-#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub struct IdentityLabels {
     pub namespace: String,
     pub service_account: String,
@@ -149,7 +151,10 @@ pub struct Cell {
 #[derive(Clone, Debug, Serialize)]
 pub struct Snapshot {
     pub trust_domain: String,
-    pub identities: Vec<Identity>,
+    /// By number. Numbers are not positions: with a pre-assigned map ([`compile_with`])
+    /// they have gaps. Serialised as a list, in number order.
+    #[serde(serialize_with = "identities_in_order")]
+    pub identities: BTreeMap<u32, Identity>,
     pub cidrs: Vec<CidrIdentity>,
     pub workloads: Vec<WorkloadEntry>,
     pub rules: Vec<RuleRef>,
@@ -171,7 +176,7 @@ impl Default for Snapshot {
     fn default() -> Self {
         Snapshot {
             trust_domain: DEFAULT_TRUST_DOMAIN.into(),
-            identities: vec![],
+            identities: BTreeMap::new(),
             cidrs: vec![],
             workloads: vec![],
             rules: vec![],
@@ -224,8 +229,7 @@ impl Snapshot {
     }
 
     pub fn identity(&self, id: u32) -> Option<&Identity> {
-        let i = id.checked_sub(FIRST_WORKLOAD_IDENTITY)? as usize;
-        self.identities.get(i)
+        self.identities.get(&id)
     }
 
     /// The kernel's algorithm (`decide` in `ebpf/programs`): in each direction, deny beats
@@ -478,6 +482,10 @@ impl Snapshot {
     }
 }
 
+fn identities_in_order<S: Serializer>(ids: &BTreeMap<u32, Identity>, s: S) -> Result<S::Ok, S::Error> {
+    s.collect_seq(ids.values())
+}
+
 /// A connection needs both ends' consent: the source's egress and the destination's ingress.
 /// The verdict names the egress rule when egress denies, or when it is the only rule that
 /// allowed (no ingress rule decided); otherwise the ingress one.
@@ -508,5 +516,7 @@ pub fn canonical(addr: IpAddr) -> IpAddr {
 
 #[cfg(test)]
 mod direction_tests;
+#[cfg(test)]
+mod identity_tests;
 #[cfg(test)]
 mod tests;

@@ -30,8 +30,17 @@ pub fn load_snapshot(paths: &[PathBuf]) -> Result<Snapshot, ConfigError> {
 
 /// As [`load_snapshot`], for a mesh whose trust domain is not the default.
 pub fn load_snapshot_for(paths: &[PathBuf], trust_domain: &str) -> Result<Snapshot, ConfigError> {
+    load_snapshot_with(paths, trust_domain, &compile::Identities::default())
+}
+
+/// As [`load_snapshot_for`], with identity numbers assigned by the control plane.
+pub fn load_snapshot_with(
+    paths: &[PathBuf],
+    trust_domain: &str,
+    identities: &compile::Identities,
+) -> Result<Snapshot, ConfigError> {
     // Every problem of every file, each at its field's line (not only the first one).
     let batch = load::load_batch(paths)?;
     validate::validate_batch(&batch)?;
-    Ok(compile::compile_for(&batch.resources, trust_domain))
+    Ok(compile::compile_with(&batch.resources, trust_domain, identities))
 }

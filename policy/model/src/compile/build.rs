@@ -4,8 +4,8 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use super::cells::compile_cells;
 use super::{
-    CidrIdentity, DEFAULT_TRUST_DOMAIN, Direction, FIRST_CIDR_IDENTITY, FIRST_WORKLOAD_IDENTITY, Identity,
-    IdentityLabels, PolicyEntry, RuleRef, Snapshot, WorkloadEntry, canonical,
+    CidrIdentity, DEFAULT_TRUST_DOMAIN, Direction, FIRST_CIDR_IDENTITY, Identities, Identity, IdentityLabels,
+    PolicyEntry, RuleRef, Snapshot, WorkloadEntry, canonical,
 };
 use crate::k8s;
 use crate::load::Located;
@@ -15,6 +15,12 @@ use crate::resource::{Action, Mode, Peer, Resource, Selector};
 /// Compiles resources that [`crate::validate::validate`] accepted.
 pub fn compile(resources: &[Located]) -> Snapshot {
     compile_for(resources, DEFAULT_TRUST_DOMAIN)
+}
+
+/// As [`compile`], in `trust_domain`, numbering identities from `FIRST_WORKLOAD_IDENTITY`
+/// up in sorted order (no pre-assigned numbers).
+pub fn compile_for(resources: &[Located], trust_domain: &str) -> Snapshot {
+    compile_with(resources, trust_domain, &Identities::default())
 }
 
 /// A policy of one direction before it is numbered.
@@ -116,6 +122,12 @@ fn drafts(resources: &[Located]) -> Vec<Draft> {
     out
 }
 
+/// Every distinct identity of the workloads among `resources`, sorted: what the control
+/// plane numbers in its store before it pushes ([`compile_with`] takes the numbers).
+pub fn identity_labels_of(resources: &[Located]) -> BTreeSet<IdentityLabels> {
+    resources.iter().filter_map(|r| identity_labels(&r.resource)).collect()
+}
+
 fn identity_labels(r: &Resource) -> Option<IdentityLabels> {
     match r {
         Resource::Workload { metadata, spec, .. } => Some(IdentityLabels {
@@ -127,10 +139,12 @@ fn identity_labels(r: &Resource) -> Option<IdentityLabels> {
     }
 }
 
-pub fn compile_for(resources: &[Located], trust_domain: &str) -> Snapshot {
+/// Compiles with the numbers of `numbered` (see [`Identities`]); identities it does not number
+/// get numbers above its largest.
+pub fn compile_with(resources: &[Located], trust_domain: &str, numbered: &Identities) -> Snapshot {
     let mut namespace_defaults = HashMap::new();
     let mut namespace_labels: BTreeMap<String, BTreeMap<String, String>> = BTreeMap::new();
-    let labels_set: BTreeSet<IdentityLabels> = resources.iter().filter_map(|r| identity_labels(&r.resource)).collect();
+    let labels_set = identity_labels_of(resources);
     for l in &labels_set {
         namespace_labels.entry(l.namespace.clone()).or_default();
     }
@@ -150,20 +164,22 @@ pub fn compile_for(resources: &[Located], trust_domain: &str) -> Snapshot {
         .flat_map(|p| p.ip_blocks.iter().chain(&p.not_ip_blocks).copied())
         .collect();
 
-    let mut id_by_labels = HashMap::new();
-    for (i, labels) in labels_set.into_iter().enumerate() {
-        let id = FIRST_WORKLOAD_IDENTITY + i as u32;
+    let id_by_labels = numbered.number(&labels_set);
+    for (labels, &id) in &id_by_labels {
+        let labels = labels.clone();
         let ns_default = namespace_defaults.get(&labels.namespace).copied().unwrap_or_default();
-        id_by_labels.insert(labels.clone(), id);
-        snapshot.identities.push(Identity {
+        snapshot.identities.insert(
             id,
-            default_deny: ns_default == Action::Deny,
-            default_reason: format!("namespace {} default {:?}", labels.namespace, ns_default),
-            egress_default_deny: false,
-            egress_default_reason: String::new(),
-            labels,
-            addresses: vec![],
-        });
+            Identity {
+                id,
+                default_deny: ns_default == Action::Deny,
+                default_reason: format!("namespace {} default {:?}", labels.namespace, ns_default),
+                egress_default_deny: false,
+                egress_default_reason: String::new(),
+                labels,
+                addresses: vec![],
+            },
+        );
     }
     snapshot.cidrs = blocks
         .into_iter()
@@ -179,7 +195,9 @@ pub fn compile_for(resources: &[Located], trust_domain: &str) -> Snapshot {
         for a in &spec.addresses {
             snapshot.addresses.insert(canonical(*a), id);
             snapshot.workload_at.insert(canonical(*a), snapshot.workloads.len());
-            snapshot.identities[(id - FIRST_WORKLOAD_IDENTITY) as usize].addresses.push(canonical(*a));
+            if let Some(ident) = snapshot.identities.get_mut(&id) {
+                ident.addresses.push(canonical(*a));
+            }
         }
         snapshot.workloads.push(WorkloadEntry {
             name: metadata.name.clone(),

@@ -7,7 +7,7 @@ use std::net::IpAddr;
 
 use palisade_ebpf_common::{IDENTITY_ANY, IDENTITY_WORLD, PORT_ANY};
 
-use super::{Cell, CellKey, Direction, FIRST_WORKLOAD_IDENTITY, IdentityLabels, Snapshot};
+use super::{Cell, CellKey, Direction, IdentityLabels, Snapshot};
 use crate::cidr::Cidr;
 use crate::matching::{Match, PolicyRule, PortMatch, SourceFacts, rule_peers_match};
 use crate::resource::{Action, Mode, Protocol};
@@ -123,7 +123,7 @@ fn ports_for(rule: &PolicyRule, dst: u32, named: &NamedPorts, approximate: &mut 
 pub(super) fn compile_cells(snapshot: &mut Snapshot) {
     let mut candidates: Vec<Candidate> = snapshot
         .identities
-        .iter()
+        .values()
         .map(|i| Candidate {
             id: i.id,
             labels: Some(&i.labels),
@@ -256,7 +256,7 @@ pub(super) fn compile_cells(snapshot: &mut Snapshot) {
         }
     }
     for (direction, id, policy) in isolated {
-        let ident = &mut snapshot.identities[(id - FIRST_WORKLOAD_IDENTITY) as usize];
+        let Some(ident) = snapshot.identities.get_mut(&id) else { continue };
         match direction {
             Direction::Ingress if !ident.default_deny => {
                 ident.default_deny = true;
