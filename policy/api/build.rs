@@ -3,6 +3,7 @@
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!("cargo:rerun-if-changed=proto/palisade.proto");
     let fds = protox::compile(["proto/palisade.proto"], ["proto"])?;
-    tonic_prost_build::configure().compile_fds(fds)?;
+    // Ordered maps: the same labels give the same bytes (and the same digest) everywhere.
+    tonic_prost_build::configure().btree_map(".").compile_fds(fds)?;
     Ok(())
 }

@@ -17,6 +17,7 @@ use palisade_api::v1::snapshot_discovery_client::SnapshotDiscoveryClient;
 use palisade_api::v1::{ErrorDetail, SnapshotRequest};
 use palisade_mesh::identity::SpiffeId;
 use palisade_mesh::tls::{Credential, CredentialSlot, TrustBundle, client_config, no_sni};
+use palisade_model::compile::{Identities, IdentitiesError};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, watch};
 
@@ -42,6 +43,9 @@ pub struct Saved {
     pub version: String,
     pub digest: String,
     pub resources_yaml: String,
+    /// The control plane's identity numbers (absent in files saved before they were sent).
+    #[serde(default)]
+    pub identities: Identities,
 }
 
 pub struct ConfigClient {
@@ -137,7 +141,7 @@ impl ConfigClient {
     async fn put_in_force(&self, policy: &mut PolicySource, snapshot: &Saved) -> anyhow::Result<()> {
         // Through a file, so the loader, validation and errors are exactly those of file mode.
         write_atomic(&self.input_file(), snapshot.resources_yaml.as_bytes())?;
-        let stats = policy.put_in_force(vec![self.input_file()]).await?;
+        let stats = policy.put_in_force(vec![self.input_file()], snapshot.identities.clone()).await?;
         tracing::info!(version = %snapshot.version, generation = stats.generation, cells = stats.cells,
             compile_ms = stats.compile_ms, apply_ms = stats.elapsed_ms, "snapshot from the control plane in force");
         Ok(())
@@ -210,17 +214,20 @@ impl ConfigClient {
             let _ = first.send(());
         }
         while let Some(response) = responses.message().await.map_err(|e| failed(e.to_string()))? {
+            let identities = identities_from_wire(response.identities);
             let offered = Saved {
                 version: response.version_info.clone(),
                 digest: response.content_digest.clone(),
                 resources_yaml: response.resources_yaml,
+                identities: identities.clone().unwrap_or_default(),
             };
             let mut answer =
                 SnapshotRequest { node: self.node.clone(), response_nonce: response.nonce, ..Default::default() };
-            // The same content under a new version (a restarted server): nothing to rewrite.
-            let result = match offered.digest == self.current.digest && !offered.digest.is_empty() {
-                true => Ok(()),
-                false => self.put_in_force(policy, &offered).await,
+            let result = match identities {
+                Err(e) => Err(anyhow::anyhow!("identity numbers: {e}")),
+                // The same content under a new version (a restarted server): nothing to rewrite.
+                Ok(_) if offered.digest == self.current.digest && !offered.digest.is_empty() => Ok(()),
+                Ok(_) => self.put_in_force(policy, &offered).await,
             };
             match result {
                 Ok(()) if self.handed_over.load(Ordering::Relaxed) => self.current = offered,
@@ -286,6 +293,19 @@ pub async fn start(
 
 /// Between half and all of `d`, so that nodes that lost the control plane together do not
 /// come back together.
+/// The wire's numbers, checked (each number given once, in the workload range): a bad table
+/// is NACKed rather than compiled.
+fn identities_from_wire(wire: Vec<palisade_api::v1::NumberedIdentity>) -> Result<Identities, IdentitiesError> {
+    Identities::new(wire.into_iter().map(|w| {
+        let labels = palisade_model::compile::IdentityLabels {
+            namespace: w.namespace,
+            service_account: w.service_account,
+            labels: w.labels,
+        };
+        (labels, w.id)
+    }))
+}
+
 fn jitter(d: Duration) -> Duration {
     let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |t| t.subsec_nanos());
     d / 2 + d.mul_f64(f64::from(nanos % 1000) / 2000.0)

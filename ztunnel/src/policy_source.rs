@@ -14,6 +14,7 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use palisade_model::Snapshot;
+use palisade_model::compile::Identities;
 use palisade_model::load::{ChangeDetector, LoadError};
 use tokio::sync::watch;
 
@@ -128,18 +129,19 @@ impl PolicySource {
             }
             Polled::Changed => {}
         }
-        self.put_in_force(self.paths.clone()).await.map(Some)
+        // File mode: no store numbers identities; the compiler numbers them in sorted order.
+        self.put_in_force(self.paths.clone(), Identities::default()).await.map(Some)
     }
 
     /// Loads, validates and compiles `paths` and writes the result to the maps; returns once
     /// the maps are switched (the control-plane client ACKs only then). Errors leave the last
-    /// good policy in force.
-    pub async fn put_in_force(&mut self, paths: Vec<PathBuf>) -> anyhow::Result<ApplyStats> {
+    /// good policy in force. `identities` are the control plane's numbers (empty in file mode).
+    pub async fn put_in_force(&mut self, paths: Vec<PathBuf>, identities: Identities) -> anyhow::Result<ApplyStats> {
         let trust_domain = self.trust_domain.clone();
         let mut maps = self.maps.take().expect("policy maps are owned between reloads");
         let (maps, result) = tokio::task::spawn_blocking(move || {
             let started = std::time::Instant::now();
-            let result = palisade_model::load_snapshot_for(&paths, &trust_domain)
+            let result = palisade_model::load_snapshot_with(&paths, &trust_domain, &identities)
                 .map_err(anyhow::Error::from)
                 .and_then(|snap| {
                     let compile_ms = started.elapsed().as_secs_f64() * 1e3;

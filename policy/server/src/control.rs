@@ -5,6 +5,7 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::{SystemTime, UNIX_EPOCH};
 
+use palisade_model::compile::{Identities, identity_labels_of};
 use palisade_model::validate;
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
@@ -19,7 +20,10 @@ pub struct Payload {
     pub version: String,
     pub revision: Revision,
     pub resources_yaml: String,
-    /// SHA-256 of `resources_yaml`, hex.
+    /// The number of every workload identity of the resources, from the store (so numbers
+    /// stay put across recompiles and restarts, and replicas push the same ones).
+    pub identities: Identities,
+    /// SHA-256 of `resources_yaml` and `identities`, hex.
     pub digest: String,
 }
 
@@ -90,7 +94,7 @@ impl Control {
         loop {
             let seen = *revisions.borrow_and_update();
             match self.store.list().await {
-                Ok(listing) => self.take(listing),
+                Ok(listing) => self.take(listing).await,
                 Err(e) => self.refuse(seen, e.to_string()),
             }
             if revisions.changed().await.is_err() {
@@ -104,14 +108,19 @@ impl Control {
         *self.store_error.lock().expect("store error lock") = Some(format!("revision {revision}: {error}"));
     }
 
-    fn take(&self, listing: Listing) {
+    async fn take(&self, listing: Listing) {
         if self.payload.borrow().as_ref().is_some_and(|p| p.revision >= listing.revision) {
             return;
         }
         if let Err(invalid) = validate::validate(&listing.resources) {
             return self.refuse(listing.revision, invalid.to_string());
         }
-        let payload = match render(&listing) {
+        let wanted: Vec<_> = identity_labels_of(&listing.resources).into_iter().collect();
+        let identities = match self.store.number_identities(&wanted).await {
+            Ok(ids) => ids,
+            Err(e) => return self.refuse(listing.revision, format!("cannot number identities: {e}")),
+        };
+        let payload = match render(&listing, identities) {
             Ok(p) => p,
             Err(e) => return self.refuse(listing.revision, e),
         };
@@ -148,7 +157,7 @@ impl Control {
 }
 
 /// The resources as one multi-document YAML text, in the store's order.
-fn render(listing: &Listing) -> Result<Payload, String> {
+fn render(listing: &Listing, identities: Identities) -> Result<Payload, String> {
     let mut yaml = String::new();
     for located in &listing.resources {
         let doc = serde_yaml::to_string(&located.resource)
@@ -156,9 +165,20 @@ fn render(listing: &Listing) -> Result<Payload, String> {
         yaml.push_str("---\n");
         yaml.push_str(&doc);
     }
-    let digest = ring::digest::digest(&ring::digest::SHA256, yaml.as_bytes());
-    let digest = digest.as_ref().iter().map(|b| format!("{b:02x}")).collect();
-    Ok(Payload { version: listing.revision.to_string(), revision: listing.revision, resources_yaml: yaml, digest })
+    let numbers = serde_json::to_vec(&identities).map_err(|e| format!("cannot serialise identities: {e}"))?;
+    let mut context = ring::digest::Context::new(&ring::digest::SHA256);
+    context.update(yaml.as_bytes());
+    // Numbers move nothing in the YAML, but they are content: a node must recompile for them.
+    context.update(b"\n# identities\n");
+    context.update(&numbers);
+    let digest = context.finish().as_ref().iter().map(|b| format!("{b:02x}")).collect();
+    Ok(Payload {
+        version: listing.revision.to_string(),
+        revision: listing.revision,
+        resources_yaml: yaml,
+        identities,
+        digest,
+    })
 }
 
 #[cfg(test)]

@@ -80,6 +80,7 @@ async fn serve_node(
                 nonce: nonce.to_string(),
                 resources_yaml: p.resources_yaml.clone(),
                 content_digest: p.digest.clone(),
+                identities: wire_identities(&p.identities),
             };
             if tx.send(Ok(response)).await.is_err() {
                 return "the node went away".into();
@@ -123,4 +124,16 @@ async fn serve_node(
             },
         }
     }
+}
+
+/// The payload's numbers as the wire carries them.
+fn wire_identities(ids: &palisade_model::compile::Identities) -> Vec<palisade_api::v1::NumberedIdentity> {
+    ids.iter()
+        .map(|(l, id)| palisade_api::v1::NumberedIdentity {
+            id,
+            namespace: l.namespace.clone(),
+            service_account: l.service_account.clone(),
+            labels: l.labels.clone(),
+        })
+        .collect()
 }

@@ -26,7 +26,7 @@ pub struct NumberedIdentity {
     pub labels: IdentityLabels,
 }
 
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[derive(Clone, Debug, thiserror::Error, PartialEq, Eq)]
 pub enum IdentitiesError {
     #[error("identity number {id} ({labels}) is outside {FIRST_WORKLOAD_IDENTITY}..{FIRST_CIDR_IDENTITY}")]
     OutOfRange { id: u32, labels: String },
@@ -80,7 +80,7 @@ impl Identities {
     /// The number of each of `wanted` (sorted, distinct): the map's where it has one, else
     /// the next ones above the map's largest (never a number the map gives to another
     /// identity, also one that is not wanted now: removing a workload frees nothing).
-    pub(super) fn number(&self, wanted: &BTreeSet<IdentityLabels>) -> BTreeMap<IdentityLabels, u32> {
+    pub fn number(&self, wanted: &BTreeSet<IdentityLabels>) -> BTreeMap<IdentityLabels, u32> {
         let mut next = self.numbers.values().max().map_or(FIRST_WORKLOAD_IDENTITY, |m| m + 1);
         wanted
             .iter()

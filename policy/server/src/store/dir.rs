@@ -242,7 +242,20 @@ impl Store for DirStore {
     fn describe(&self) -> String {
         format!("dir:{}", self.inner.root.display())
     }
+
+    async fn number_identities(
+        &self,
+        wanted: &[palisade_model::compile::IdentityLabels],
+    ) -> Result<palisade_model::compile::Identities, StoreError> {
+        let inner = self.inner.clone();
+        let wanted = wanted.to_vec();
+        tokio::task::spawn_blocking(move || inner.number_identities(&wanted))
+            .await
+            .map_err(|e| self.inner.backend(e.to_string()))?
+    }
 }
+
+mod identities;
 
 #[cfg(test)]
 mod tests;

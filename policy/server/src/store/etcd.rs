@@ -240,6 +240,16 @@ async fn watch_once(client: &Client, publish: &watch::Sender<Revision>) -> Resul
 
 #[async_trait]
 impl Store for EtcdStore {
+    async fn number_identities(
+        &self,
+        wanted: &[palisade_model::compile::IdentityLabels],
+    ) -> Result<palisade_model::compile::Identities, StoreError> {
+        // The inherent method: numbers taken in etcd transactions (see [`identities`]).
+        let numbers = EtcdStore::assign_identities(self, wanted).await?;
+        palisade_model::compile::Identities::new(numbers)
+            .map_err(|e| self.backend(format!("{}: inconsistent: {e}", identities::IDENTITIES)))
+    }
+
     async fn list(&self) -> Result<Listing, StoreError> {
         let response = self
             .client()

@@ -9,6 +9,7 @@
 use std::fmt;
 
 use async_trait::async_trait;
+use palisade_model::compile::{Identities, IdentityLabels};
 use palisade_model::load::Located;
 use palisade_model::resource::Resource;
 use tokio::sync::watch;
@@ -88,6 +89,11 @@ pub trait Store: Send + Sync + 'static {
     /// (the revision of the listing the batch was validated against); otherwise
     /// [`StoreError::Conflict`] and nothing changes. Returns the new revision.
     async fn apply(&self, expected: Revision, changes: Vec<Change>) -> Result<Revision, StoreError>;
+
+    /// The number of each of `wanted` (distinct workload identities), numbering the new ones
+    /// and keeping them in the store: a number survives restarts, is never given to another
+    /// identity (also after its workloads are gone), and servers sharing a store agree.
+    async fn number_identities(&self, wanted: &[IdentityLabels]) -> Result<Identities, StoreError>;
 
     /// The latest revision, updated whenever the content changes, whoever changed it.
     fn watch(&self) -> watch::Receiver<Revision>;
