@@ -97,6 +97,52 @@ fn a_new_workload_renumbers_no_other_and_numbers_survive_a_control_plane_restart
     assert!(restarted["aab-second"] > after["aaa-new"], "{restarted:?}");
 }
 
+#[test]
+fn replicas_on_one_etcd_push_the_same_numbers() {
+    let id = palisade_sandbox::unique_test_id();
+    let mut spec = palisade_sandbox::ClusterSpec::uniform(&id, palisade_sandbox::test_state_dir(&id), 2, 1);
+    spec.ztunnel = Some(palisade_sandbox::workspace_bin("ztunnel").expect("ztunnel binary"));
+    spec.etcd_replicas = 2;
+    let mut cluster = start_spec(spec);
+    let namespace = cluster.pod("p1-1").unwrap().namespace.clone();
+    let workload = |name: &str, ip: &str| {
+        format!(
+            "apiVersion: palisade.dev/v1alpha1\nkind: Workload\nmetadata: {{name: {name}, namespace: {namespace}}}\n\
+             spec: {{serviceAccount: {name}, node: node-1, addresses: [{ip}], labels: {{app: {name}}}}}\n"
+        )
+    };
+    let apply_via = |cluster: &Cluster, replica: usize, name: &str, ip: &str| {
+        let request =
+            serde_json::json!({"op": "apply", "files": [{"name": format!("{name}.yaml"), "text": workload(name, ip)}]});
+        let answer = cluster.replica_admin(replica, &request).unwrap();
+        assert_eq!(answer["errors"], serde_json::json!([]), "{answer}");
+        wait_until("both nodes compiled the new workload", || {
+            ["node-1", "node-2"].iter().all(|n| numbers_on(cluster, n).contains_key(name))
+        });
+    };
+    // Every node follows the replica it reached first; whichever, both agree.
+    apply_via(&cluster, 0, "aaa-new", "10.254.7.1");
+    let first = numbers(&cluster);
+
+    // The replica the nodes follow dies (with nodes on both, `first` already shows that the
+    // replicas agree): the nodes move to the other one, whose numbers, read from etcd, must be
+    // the ones pushed before.
+    let followed = (0..2)
+        .find(|i| {
+            let answer = cluster.replica_admin(*i, &serde_json::json!({"op": "nodes"})).unwrap();
+            answer["nodes"].as_array().is_some_and(|ns| ns.iter().any(|n| n["connected"] == true))
+        })
+        .expect("the nodes follow a replica");
+    let survivor = 1 - followed;
+    cluster.stop_replica(followed).unwrap();
+    apply_via(&cluster, survivor, "aab-second", "10.254.7.2");
+    let second = numbers(&cluster);
+    for (name, id) in &first {
+        assert_eq!(second[name], *id, "{name}: the survivor pushed another number: {second:?}");
+    }
+    assert!(second["aab-second"] > first["aaa-new"], "{second:?}");
+}
+
 /// Polls `cond` every 50 ms for up to 30 s.
 fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
