@@ -30,9 +30,11 @@ use crate::resource::{Action, ContainerPort, Mode, Protocol, Selector};
 mod build;
 mod cells;
 mod identities;
+pub mod services;
 
 pub use build::{compile, compile_for, compile_with, identity_labels_of};
 pub use identities::{Identities, IdentitiesError, NumberedIdentity};
+pub use services::{Endpoint, ServiceChoice, ServiceEntry, ServicePortEntry};
 
 /// Which end of a connection a rule belongs to.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
@@ -163,6 +165,11 @@ pub struct Snapshot {
     pub approximations: Vec<String>,
     /// Labels of every namespace known (with `kubernetes.io/metadata.name`).
     pub namespaces: BTreeMap<String, BTreeMap<String, String>>,
+    /// Services with a virtual address, and their endpoints.
+    pub services: Vec<ServiceEntry>,
+    /// Index in `services` (and its `ports`) of each VIP:port.
+    #[serde(skip)]
+    pub service_index: HashMap<std::net::SocketAddr, (usize, usize)>,
     #[serde(skip)]
     pub cells: HashMap<CellKey, Cell>,
     #[serde(skip)]
@@ -183,6 +190,8 @@ impl Default for Snapshot {
             policies: vec![],
             approximations: vec![],
             namespaces: BTreeMap::new(),
+            services: vec![],
+            service_index: HashMap::new(),
             cells: HashMap::new(),
             addresses: HashMap::new(),
             workload_at: HashMap::new(),
@@ -518,5 +527,7 @@ pub fn canonical(addr: IpAddr) -> IpAddr {
 mod direction_tests;
 #[cfg(test)]
 mod identity_tests;
+#[cfg(test)]
+mod services_tests;
 #[cfg(test)]
 mod tests;

@@ -120,6 +120,7 @@ fn read_resource(doc: &str) -> Result<Resource, DocError> {
     let resource = match kind.as_str() {
         // Kubernetes' own kinds, read with Kubernetes' types (see `crate::k8s`).
         "NetworkPolicy" => crate::k8s::network_policy(doc),
+        "Service" => crate::k8s::service(doc),
         "Namespace" if api_version.as_deref() == Some(crate::resource::K8S_CORE_API_VERSION) => {
             crate::k8s::namespace(doc)
         }

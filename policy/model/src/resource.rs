@@ -55,6 +55,13 @@ pub enum Resource {
         metadata: Metadata,
         spec: Box<k8s_openapi::api::networking::v1::NetworkPolicySpec>,
     },
+    /// Kubernetes `v1` `Service` (endpoints computed by [`crate::compile`], see [`crate::k8s`]).
+    Service {
+        #[serde(rename = "apiVersion")]
+        api_version: String,
+        metadata: Metadata,
+        spec: Box<k8s_openapi::api::core::v1::ServiceSpec>,
+    },
 }
 
 /// The typed shape of one YAML document of a given kind.
@@ -76,6 +83,7 @@ impl Resource {
             Resource::Namespace { .. } => "Namespace",
             Resource::SegmentationPolicy { .. } => "SegmentationPolicy",
             Resource::NetworkPolicy { .. } => "NetworkPolicy",
+            Resource::Service { .. } => "Service",
         }
     }
 
@@ -84,7 +92,8 @@ impl Resource {
             Resource::Workload { api_version, .. }
             | Resource::Namespace { api_version, .. }
             | Resource::SegmentationPolicy { api_version, .. }
-            | Resource::NetworkPolicy { api_version, .. } => api_version,
+            | Resource::NetworkPolicy { api_version, .. }
+            | Resource::Service { api_version, .. } => api_version,
         }
     }
 
@@ -92,6 +101,7 @@ impl Resource {
     pub fn api_version_accepted(&self) -> bool {
         match self {
             Resource::NetworkPolicy { api_version, .. } => api_version == K8S_NETWORKING_API_VERSION,
+            Resource::Service { api_version, .. } => api_version == K8S_CORE_API_VERSION,
             Resource::Namespace { api_version, .. } => {
                 api_version == API_VERSION || api_version == K8S_CORE_API_VERSION
             }
@@ -104,7 +114,8 @@ impl Resource {
             Resource::Workload { metadata, .. }
             | Resource::Namespace { metadata, .. }
             | Resource::SegmentationPolicy { metadata, .. }
-            | Resource::NetworkPolicy { metadata, .. } => metadata,
+            | Resource::NetworkPolicy { metadata, .. }
+            | Resource::Service { metadata, .. } => metadata,
         }
     }
 }

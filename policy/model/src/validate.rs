@@ -12,6 +12,7 @@ use crate::resource::{Peer, Resource};
 
 mod finding;
 mod references;
+mod services;
 mod shadow;
 #[cfg(test)]
 mod tests;
@@ -147,7 +148,7 @@ pub fn check(resources: &[Located], sources: &Sources) -> Vec<Finding> {
                     );
                 }
             }
-            Resource::Namespace { .. } => {}
+            Resource::Namespace { .. } | Resource::Service { .. } => {}
             Resource::NetworkPolicy { spec, .. } => {
                 for (field, message) in crate::k8s::problems(spec) {
                     out.error(&at, &field, message);
@@ -157,6 +158,7 @@ pub fn check(resources: &[Located], sources: &Sources) -> Vec<Finding> {
     }
     references::check(resources, &mut out);
     shadow::check(resources, &mut out);
+    services::check(resources, &mut out);
     let mut list = out.list;
     sort(&mut list);
     list

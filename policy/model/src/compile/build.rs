@@ -114,7 +114,7 @@ fn drafts(resources: &[Located]) -> Vec<Draft> {
                     });
                 }
             }
-            Resource::Workload { .. } | Resource::Namespace { .. } => {}
+            Resource::Workload { .. } | Resource::Namespace { .. } | Resource::Service { .. } => {}
         }
     }
     // A stable order, so rule numbers do not depend on file order.
@@ -234,6 +234,8 @@ pub fn compile_with(resources: &[Located], trust_domain: &str, numbered: &Identi
             first_rule,
         });
     }
+    snapshot.services = super::services::compile_services(resources);
+    snapshot.service_index = super::services::index(&snapshot.services);
     compile_cells(&mut snapshot);
     snapshot
 }

@@ -6,6 +6,8 @@
 //!   `defaultAction: Allow`: a namespace is defined once, by one kind or the other (both is the
 //!   "defined twice" error); Palisade's kind carries labels too, so it can stand for both.
 //! - `networking.k8s.io/v1` `NetworkPolicy`, with Kubernetes' semantics: see [`translate`].
+//! - `v1` `Service`: selector, ports (`targetPort` by number or name) and `clusterIP`, the
+//!   virtual address ztunnel resolves to one endpoint (see `crate::compile::services`).
 use std::collections::BTreeMap;
 
 use k8s_openapi::api::networking::v1::{NetworkPolicyPeer, NetworkPolicyPort, NetworkPolicySpec};
@@ -43,6 +45,16 @@ pub(crate) fn network_policy(doc: &str) -> Result<Resource, serde_yaml::Error> {
         api_version: K8S_NETWORKING_API_VERSION.into(),
         metadata: metadata(np.metadata, true),
         spec: Box::new(np.spec.unwrap_or_default()),
+    })
+}
+
+/// Reads one `v1` `Service` document.
+pub(crate) fn service(doc: &str) -> Result<Resource, serde_yaml::Error> {
+    let svc = k8s_openapi::api::core::v1::Service::deserialize(serde_yaml::Deserializer::from_str(doc))?;
+    Ok(Resource::Service {
+        api_version: K8S_CORE_API_VERSION.into(),
+        metadata: metadata(svc.metadata, true),
+        spec: Box::new(svc.spec.unwrap_or_default()),
     })
 }
 

@@ -1,0 +1,188 @@
+//! Kubernetes `v1` `Service`s: a virtual address (`clusterIP`) and ports, each resolved to the
+//! endpoints the Service's selector picks among the workloads of its namespace, with the
+//! `targetPort` resolved on each workload (a name against its container ports). Nothing listens
+//! at a virtual address: ztunnel's outbound proxy resolves a connection to one endpoint it may
+//! reach ([`Snapshot::service_choice`]) and carries it there; the policies that apply are the
+//! chosen endpoint's (its ingress) and the source's egress towards that endpoint.
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+
+use k8s_openapi::api::core::v1::{ServicePort, ServiceSpec};
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+use serde::Serialize;
+
+use super::{Decision, Snapshot, canonical};
+use crate::load::Located;
+use crate::resource::{Action, Metadata, Protocol, Resource, WorkloadSpec};
+
+/// One Service in a snapshot.
+#[derive(Clone, Debug, Serialize, PartialEq, Eq)]
+pub struct ServiceEntry {
+    /// `namespace/name`.
+    pub name: String,
+    pub vip: IpAddr,
+    pub ports: Vec<ServicePortEntry>,
+}
+
+#[derive(Clone, Debug, Serialize, PartialEq, Eq)]
+pub struct ServicePortEntry {
+    pub name: Option<String>,
+    pub port: u16,
+    /// Every selected workload on which the target port resolves, at its address of the
+    /// VIP's family, in workload order.
+    pub endpoints: Vec<Endpoint>,
+}
+
+#[derive(Clone, Debug, Serialize, PartialEq, Eq)]
+pub struct Endpoint {
+    /// `namespace/name` of the workload.
+    pub workload: String,
+    pub address: SocketAddr,
+}
+
+/// What the clusterIP of a Service says.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ClusterIp {
+    Vip(IpAddr),
+    /// `None`: a headless Service, which has no virtual address to resolve.
+    Headless,
+    Missing,
+    Invalid(String),
+}
+
+pub fn cluster_ip(spec: &ServiceSpec) -> ClusterIp {
+    match spec.cluster_ip.as_deref() {
+        None | Some("") => ClusterIp::Missing,
+        Some("None") => ClusterIp::Headless,
+        Some(s) => s.parse().map(|ip| ClusterIp::Vip(canonical(ip))).unwrap_or_else(|_| ClusterIp::Invalid(s.into())),
+    }
+}
+
+/// The workloads of `namespace` the Service's selector picks (none without a selector: such a
+/// Service's endpoints would be written by hand, which Palisade does not read).
+pub fn selected<'a>(
+    namespace: &str,
+    spec: &ServiceSpec,
+    resources: &'a [Located],
+) -> Vec<(&'a Metadata, &'a WorkloadSpec)> {
+    let Some(selector) = &spec.selector else { return vec![] };
+    resources
+        .iter()
+        .filter_map(|r| match &r.resource {
+            Resource::Workload { metadata, spec, .. }
+                if metadata.namespace.as_deref() == Some(namespace)
+                    && selector.iter().all(|(k, v)| spec.labels.get(k) == Some(v)) =>
+            {
+                Some((metadata, spec))
+            }
+            _ => None,
+        })
+        .collect()
+}
+
+/// The port a workload serves a Service port on: `targetPort` as a number, as the name of one
+/// of its TCP container ports, or (omitted) the Service port itself.
+pub fn target_port(port: &ServicePort, workload: &WorkloadSpec) -> Option<u16> {
+    match &port.target_port {
+        None => u16::try_from(port.port).ok(),
+        Some(IntOrString::Int(n)) => u16::try_from(*n).ok().filter(|n| *n != 0),
+        Some(IntOrString::String(name)) => workload
+            .ports
+            .iter()
+            .find(|p| p.name.as_deref() == Some(name.as_str()) && p.protocol == Protocol::Tcp)
+            .map(|p| p.container_port),
+    }
+}
+
+/// Whether a port is TCP, the only protocol the mesh carries.
+pub fn is_tcp(port: &ServicePort) -> bool {
+    port.protocol.as_deref().is_none_or(|p| p == "TCP")
+}
+
+/// Every Service with a virtual address, with its endpoints ([`crate::validate`] reports the
+/// rest: headless Services, unresolved names, selectors that select nothing).
+pub fn compile_services(resources: &[Located]) -> Vec<ServiceEntry> {
+    let mut out = Vec::new();
+    for r in resources {
+        let Resource::Service { metadata, spec, .. } = &r.resource else { continue };
+        let ClusterIp::Vip(vip) = cluster_ip(spec) else { continue };
+        let namespace = metadata.namespace.clone().unwrap_or_default();
+        let workloads = selected(&namespace, spec, resources);
+        let ports = spec
+            .ports
+            .iter()
+            .flatten()
+            .filter(|p| is_tcp(p))
+            .filter_map(|p| {
+                let endpoints = workloads
+                    .iter()
+                    .filter_map(|(meta, w)| {
+                        let port = target_port(p, w)?;
+                        let address =
+                            w.addresses.iter().map(|a| canonical(*a)).find(|a| a.is_ipv4() == vip.is_ipv4())?;
+                        Some(Endpoint {
+                            workload: format!("{namespace}/{}", meta.name),
+                            address: SocketAddr::new(address, port),
+                        })
+                    })
+                    .collect();
+                Some(ServicePortEntry { name: p.name.clone(), port: u16::try_from(p.port).ok()?, endpoints })
+            })
+            .collect();
+        out.push(ServiceEntry { name: format!("{namespace}/{}", metadata.name), vip, ports });
+    }
+    out.sort_by(|a, b| a.name.cmp(&b.name));
+    out
+}
+
+/// Index of each (VIP, port) in `services`.
+pub(super) fn index(services: &[ServiceEntry]) -> HashMap<SocketAddr, (usize, usize)> {
+    let mut out = HashMap::new();
+    for (s, svc) in services.iter().enumerate() {
+        for (p, port) in svc.ports.iter().enumerate() {
+            out.entry(SocketAddr::new(svc.vip, port.port)).or_insert((s, p));
+        }
+    }
+    out
+}
+
+/// A connection to a Service, evaluated for each of its endpoints.
+#[derive(Clone, Debug)]
+pub struct ServiceChoice<'a> {
+    pub service: &'a ServiceEntry,
+    /// Endpoints the exact evaluation allows this source to reach, in endpoint order.
+    pub allowed: Vec<&'a Endpoint>,
+    /// The decision for the first endpoint refused (what a refusal names), if any.
+    pub first_denied: Option<(&'a Endpoint, Decision)>,
+}
+
+impl Snapshot {
+    /// The Service whose virtual address and port `dst` is.
+    pub fn service_at(&self, dst: SocketAddr) -> Option<(&ServiceEntry, &ServicePortEntry)> {
+        let dst = SocketAddr::new(canonical(dst.ip()), dst.port());
+        let (s, p) = *self.service_index.get(&dst)?;
+        Some((&self.services[s], &self.services[s].ports[p]))
+    }
+
+    /// For a connection from `src` (identity `proven`, if a certificate proved it) to a
+    /// Service's `dst`: the endpoints the exact evaluation allows (both the source's egress
+    /// and the endpoint's ingress, as for a direct connection to endpoint:targetPort).
+    pub fn service_choice(
+        &self,
+        src: IpAddr,
+        proven: Option<(&str, &str)>,
+        dst: SocketAddr,
+    ) -> Option<ServiceChoice<'_>> {
+        let (service, port) = self.service_at(dst)?;
+        let mut choice = ServiceChoice { service, allowed: vec![], first_denied: None };
+        for e in &port.endpoints {
+            let d = self.authorize(src, proven, e.address.ip(), e.address.port());
+            if d.verdict.action == Action::Allow {
+                choice.allowed.push(e);
+            } else if choice.first_denied.is_none() {
+                choice.first_denied = Some((e, d));
+            }
+        }
+        Some(choice)
+    }
+}
