@@ -1,7 +1,8 @@
 //! Kubernetes `v1` `Service` on the sandbox: a connection to the Service's virtual address is
 //! resolved by the client's ztunnel to one endpoint (round robin among those the exact
 //! evaluation allows) and carried there; `targetPort` by name resolves on each endpoint; the
-//! endpoints follow the snapshot. VIPs come from 10.96.0.0/16, which nothing in the sandbox
+//! endpoints follow the snapshot; the client's egress narrows the choice, and allowing none of
+//! the endpoints is EPERM at connect() (the VIP's own kernel cells). VIPs come from 10.96.0.0/16, which nothing in the sandbox
 //! routes: the pod's `connect4` captures the connection before routing matters.
 mod support;
 
@@ -36,6 +37,16 @@ fn deny_client_at(tiers: &str) -> String {
          rules: [{{from: [{{matchLabels: {{app: client}}}}]}}]\n---\n"
     )
 }
+
+/// An egress NetworkPolicy on the client with these rules.
+fn client_egress(rules: &str) -> String {
+    format!(
+        "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {{name: client-out, namespace: shop}}\n\
+         spec:\n  podSelector: {{matchLabels: {{app: client}}}}\n  policyTypes: [Egress]\n  egress: {rules}\n---\n"
+    )
+}
+
+const EPERM: i64 = 1;
 
 /// Connects `n` times to the VIP, each byte-exact; returns how many each server saw.
 fn spread(cluster: &palisade_sandbox::Cluster, servers: &[(&str, &Server)], n: usize) -> BTreeMap<String, usize> {
@@ -92,6 +103,29 @@ fn service_vip_reaches_the_allowed_endpoints_round_robin_and_follows_the_snapsho
         f["verdict"] == "deny" && f["dst_identity"] == "service:shop/web" && f["dst"] == VIP
     });
     assert!(event["policy"].as_str().unwrap_or_default().contains("no endpoint allowed"), "{event}");
+
+    // The client's egress allows web-b (at its target port) only: connect() to the VIP
+    // passes (the kernel's cell for the VIP) and every connection goes to web-b.
+    cluster
+        .set_policy(
+            &(service("{role: web}")
+                + &client_egress("[{to: [{podSelector: {matchLabels: {tier: b}}}], ports: [{port: 9090}]}]")),
+        )
+        .expect("policy applies");
+    let seen = spread(&cluster, &servers, 6);
+    assert_eq!(seen, BTreeMap::from([("web-a".into(), 0), ("web-b".into(), 6), ("web-c".into(), 0)]));
+
+    // Egress allows none of the endpoints (web-c is no endpoint): EPERM at connect(), no packet.
+    cluster
+        .set_policy(&(service("{role: web}") + &client_egress("[{to: [{podSelector: {matchLabels: {tier: c}}}]}]")))
+        .expect("policy applies");
+    let r = connect(&cluster, "client", VIP, 100);
+    assert_eq!(r["errno"], EPERM, "connect() to a VIP whose endpoints egress refuses: {r}");
+    assert_eq!(
+        connect(&cluster, "client", &format!("{}:8080", cluster.pod("web-c").expect("web-c").ip), 100)["verified"],
+        true,
+        "web-c itself is allowed"
+    );
 
     // The Service now selects every workload of shop (`{}`): web-c is a new endpoint and
     // receives connections once the snapshot carries it (the client has no `http` port, so

@@ -49,6 +49,12 @@ pub const IDENTITY_WORKLOAD: u32 = 2;
 /// [`IdentityValue::flags`]: an egress policy selects this (source) identity, so its
 /// connections that no egress rule allows are denied at its `connect()`.
 pub const IDENTITY_EGRESS_DEFAULT_DENY: u32 = 4;
+/// [`IdentityValue::flags`]: a Service's virtual address. Nothing listens there (ztunnel picks
+/// an endpoint, whose own ingress decides), so it has no ingress default; its egress is decided
+/// by the cells naming it only (the compiler writes one per source and Service port from the
+/// Service's endpoints), never by cells that wildcard the destination, which are about ports of
+/// real destinations and would be wrong for the VIP's port.
+pub const IDENTITY_SERVICE: u32 = 8;
 
 /// [`PolicyKey::direction`]: a rule attached to the destination (who may connect to it);
 /// the source may be `IDENTITY_ANY`.

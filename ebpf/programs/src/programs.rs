@@ -89,12 +89,15 @@ fn cell(generation: u32, direction: u8, src: u32, dst: u32, port: u16) -> (u32, 
 /// cells the destination.
 #[inline(always)]
 fn direction_verdict(generation: u32, direction: u8, s: &IdentityValue, d: &IdentityValue, port: u16) -> (u32, u32) {
+    // A Service VIP's egress is its own cells only (see `IDENTITY_SERVICE`): the wildcard
+    // probes repeat the exact ones.
+    let any_dst = if d.flags & IDENTITY_SERVICE != 0 { d.identity } else { IDENTITY_ANY };
     let probes = if direction == DIRECTION_EGRESS {
         [
             (s.identity, d.identity, port),
             (s.identity, d.identity, PORT_ANY),
-            (s.identity, IDENTITY_ANY, port),
-            (s.identity, IDENTITY_ANY, PORT_ANY),
+            (s.identity, any_dst, port),
+            (s.identity, any_dst, PORT_ANY),
         ]
     } else {
         [

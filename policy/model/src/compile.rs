@@ -59,6 +59,8 @@ impl Direction {
 pub const FIRST_WORKLOAD_IDENTITY: u32 = 256;
 /// Identities of address blocks named by policies (`ipBlocks`) start here.
 pub const FIRST_CIDR_IDENTITY: u32 = 1 << 24;
+/// Identities of Service VIPs start here.
+pub const FIRST_SERVICE_IDENTITY: u32 = 1 << 25;
 pub const DEFAULT_TRUST_DOMAIN: &str = "cluster.local";
 
 /// The identity-defining attributes of a workload.
@@ -170,6 +172,9 @@ pub struct Snapshot {
     /// Index in `services` (and its `ports`) of each VIP:port.
     #[serde(skip)]
     pub service_index: HashMap<std::net::SocketAddr, (usize, usize)>,
+    /// The identity of each Service VIP.
+    #[serde(skip)]
+    pub service_ids: HashMap<IpAddr, u32>,
     #[serde(skip)]
     pub cells: HashMap<CellKey, Cell>,
     #[serde(skip)]
@@ -192,6 +197,7 @@ impl Default for Snapshot {
             namespaces: BTreeMap::new(),
             services: vec![],
             service_index: HashMap::new(),
+            service_ids: HashMap::new(),
             cells: HashMap::new(),
             addresses: HashMap::new(),
             workload_at: HashMap::new(),
@@ -227,7 +233,7 @@ impl Snapshot {
     /// policy address block containing it, else `world`.
     pub fn identity_of(&self, addr: IpAddr) -> u32 {
         let addr = canonical(addr);
-        if let Some(id) = self.addresses.get(&addr) {
+        if let Some(id) = self.addresses.get(&addr).or_else(|| self.service_ids.get(&addr)) {
             return *id;
         }
         self.cidrs
@@ -259,7 +265,11 @@ impl Snapshot {
             Direction::Ingress => {
                 [(s, d, port), (s, d, PORT_ANY), (IDENTITY_ANY, d, port), (IDENTITY_ANY, d, PORT_ANY)]
             }
-            Direction::Egress => [(s, d, port), (s, d, PORT_ANY), (s, IDENTITY_ANY, port), (s, IDENTITY_ANY, PORT_ANY)],
+            Direction::Egress => {
+                // A Service VIP: its own cells only (`IDENTITY_SERVICE` in the kernel).
+                let any = if self.is_service(d) { d } else { IDENTITY_ANY };
+                [(s, d, port), (s, d, PORT_ANY), (s, any, port), (s, any, PORT_ANY)]
+            }
         };
         let mut allow = None;
         for (src, dst, port) in probes {
@@ -343,11 +353,20 @@ impl Snapshot {
             .map(|p| p.container_port)
     }
 
-    /// `namespace/serviceaccount` of an identity, the block of a CIDR identity, or `world`.
+    /// Whether `id` is a Service VIP's identity.
+    pub fn is_service(&self, id: u32) -> bool {
+        id >= FIRST_SERVICE_IDENTITY && self.services.iter().any(|s| s.id == id)
+    }
+
+    /// `namespace/serviceaccount` of an identity, the block of a CIDR identity,
+    /// `service:<namespace>/<name>` of a VIP, or `world`.
     pub fn identity_name(&self, id: u32) -> String {
         match self.identity(id) {
             Some(i) => format!("{}/{}", i.labels.namespace, i.labels.service_account),
             None if id == IDENTITY_WORLD => "world".into(),
+            None if id >= FIRST_SERVICE_IDENTITY && self.is_service(id) => {
+                format!("service:{}", self.services.iter().find(|s| s.id == id).map_or("", |s| s.name.as_str()))
+            }
             None => match self.cidrs.iter().find(|c| c.id == id) {
                 Some(c) => format!("cidr:{}", c.cidr),
                 None => format!("identity-{id}"),
@@ -429,6 +448,9 @@ impl Snapshot {
     }
 
     pub fn authorize(&self, src: IpAddr, proven: Option<(&str, &str)>, dst: IpAddr, port: u16) -> Decision {
+        if let Some(&id) = self.service_ids.get(&canonical(dst)) {
+            return self.authorize_service(src, proven, canonical(dst), port, id);
+        }
         let src_identity = self.identity_of(src);
         let dst_identity = self.identity_of(dst);
         let at_address = self.identity(src_identity);

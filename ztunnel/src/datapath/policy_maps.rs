@@ -152,7 +152,9 @@ impl PolicyMaps {
         });
         // Address blocks named by policies: the LPM trie gives an address the most specific.
         let blocks = snapshot.cidrs.iter().map(|c| (c.cidr.addr, c.cidr.mapped_prefix(), c.id, 0));
-        for (ip, prefix, identity, flags) in workloads.chain(blocks) {
+        // Service VIPs: their own identity, egress by their own cells, no ingress default.
+        let services = snapshot.services.iter().map(|s| (s.vip, 128, s.id, IDENTITY_SERVICE));
+        for (ip, prefix, identity, flags) in workloads.chain(blocks).chain(services) {
             let key = Key::new(32 + prefix, IpKey { generation, addr: addr_from_ip(ip) });
             self.identities.insert(&key, IdentityValue { identity, flags }, 0).map_err(map_err("IDENTITIES"))?;
             ids.push(key);

@@ -236,6 +236,9 @@ pub fn compile_with(resources: &[Located], trust_domain: &str, numbered: &Identi
     }
     snapshot.services = super::services::compile_services(resources);
     snapshot.service_index = super::services::index(&snapshot.services);
+    snapshot.service_ids = snapshot.services.iter().map(|s| (s.vip, s.id)).collect();
     compile_cells(&mut snapshot);
+    // After the other cells: they decide the egress defaults these rely on.
+    super::services::service_cells(&mut snapshot);
     snapshot
 }

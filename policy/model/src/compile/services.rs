@@ -11,7 +11,9 @@ use k8s_openapi::api::core::v1::{ServicePort, ServiceSpec};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use serde::Serialize;
 
-use super::{Decision, Snapshot, canonical};
+use palisade_ebpf_common::{RULE_DEFAULT_ALLOW, RULE_DEFAULT_DENY, RULE_EGRESS_DEFAULT_DENY};
+
+use super::{Cell, CellKey, Decision, Direction, FIRST_SERVICE_IDENTITY, Snapshot, Verdict, canonical};
 use crate::load::Located;
 use crate::resource::{Action, Metadata, Protocol, Resource, WorkloadSpec};
 
@@ -20,6 +22,9 @@ use crate::resource::{Action, Metadata, Protocol, Resource, WorkloadSpec};
 pub struct ServiceEntry {
     /// `namespace/name`.
     pub name: String,
+    /// The VIP's identity in the kernel (`IDENTITY_SERVICE`), from [`FIRST_SERVICE_IDENTITY`]
+    /// up in name order: it names no workload, only the cells of the VIP's egress.
+    pub id: u32,
     pub vip: IpAddr,
     pub ports: Vec<ServicePortEntry>,
 }
@@ -129,10 +134,81 @@ pub fn compile_services(resources: &[Located]) -> Vec<ServiceEntry> {
                 Some(ServicePortEntry { name: p.name.clone(), port: u16::try_from(p.port).ok()?, endpoints })
             })
             .collect();
-        out.push(ServiceEntry { name: format!("{namespace}/{}", metadata.name), vip, ports });
+        out.push(ServiceEntry { name: format!("{namespace}/{}", metadata.name), id: 0, vip, ports });
     }
     out.sort_by(|a, b| a.name.cmp(&b.name));
+    for (i, s) in out.iter_mut().enumerate() {
+        s.id = FIRST_SERVICE_IDENTITY + i as u32;
+    }
     out
+}
+
+/// The VIP's egress cells, for every source identity an egress policy selects (the others
+/// are allowed by default) and every Service port: Allow when its egress allows some endpoint
+/// (at the endpoint's target port), so that connect() passes and ztunnel picks among the
+/// allowed ones; when it allows none, the egress default denies an isolated source, and a Deny
+/// cell the rest (a Deny rule on every endpoint). The kernel reads no wildcard cell for a VIP,
+/// so these decide alone, and allow whenever the exact evaluation allows some endpoint.
+pub(super) fn service_cells(snapshot: &mut Snapshot) {
+    let mut cells = Vec::new();
+    for ident in snapshot.identities.values() {
+        if snapshot.policies_for(ident, Direction::Egress).next().is_none() {
+            continue;
+        }
+        let Some(&src) = ident.addresses.first() else { continue };
+        for svc in &snapshot.services {
+            for port in &svc.ports {
+                let parts: Vec<(Action, u32)> = port
+                    .endpoints
+                    .iter()
+                    .filter_map(|e| snapshot.authorize(src, None, e.address.ip(), e.address.port()).egress)
+                    .collect();
+                let key = CellKey { src: ident.id, dst: svc.id, port: port.port, direction: Direction::Egress };
+                let allowed = parts.iter().find(|p| p.0 == Action::Allow);
+                let denied = parts.iter().find(|p| p.0 == Action::Deny && p.1 != RULE_EGRESS_DEFAULT_DENY);
+                match (allowed, denied) {
+                    (Some(&(_, rule)), _) if rule != RULE_DEFAULT_ALLOW => {
+                        cells.push((key, Cell { action: Action::Allow, rule }))
+                    }
+                    (None, Some(&(_, rule))) => cells.push((key, Cell { action: Action::Deny, rule })),
+                    _ => {}
+                }
+            }
+        }
+    }
+    snapshot.cells.extend(cells);
+}
+
+impl Snapshot {
+    /// The exact evaluation of a connection to a Service VIP (identity `id`): allowed when some
+    /// endpoint is (the decision is the first allowed endpoint's, else the first refused
+    /// one's); a Service without endpoints refuses. A port the Service does not have is
+    /// nobody's: only the source's egress default applies.
+    pub(super) fn authorize_service(
+        &self,
+        src: IpAddr,
+        proven: Option<(&str, &str)>,
+        vip: IpAddr,
+        port: u16,
+        id: u32,
+    ) -> Decision {
+        let src_identity = self.identity_of(src);
+        let decided = |action, rule| {
+            let verdict = Verdict { action, rule, src_identity, dst_identity: id };
+            Decision { verdict, audit_deny: None, egress: Some((action, rule)), ingress: None }
+        };
+        match self.service_choice(src, proven, SocketAddr::new(vip, port)) {
+            Some(choice) => match (choice.allowed.first(), choice.first_denied) {
+                (Some(e), _) => self.authorize(src, proven, e.address.ip(), e.address.port()),
+                (None, Some((_, d))) => d,
+                (None, None) => decided(Action::Deny, RULE_DEFAULT_DENY),
+            },
+            None if self.identity(src_identity).is_some_and(|i| i.egress_default_deny) => {
+                decided(Action::Deny, RULE_EGRESS_DEFAULT_DENY)
+            }
+            None => decided(Action::Allow, RULE_DEFAULT_ALLOW),
+        }
+    }
 }
 
 /// Index of each (VIP, port) in `services`.

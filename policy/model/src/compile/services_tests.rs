@@ -85,6 +85,13 @@ fn choice_keeps_only_endpoints_the_exact_evaluation_allows() {
     let c = one.service_choice("10.1.0.3".parse().unwrap(), None, at("10.96.0.10:81")).unwrap();
     assert!(c.allowed.is_empty());
     assert_eq!(c.service.name, "shop/web");
+    // The kernel (the VIP's own cells): connect() to VIP:80 passes, to VIP:81 is EPERM.
+    let client = "10.1.0.3".parse().unwrap();
+    let vip = "10.96.0.10".parse().unwrap();
+    assert_eq!(one.verdict(client, vip, 80).action, Action::Allow);
+    assert_eq!(one.verdict(client, vip, 81).action, Action::Deny);
+    assert_eq!(one.identity_name(one.verdict(client, vip, 81).dst_identity), "service:shop/web");
+    assert_eq!(one.authorize(client, None, vip, 81).verdict.action, Action::Deny);
 }
 
 #[test]
@@ -111,6 +118,13 @@ fn validation_names_each_service_problem_at_its_field() {
     assert!(f[0].starts_with("svc.yaml:") && f[0].contains("Service shop/novip: spec"), "{f:#?}");
     assert!(f[0].contains("required: the Service's virtual address"), "{f:#?}");
     assert!(!f[0].contains("warning"), "an error: {f:#?}");
+
+    let taken = "apiVersion: v1\nkind: Service\nmetadata: {name: taken, namespace: shop}\nspec: {clusterIP: 10.1.0.1, selector: {app: web}}\n";
+    let f = findings(taken);
+    assert!(
+        f.iter().any(|l| l.contains("spec.clusterIP: 10.1.0.1 is already the address of workload web-a")),
+        "{f:#?}"
+    );
 
     let odd = "apiVersion: v1\nkind: Service\nmetadata: {name: odd, namespace: shop}\nspec:\n  clusterIP: 10.96.0.20\n  \
          selector: {app: web}\n  ports:\n  - {port: 80, targetPort: grpc}\n  - {port: 53, protocol: UDP}\n---\n\

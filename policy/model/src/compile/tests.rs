@@ -220,26 +220,72 @@ fn identity_rules_principals_namespaces_blocks_and_negations() {
     assert!(s.approximations.iter().any(|a| a.contains("web-not-admin rule 0")), "{:?}", s.approximations);
 }
 
+/// A Service over shop's workloads (VIP 10.96.0.1: 80 → 5432, 22 → 22), egress of ops/probe
+/// to db:5432 only, and a Deny of web's egress to any destination on port 80 — the VIP's port,
+/// not its endpoints' (the kernel must not read it for the VIP).
+const SERVICE_EGRESS: &str = r#"---
+apiVersion: v1
+kind: Service
+metadata: {name: all, namespace: shop}
+spec:
+  clusterIP: 10.96.0.1
+  selector: {}
+  ports: [{name: sql, port: 80, targetPort: 5432}, {name: ssh, port: 22}]
+---
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: probe-out, namespace: ops}
+spec:
+  podSelector: {}
+  policyTypes: [Egress]
+  egress: [{to: [{namespaceSelector: {}, podSelector: {matchLabels: {app: db}}}], ports: [{port: 5432}]}]
+---
+apiVersion: palisade.dev/v1alpha1
+kind: SegmentationPolicy
+metadata: {name: web-no-80, namespace: shop}
+spec:
+  selector: {matchLabels: {app: web}}
+  action: Deny
+  egress: [{ports: [80]}]
+"#;
+
 #[test]
 fn kernel_cells_never_deny_what_the_exact_evaluation_allows() {
-    let s = snapshot(IDENTITY_POLICIES);
     let sources = ["10.0.1.10", "10.0.2.10", "10.0.2.11", "192.0.2.7", "192.0.2.200", "198.51.100.1"];
-    let dsts = ["10.0.1.10", "10.0.2.10", "10.0.2.11"];
-    for src in sources {
-        for dst in dsts {
-            for port in [22, 80, 5432, 9000] {
-                let kernel = s.verdict(ip(src), ip(dst), port);
-                let exact = s.authorize(ip(src), None, ip(dst), port).verdict;
-                if kernel.action == Action::Deny {
-                    assert_eq!(exact.action, Action::Deny, "kernel denies what is allowed: {src} -> {dst}:{port}");
-                }
-                // notPorts is the only approximation in this policy set.
-                if port != 9000 {
-                    assert_eq!(kernel.action, exact.action, "{src} -> {dst}:{port}: kernel {kernel:?} exact {exact:?}");
+    let dsts = ["10.0.1.10", "10.0.2.10", "10.0.2.11", "10.96.0.1"];
+    for (policies, exact_too) in
+        [(IDENTITY_POLICIES.to_string(), true), (format!("{IDENTITY_POLICIES}{SERVICE_EGRESS}"), false)]
+    {
+        let s = snapshot(&policies);
+        for src in sources {
+            for dst in dsts {
+                for port in [22, 80, 5432, 9000] {
+                    let kernel = s.verdict(ip(src), ip(dst), port);
+                    let exact = s.authorize(ip(src), None, ip(dst), port).verdict;
+                    if kernel.action == Action::Deny {
+                        assert_eq!(exact.action, Action::Deny, "kernel denies what is allowed: {src} -> {dst}:{port}");
+                    }
+                    // notPorts is the only approximation in the first policy set.
+                    if exact_too && port != 9000 {
+                        assert_eq!(
+                            kernel.action, exact.action,
+                            "{src} -> {dst}:{port}: kernel {kernel:?} exact {exact:?}"
+                        );
+                    }
                 }
             }
         }
     }
+    // The VIP's own cells: web's Deny on port 80 does not touch VIP:80 (endpoints on 5432);
+    // ops/probe's egress allows VIP:80 (db:5432) but not VIP:22 (no endpoint: EPERM); db's
+    // ingress refuses ops, which the kernel leaves to db's end (exact: denied).
+    let s = snapshot(&format!("{IDENTITY_POLICIES}{SERVICE_EGRESS}"));
+    assert_eq!(s.verdict(ip("10.0.1.10"), ip("10.96.0.1"), 80).action, Action::Allow);
+    assert_eq!(s.verdict(ip("10.0.1.10"), ip("10.0.2.10"), 80).action, Action::Deny, "the Deny holds elsewhere");
+    assert_eq!(s.verdict(ip("10.0.2.11"), ip("10.96.0.1"), 80).action, Action::Allow);
+    assert_eq!(s.authorize(ip("10.0.2.11"), None, ip("10.96.0.1"), 80).verdict.action, Action::Deny);
+    assert_eq!(s.verdict(ip("10.0.2.11"), ip("10.96.0.1"), 22).action, Action::Deny);
+    assert_eq!(s.authorize(ip("10.0.2.11"), None, ip("10.96.0.1"), 22).verdict.action, Action::Deny);
 }
 
 #[test]

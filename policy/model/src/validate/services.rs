@@ -1,18 +1,35 @@
 //! Kubernetes `v1` `Service`s: the virtual address is required (it is what clients dial);
 //! a headless Service, a selector that selects nothing, a `targetPort` name a selected workload
 //! does not have, and a non-TCP port are accepted and reported (pods may come later).
+use std::collections::HashMap;
+use std::net::IpAddr;
+
 use super::{At, Findings};
+use crate::compile::canonical;
 use crate::compile::services::{ClusterIp, cluster_ip, is_tcp, selected, target_port};
 use crate::load::Located;
 use crate::resource::Resource;
 
 pub(super) fn check(resources: &[Located], out: &mut Findings) {
+    // A VIP names one Service, and no workload: connections to it are the Service's.
+    let mut owners: HashMap<IpAddr, String> = HashMap::new();
+    for r in resources {
+        if let Resource::Workload { metadata, spec, .. } = &r.resource {
+            for a in &spec.addresses {
+                owners.insert(canonical(*a), format!("workload {}", metadata.name));
+            }
+        }
+    }
     for located in resources {
         let Resource::Service { metadata, spec, .. } = &located.resource else { continue };
         let at = At::new(located);
         let namespace = metadata.namespace.as_deref().unwrap_or_default();
         match cluster_ip(spec) {
-            ClusterIp::Vip(_) => {}
+            ClusterIp::Vip(vip) => {
+                if let Some(owner) = owners.insert(vip, at.label.clone()) {
+                    out.error(&at, "spec.clusterIP", format!("{vip} is already the address of {owner}"));
+                }
+            }
             ClusterIp::Missing => out.error(
                 &at,
                 "spec.clusterIP",
