@@ -7,14 +7,12 @@
 //! approximate (see `palisade_model::matching`), and registers the connection so that a
 //! later policy change can close it.
 use std::sync::Arc;
-use std::time::Instant;
 
 use palisade_mesh::accept::Acceptor;
 use palisade_model::Action;
 use tokio::net::TcpListener;
 
-use super::{Decided, Finished, PodNet, ProxyCtx, carry, record, socket_reset};
-use crate::flows::{Transport, Verdict};
+use super::{Decided, PodNet, ProxyCtx, Refusal, carry, refuse, socket_reset};
 use crate::limits;
 use crate::metrics::Direction;
 
@@ -33,27 +31,12 @@ pub async fn serve(listener: TcpListener, pod: Arc<PodNet>, ctx: Arc<ProxyCtx>) 
         let v = d.verdict;
         let policy = snapshot.describe_rule(v.rule, v.dst_identity);
         if v.action == Action::Deny {
-            let _ = socket_reset(&client);
-            drop(client);
-            record(
-                &ctx,
-                Finished {
-                    direction: Direction::Inbound,
-                    verdict: Verdict::Deny,
-                    src: peer,
-                    dst,
-                    src_identity: snapshot.identity_name(v.src_identity),
-                    dst_identity: snapshot.identity_name(v.dst_identity),
-                    policy,
-                    transport: Transport::Tcp,
-                    peer: None,
-                    sent: 0,
-                    received: 0,
-                    started: Instant::now(),
-                    error: None,
-                    audit: None,
-                },
-            );
+            let why = Refusal {
+                src_identity: snapshot.identity_name(v.src_identity),
+                dst_identity: snapshot.identity_name(v.dst_identity),
+                policy,
+            };
+            refuse(&ctx, &client, Direction::Inbound, peer, dst, why);
             continue;
         }
         let audit = d.audit_deny.map(|r| snapshot.describe_rule(r, v.dst_identity));

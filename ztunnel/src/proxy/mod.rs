@@ -220,6 +220,39 @@ struct Finished {
     audit: Option<String>,
 }
 
+/// The names a refused connection's flow event carries.
+struct Refusal {
+    src_identity: String,
+    dst_identity: String,
+    policy: String,
+}
+
+/// Refuses a plain TCP connection the proxy decided to deny: reset (the client sees a refusal,
+/// not an orderly empty stream), counted, and recorded as a deny event.
+fn refuse(ctx: &ProxyCtx, client: &TcpStream, direction: Direction, src: SocketAddr, dst: SocketAddr, why: Refusal) {
+    let _ = socket_reset(client);
+    ctx.metrics.verdict(direction, true);
+    record(
+        ctx,
+        Finished {
+            direction,
+            verdict: Verdict::Deny,
+            src,
+            dst,
+            src_identity: why.src_identity,
+            dst_identity: why.dst_identity,
+            policy: why.policy,
+            transport: Transport::Tcp,
+            peer: None,
+            sent: 0,
+            received: 0,
+            started: Instant::now(),
+            error: None,
+            audit: None,
+        },
+    );
+}
+
 fn record(ctx: &ProxyCtx, f: Finished) {
     ctx.hub.record(FlowEvent {
         time_unix_ms: crate::flows::now_unix_ms(),

@@ -8,16 +8,14 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::time::Instant;
 
 use palisade_mesh::accept::Acceptor;
 use palisade_model::Action;
 use tokio::net::{TcpListener, TcpStream};
 
 use super::hbone::{self, workload_identity};
-use super::{Decided, Finished, PodNet, ProxyCtx, carry, record, socket_reset};
+use super::{Decided, PodNet, ProxyCtx, Refusal, carry, refuse, socket_reset};
 use crate::datapath::orig_dst_addr;
-use crate::flows::{Transport, Verdict};
 use crate::limits;
 use crate::metrics::Direction;
 
@@ -101,27 +99,8 @@ fn resolve_service(
             format!("service {}: no endpoints", choice.service.name),
         ),
     };
-    let _ = socket_reset(client);
-    ctx.metrics.verdict(Direction::Outbound, true);
-    record(
-        ctx,
-        Finished {
-            direction: Direction::Outbound,
-            verdict: Verdict::Deny,
-            src: SocketAddr::new(pod.ip, 0),
-            dst: vip,
-            src_identity,
-            dst_identity: format!("service:{}", choice.service.name),
-            policy,
-            transport: Transport::Tcp,
-            peer: None,
-            sent: 0,
-            received: 0,
-            started: Instant::now(),
-            error: None,
-            audit: None,
-        },
-    );
+    let why = Refusal { src_identity, dst_identity: format!("service:{}", choice.service.name), policy };
+    refuse(ctx, client, Direction::Outbound, SocketAddr::new(pod.ip, 0), vip, why);
     None
 }
 
@@ -136,26 +115,11 @@ fn egress_allowed(ctx: &ProxyCtx, pod: &PodNet, client: &TcpStream, dst: SocketA
     if d.verdict.action == Action::Allow {
         return true;
     }
-    let _ = socket_reset(client);
-    ctx.metrics.verdict(Direction::Outbound, true);
-    record(
-        ctx,
-        Finished {
-            direction: Direction::Outbound,
-            verdict: Verdict::Deny,
-            src: SocketAddr::new(pod.ip, 0),
-            dst,
-            src_identity: snapshot.identity_name(d.verdict.src_identity),
-            dst_identity: snapshot.identity_name(d.verdict.dst_identity),
-            policy: snapshot.describe_verdict(&d.verdict),
-            transport: Transport::Tcp,
-            peer: None,
-            sent: 0,
-            received: 0,
-            started: Instant::now(),
-            error: None,
-            audit: None,
-        },
-    );
+    let why = Refusal {
+        src_identity: snapshot.identity_name(d.verdict.src_identity),
+        dst_identity: snapshot.identity_name(d.verdict.dst_identity),
+        policy: snapshot.describe_verdict(&d.verdict),
+    };
+    refuse(ctx, client, Direction::Outbound, SocketAddr::new(pod.ip, 0), dst, why);
     false
 }
