@@ -35,6 +35,8 @@ const SAMPLE_WHEN_REFUSING: Duration = Duration::from_millis(200);
 /// glibc malloc arenas: two are enough for ztunnel's few threads, and bound what a burst on
 /// many threads leaves behind.
 const MALLOC_ARENAS: i32 = 2;
+/// Allocations at least this large are mapped on their own (see `init_process`).
+const MMAP_THRESHOLD: i32 = 32 << 10;
 /// Memory is returned to the kernel when there was activity since the last trim but fewer
 /// than `TRIM_QUIET_BELOW` new data-path connections during the last `TRIM_EVERY`.
 const TRIM_EVERY: Duration = Duration::from_secs(5);
@@ -163,7 +165,14 @@ pub fn init_process() {
             libc::setrlimit(libc::RLIMIT_NOFILE, &limit);
         }
         #[cfg(target_env = "gnu")]
-        libc::mallopt(libc::M_ARENA_MAX, MALLOC_ARENAS);
+        {
+            libc::mallopt(libc::M_ARENA_MAX, MALLOC_ARENAS);
+            // Copy and frame buffers (64 KiB and more) come from their own mappings, given
+            // back on free. Without a fixed threshold glibc raises it after the first such
+            // free and serves them from the heap, where short-lived buffers between long-lived
+            // small objects leave tens of MiB that no trim can return after a load.
+            libc::mallopt(libc::M_MMAP_THRESHOLD, MMAP_THRESHOLD);
+        }
     }
 }
 
