@@ -43,6 +43,8 @@ pub const MAX_CONCURRENT_RESET_STREAMS: usize = 50;
 /// the connection ends with ENHANCE_YOUR_CALM.
 pub const MAX_PENDING_ACCEPT_RESET_STREAMS: usize = 20;
 const READ_CHUNK: usize = 64 << 10;
+/// Reads smaller than this are copied into a buffer of their own size (see `tcp_to_h2`).
+const COPY_BELOW: usize = 16 << 10;
 
 #[derive(Debug, thiserror::Error)]
 pub enum HboneError {
@@ -175,7 +177,15 @@ async fn tcp_to_h2<R: AsyncRead + Unpin>(mut rd: R, mut send: SendStream<Bytes>,
             send.send_data(Bytes::new(), true).map_err(h2_io)?;
             return Ok(());
         }
-        let mut chunk = buf.split().freeze();
+        // A small read is copied out and the buffer kept: a request of a few KiB costs a small
+        // allocation, not a fresh 64 KiB buffer per read. A large read is handed over whole.
+        let mut chunk = if n < COPY_BELOW {
+            let small = Bytes::copy_from_slice(&buf);
+            buf.clear();
+            small
+        } else {
+            buf.split().freeze()
+        };
         while !chunk.is_empty() {
             send.reserve_capacity(chunk.len());
             let granted = match send.capacity() {
