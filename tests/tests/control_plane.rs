@@ -233,3 +233,47 @@ fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
         std::thread::sleep(std::time::Duration::from_millis(50));
     }
 }
+
+/// The control plane's listeners under attack: idle and garbage connections on the push port
+/// (from a node's namespace) and garbage and an oversized line on the admin socket. Pushes
+/// still reach every node, and the admin API still answers.
+#[test]
+fn the_control_plane_stays_up_under_idle_garbage_and_oversized_input() {
+    use std::io::{Read, Write};
+    let cluster = mesh(2, 1, "");
+    let _s = serve(&cluster, "p2-1", 9090);
+    let dst = format!("{}:9090", cluster.pod("p2-1").unwrap().ip);
+    let node = cluster.node("node-1").unwrap().netns.clone();
+    let addr: std::net::SocketAddr = palisade_sandbox::cluster::CONTROL_PLANE_ADDR.parse().unwrap();
+    let held = palisade_sandbox::sys::in_netns(&node, move || {
+        let mut held = Vec::new();
+        for i in 0..300 {
+            let Ok(mut s) = std::net::TcpStream::connect_timeout(&addr, std::time::Duration::from_secs(2)) else {
+                continue;
+            };
+            if i % 3 == 0 {
+                let _ = s.write_all(&[0x16, 0x03, 0x01, 0xff, 0xff]);
+                let _ = s.write_all(&[0x41; 4096]);
+            }
+            held.push(s);
+        }
+        held
+    })
+    .unwrap();
+    // Garbage, then an endless line, on the admin socket.
+    let socket = cluster.admin_socket();
+    let mut garbage = std::os::unix::net::UnixStream::connect(&socket).unwrap();
+    garbage.write_all(b"{not json\n").unwrap();
+    let mut answer = [0u8; 256];
+    let _ = garbage.read(&mut answer);
+    let mut endless = std::os::unix::net::UnixStream::connect(&socket).unwrap();
+    endless.set_write_timeout(Some(std::time::Duration::from_secs(5))).unwrap();
+    let _ = endless.write_all(&vec![b'x'; 8 << 20]);
+
+    let out = apply(&cluster, &write(&cluster, "deny.yaml", &deny_to("no-9090", "p2-1", 9090)));
+    assert!(out.status.success(), "{}", text(&out));
+    let revision = revision_of(&out);
+    assert!(node_table(&cluster).values().all(|n| n["version"] == revision.as_str()), "{:?}", node_table(&cluster));
+    assert_eq!(connect(&cluster, "p1-1", &dst, 10)["errno"], EPERM);
+    drop(held);
+}

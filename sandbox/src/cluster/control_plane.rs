@@ -76,15 +76,7 @@ impl Cluster {
 
     /// One request to the admin API (see `palisade_server::admin`), answered as JSON.
     pub fn admin(&self, request: &serde_json::Value) -> Result<serde_json::Value> {
-        let socket = self.admin_socket();
-        let mut stream = UnixStream::connect(&socket).with_context(|| format!("connect {}", socket.display()))?;
-        stream.set_read_timeout(Some(Duration::from_secs(60)))?;
-        let mut line = serde_json::to_string(request)?;
-        line.push('\n');
-        stream.write_all(line.as_bytes())?;
-        let mut answer = String::new();
-        BufReader::new(stream).read_line(&mut answer)?;
-        serde_json::from_str(&answer).with_context(|| format!("admin answer: {answer:.200}"))
+        admin_request(&self.admin_socket(), request)
     }
 
     /// Every node's status as the control plane sees it (`palisade get nodes -o json`).
@@ -103,4 +95,16 @@ impl Cluster {
         std::fs::write(file, serde_json::to_string_pretty(&context)?)?;
         Ok(())
     }
+}
+
+/// One JSON request to a `palisade serve` admin socket, answered by one JSON line.
+pub(super) fn admin_request(socket: &std::path::Path, request: &serde_json::Value) -> Result<serde_json::Value> {
+    let mut stream = UnixStream::connect(socket).with_context(|| format!("connect {}", socket.display()))?;
+    stream.set_read_timeout(Some(Duration::from_secs(60)))?;
+    let mut line = serde_json::to_string(request)?;
+    line.push('\n');
+    stream.write_all(line.as_bytes())?;
+    let mut answer = String::new();
+    BufReader::new(stream).read_line(&mut answer)?;
+    serde_json::from_str(&answer).with_context(|| format!("{} answered: {answer:.200}", socket.display()))
 }

@@ -8,9 +8,7 @@
 //! in the store directory, where the CA reads its inventory, and is applied to etcd through a
 //! replica's admin API; resources dropped from the file are not deleted from etcd (a test
 //! deletes through the API).
-use std::io::{BufRead, BufReader, Write};
 use std::net::SocketAddr;
-use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command};
 use std::time::{Duration, Instant};
@@ -139,15 +137,7 @@ impl Cluster {
 
     /// One request to replica `i`'s admin API.
     pub fn replica_admin(&self, i: usize, request: &serde_json::Value) -> Result<serde_json::Value> {
-        let socket = self.replica_admin_socket(i);
-        let mut stream = UnixStream::connect(&socket).with_context(|| format!("connect {}", socket.display()))?;
-        stream.set_read_timeout(Some(Duration::from_secs(60)))?;
-        let mut line = serde_json::to_string(request)?;
-        line.push('\n');
-        stream.write_all(line.as_bytes())?;
-        let mut answer = String::new();
-        BufReader::new(stream).read_line(&mut answer)?;
-        serde_json::from_str(&answer).with_context(|| format!("replica {i} answered: {answer:.200}"))
+        super::control_plane::admin_request(&self.replica_admin_socket(i), request)
     }
 
     /// Applies the policy file (every workload and the extra resources) through the first

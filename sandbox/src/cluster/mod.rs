@@ -178,27 +178,18 @@ impl Cluster {
     /// Builds the cluster; on any error, everything made so far is removed.
     pub fn up(spec: ClusterSpec) -> Result<Cluster> {
         teardown(&spec.id, &spec.state_dir).context("clean what an earlier run left")?;
-        let mut cluster = Cluster {
-            info: ClusterInfo {
-                id: spec.id.clone(),
-                state_dir: spec.state_dir.clone(),
-                cgroup: sys::cgroup2_root()?.join(format!("{PREFIX}{}", spec.id)),
-                // In the control plane's store directory (see `control_plane`).
-                policy_file: spec.state_dir.join("store").join("policy.yaml"),
-                nodes: Vec::new(),
-                pods: Vec::new(),
-            },
-            extra_policy: spec.policy.clone(),
-            ztunnels: Vec::new(),
-            started: Vec::new(),
-            ztunnel_generation: BTreeMap::new(),
-            processes: Vec::new(),
-            control_plane: None,
-            control_plane_bin: None,
-            etcd_plane: None,
-            retired: Vec::new(),
-            teardown_on_drop: true,
-        };
+        let mut cluster = Cluster::attach(ClusterInfo {
+            id: spec.id.clone(),
+            state_dir: spec.state_dir.clone(),
+            cgroup: sys::cgroup2_root()?.join(format!("{PREFIX}{}", spec.id)),
+            // In the control plane's store directory (see `control_plane`).
+            policy_file: spec.state_dir.join("store").join("policy.yaml"),
+            nodes: Vec::new(),
+            pods: Vec::new(),
+        });
+        cluster.extra_policy = spec.policy.clone();
+        // Ours from here: everything made so far is removed if the build fails.
+        cluster.teardown_on_drop = true;
         match cluster.build(&spec) {
             Ok(()) => {
                 cluster.teardown_on_drop = spec.teardown_on_drop;
