@@ -8,6 +8,7 @@ pub mod load;
 pub mod matching;
 pub mod resource;
 pub mod validate;
+pub mod waypoint;
 
 use std::path::PathBuf;
 
