@@ -4,6 +4,7 @@
 pub mod cidr;
 pub mod compile;
 pub mod k8s;
+pub mod key;
 pub mod load;
 pub mod matching;
 pub mod resource;

@@ -6,8 +6,6 @@
 //! The trait is async (`async_trait`, so it can be used as `Arc<dyn Store>`): etcd's client
 //! is async, and the directory store does its file work on `spawn_blocking` itself, so the
 //! callers never block a runtime thread whichever store they hold.
-use std::fmt;
-
 use async_trait::async_trait;
 use palisade_model::compile::{Identities, IdentityLabels};
 use palisade_model::load::Located;
@@ -21,29 +19,7 @@ pub mod etcd;
 /// newer content (also across restarts of the server: see each store).
 pub type Revision = u64;
 
-/// Names one resource: `kind`, `namespace` (none for cluster-wide kinds), `name`.
-#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct ResourceKey {
-    pub kind: String,
-    pub namespace: Option<String>,
-    pub name: String,
-}
-
-impl ResourceKey {
-    pub fn of(resource: &Resource) -> Self {
-        let meta = resource.metadata();
-        ResourceKey { kind: resource.kind().to_string(), namespace: meta.namespace.clone(), name: meta.name.clone() }
-    }
-}
-
-impl fmt::Display for ResourceKey {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match &self.namespace {
-            Some(ns) => write!(f, "{} {ns}/{}", self.kind, self.name),
-            None => write!(f, "{} {}", self.kind, self.name),
-        }
-    }
-}
+pub use palisade_model::key::ResourceKey;
 
 /// Every resource of a store, as read at one revision.
 #[derive(Clone, Debug, Default)]
