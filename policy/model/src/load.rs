@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
-use crate::resource::{API_VERSION, Document, Resource};
+use crate::resource::{Document, Resource};
 
 mod batch;
 mod depth;
@@ -139,11 +139,20 @@ fn read_resource(doc: &str) -> Result<Resource, DocError> {
             metadata: d.metadata,
             spec: d.spec,
         }),
+        // The waypoint's kinds (see `crate::waypoint`).
+        "HTTPRoute" => crate::waypoint::http_route(doc),
+        "Gateway" => crate::waypoint::gateway(doc),
+        "AuthorizationPolicy" => crate::waypoint::authorization_policy(doc),
+        "TrafficPolicy" => typed(doc, |d: Document<_>| Resource::TrafficPolicy {
+            api_version: d.api_version,
+            metadata: d.metadata,
+            spec: Box::new(d.spec),
+        }),
         other => {
             return Err(DocError::Semantic {
                 field: "kind".into(),
                 message: format!(
-                    "unknown kind {other:?} (expected Workload, Namespace, SegmentationPolicy or NetworkPolicy)"
+                    "unknown kind {other:?} (expected Workload, Namespace, SegmentationPolicy, NetworkPolicy, Service, HTTPRoute, Gateway, AuthorizationPolicy or TrafficPolicy)"
                 ),
             });
         }
@@ -153,7 +162,8 @@ fn read_resource(doc: &str) -> Result<Resource, DocError> {
         return Err(DocError::Semantic {
             field: "apiVersion".into(),
             message: format!(
-                "expected {API_VERSION}, got {:?} ({} {})",
+                "expected {}, got {:?} ({} {})",
+                resource.expected_api_version(),
                 resource.api_version(),
                 resource.kind(),
                 resource.metadata().name

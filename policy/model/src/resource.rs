@@ -62,6 +62,35 @@ pub enum Resource {
         metadata: Metadata,
         spec: Box<k8s_openapi::api::core::v1::ServiceSpec>,
     },
+    /// Gateway API `HTTPRoute` attached to a Service (see [`crate::waypoint`]).
+    #[serde(rename = "HTTPRoute")]
+    HttpRoute {
+        #[serde(rename = "apiVersion")]
+        api_version: String,
+        metadata: Metadata,
+        spec: Box<crate::waypoint::gateway::HttpRouteSpec>,
+    },
+    /// Gateway API `Gateway`; of class `palisade-waypoint`, a waypoint.
+    Gateway {
+        #[serde(rename = "apiVersion")]
+        api_version: String,
+        metadata: Metadata,
+        spec: Box<crate::waypoint::gateway::GatewaySpec>,
+    },
+    /// Istio `AuthorizationPolicy` with `targetRefs`, enforced by a waypoint.
+    AuthorizationPolicy {
+        #[serde(rename = "apiVersion")]
+        api_version: String,
+        metadata: Metadata,
+        spec: Box<crate::waypoint::istio::AuthorizationPolicySpec>,
+    },
+    /// Load balancing, limits and outlier detection of a Service, enforced by a waypoint.
+    TrafficPolicy {
+        #[serde(rename = "apiVersion")]
+        api_version: String,
+        metadata: Metadata,
+        spec: Box<crate::waypoint::traffic::TrafficPolicySpec>,
+    },
 }
 
 /// The typed shape of one YAML document of a given kind.
@@ -84,6 +113,10 @@ impl Resource {
             Resource::SegmentationPolicy { .. } => "SegmentationPolicy",
             Resource::NetworkPolicy { .. } => "NetworkPolicy",
             Resource::Service { .. } => "Service",
+            Resource::HttpRoute { .. } => "HTTPRoute",
+            Resource::Gateway { .. } => "Gateway",
+            Resource::AuthorizationPolicy { .. } => "AuthorizationPolicy",
+            Resource::TrafficPolicy { .. } => "TrafficPolicy",
         }
     }
 
@@ -93,7 +126,22 @@ impl Resource {
             | Resource::Namespace { api_version, .. }
             | Resource::SegmentationPolicy { api_version, .. }
             | Resource::NetworkPolicy { api_version, .. }
-            | Resource::Service { api_version, .. } => api_version,
+            | Resource::Service { api_version, .. }
+            | Resource::HttpRoute { api_version, .. }
+            | Resource::Gateway { api_version, .. }
+            | Resource::AuthorizationPolicy { api_version, .. }
+            | Resource::TrafficPolicy { api_version, .. } => api_version,
+        }
+    }
+
+    /// The `apiVersion` this kind is written with (for messages).
+    pub fn expected_api_version(&self) -> &'static str {
+        match self {
+            Resource::NetworkPolicy { .. } => K8S_NETWORKING_API_VERSION,
+            Resource::Service { .. } => K8S_CORE_API_VERSION,
+            Resource::HttpRoute { .. } | Resource::Gateway { .. } => crate::waypoint::gateway::GATEWAY_API_VERSION,
+            Resource::AuthorizationPolicy { .. } => crate::waypoint::istio::ISTIO_SECURITY_API_VERSION,
+            _ => API_VERSION,
         }
     }
 
@@ -102,6 +150,14 @@ impl Resource {
         match self {
             Resource::NetworkPolicy { api_version, .. } => api_version == K8S_NETWORKING_API_VERSION,
             Resource::Service { api_version, .. } => api_version == K8S_CORE_API_VERSION,
+            Resource::HttpRoute { api_version, .. } | Resource::Gateway { api_version, .. } => {
+                api_version == crate::waypoint::gateway::GATEWAY_API_VERSION
+            }
+            Resource::AuthorizationPolicy { api_version, .. } => [
+                crate::waypoint::istio::ISTIO_SECURITY_API_VERSION,
+                crate::waypoint::istio::ISTIO_SECURITY_API_VERSION_BETA,
+            ]
+            .contains(&api_version.as_str()),
             Resource::Namespace { api_version, .. } => {
                 api_version == API_VERSION || api_version == K8S_CORE_API_VERSION
             }
@@ -115,7 +171,11 @@ impl Resource {
             | Resource::Namespace { metadata, .. }
             | Resource::SegmentationPolicy { metadata, .. }
             | Resource::NetworkPolicy { metadata, .. }
-            | Resource::Service { metadata, .. } => metadata,
+            | Resource::Service { metadata, .. }
+            | Resource::HttpRoute { metadata, .. }
+            | Resource::Gateway { metadata, .. }
+            | Resource::AuthorizationPolicy { metadata, .. }
+            | Resource::TrafficPolicy { metadata, .. } => metadata,
         }
     }
 }

@@ -148,7 +148,13 @@ pub fn check(resources: &[Located], sources: &Sources) -> Vec<Finding> {
                     );
                 }
             }
-            Resource::Namespace { .. } | Resource::Service { .. } => {}
+            // The waypoint's kinds: `crate::waypoint::validate`.
+            Resource::Namespace { .. }
+            | Resource::Service { .. }
+            | Resource::HttpRoute { .. }
+            | Resource::Gateway { .. }
+            | Resource::AuthorizationPolicy { .. }
+            | Resource::TrafficPolicy { .. } => {}
             Resource::NetworkPolicy { spec, .. } => {
                 for (field, message) in crate::k8s::problems(spec) {
                     out.error(&at, &field, message);
@@ -159,6 +165,7 @@ pub fn check(resources: &[Located], sources: &Sources) -> Vec<Finding> {
     references::check(resources, &mut out);
     shadow::check(resources, &mut out);
     services::check(resources, &mut out);
+    out.list.extend(crate::waypoint::validate::check(resources, sources));
     let mut list = out.list;
     sort(&mut list);
     list

@@ -115,6 +115,11 @@ fn drafts(resources: &[Located]) -> Vec<Draft> {
                 }
             }
             Resource::Workload { .. } | Resource::Namespace { .. } | Resource::Service { .. } => {}
+            // L7: compiled for the waypoints (`crate::waypoint::compile`), not for the kernel.
+            Resource::HttpRoute { .. }
+            | Resource::Gateway { .. }
+            | Resource::AuthorizationPolicy { .. }
+            | Resource::TrafficPolicy { .. } => {}
         }
     }
     // A stable order, so rule numbers do not depend on file order.
