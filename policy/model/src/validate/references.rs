@@ -1,63 +1,136 @@
 //! References across resources that point at nothing, and policies that attach to nothing.
 //! These are warnings: a policy may be applied before the namespace and the pods it names,
 //! and it takes effect as they appear. Each is reported at the line of the reference.
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 
 use super::{At, Findings};
 use crate::load::Located;
 use crate::resource::{Peer, Resource, Selector};
 
-/// What the batch knows of namespaces and workloads.
+/// One workload as references see it.
+struct Workload<'a> {
+    namespace: &'a str,
+    account: &'a str,
+    labels: &'a BTreeMap<String, String>,
+}
+
+/// What the batch knows of namespaces and workloads, indexed: a cluster-scale batch has
+/// thousands of workloads and a hundred thousand peers, and a scan of every workload per peer
+/// is seconds. Every list of workload indices is in batch order.
 struct Inventory<'a> {
-    /// Namespaces defined by a `Namespace` resource, with their labels as selectors see them.
-    defined: Vec<(&'a str, BTreeMap<String, String>)>,
-    /// (namespace, service account, labels) of every workload.
-    workloads: Vec<(&'a str, &'a str, &'a BTreeMap<String, String>)>,
+    /// Namespaces defined by a `Namespace` resource or holding a workload.
+    known: HashSet<&'a str>,
+    /// Labels of every known namespace as selectors see them (one with workloads only has
+    /// just its name label).
+    namespace_labels: Vec<BTreeMap<String, String>>,
+    workloads: Vec<Workload<'a>>,
+    /// Every workload's index.
+    all: Vec<usize>,
+    by_namespace: HashMap<&'a str, Vec<usize>>,
+    /// (label key, value) → the workloads that carry it.
+    by_label: HashMap<(&'a str, &'a str), Vec<usize>>,
+    /// (namespace, label key, value) → the workloads of that namespace that carry it.
+    by_namespace_label: HashMap<(&'a str, &'a str, &'a str), Vec<usize>>,
+    /// (namespace, service account) of every workload.
+    accounts: HashSet<(&'a str, &'a str)>,
     /// Names of the TCP container ports of every workload.
     port_names: HashSet<&'a str>,
 }
 
-impl Inventory<'_> {
-    fn known(&self, ns: &str) -> bool {
-        self.defined.iter().any(|(n, _)| *n == ns) || self.workloads.iter().any(|(n, _, _)| *n == ns)
-    }
-
-    /// Labels of every known namespace (one with workloads only has just its name label).
-    fn namespace_labels(&self) -> Vec<BTreeMap<String, String>> {
-        let mut out: Vec<_> = self.defined.iter().map(|(_, l)| l.clone()).collect();
-        let defined: HashSet<&str> = self.defined.iter().map(|(n, _)| *n).collect();
-        let mut seen = HashSet::new();
-        for (ns, _, _) in &self.workloads {
-            if !defined.contains(ns) && seen.insert(*ns) {
-                out.push(crate::k8s::namespace_labels(ns, &BTreeMap::new()));
+impl<'a> Inventory<'a> {
+    fn new(resources: &'a [Located]) -> Self {
+        let mut inv = Inventory {
+            known: HashSet::new(),
+            namespace_labels: Vec::new(),
+            workloads: Vec::new(),
+            all: Vec::new(),
+            by_namespace: HashMap::new(),
+            by_label: HashMap::new(),
+            by_namespace_label: HashMap::new(),
+            accounts: HashSet::new(),
+            port_names: HashSet::new(),
+        };
+        let mut defined = HashSet::new();
+        for r in resources {
+            match &r.resource {
+                Resource::Namespace { metadata, .. } => {
+                    defined.insert(metadata.name.as_str());
+                    inv.known.insert(&metadata.name);
+                    inv.namespace_labels.push(crate::k8s::namespace_labels(&metadata.name, &metadata.labels));
+                }
+                Resource::Workload { metadata, spec, .. } => {
+                    if let Some(ns) = &metadata.namespace {
+                        let i = inv.workloads.len();
+                        inv.workloads.push(Workload {
+                            namespace: ns,
+                            account: &spec.service_account,
+                            labels: &spec.labels,
+                        });
+                        inv.all.push(i);
+                        inv.known.insert(ns);
+                        inv.by_namespace.entry(ns).or_default().push(i);
+                        inv.accounts.insert((ns, &spec.service_account));
+                        for (k, v) in &spec.labels {
+                            inv.by_label.entry((k, v)).or_default().push(i);
+                            inv.by_namespace_label.entry((ns, k, v)).or_default().push(i);
+                        }
+                    }
+                    let tcp = spec.ports.iter().filter(|p| p.protocol == crate::resource::Protocol::Tcp);
+                    inv.port_names.extend(tcp.filter_map(|p| p.name.as_deref()));
+                }
+                _ => {}
             }
         }
-        out
+        let mut seen = HashSet::new();
+        for w in &inv.workloads {
+            if !defined.contains(w.namespace) && seen.insert(w.namespace) {
+                inv.namespace_labels.push(crate::k8s::namespace_labels(w.namespace, &BTreeMap::new()));
+            }
+        }
+        inv
+    }
+
+    fn known(&self, ns: &str) -> bool {
+        self.known.contains(ns)
+    }
+
+    /// The workloads (of namespace `ns`, or of any) that may match `selector`: those that
+    /// carry the rarest of its `matchLabels`, or all of them. Callers still match each.
+    fn candidates<'s>(&'s self, ns: Option<&'s str>, selector: &'s Selector) -> &'s [usize] {
+        let lists = selector.match_labels.iter().map(|(k, v)| -> &'s [usize] {
+            let list = match ns {
+                Some(ns) => self.by_namespace_label.get(&(ns, k.as_str(), v.as_str())),
+                None => self.by_label.get(&(k.as_str(), v.as_str())),
+            };
+            list.map_or(&[][..], Vec::as_slice)
+        });
+        let every: &'s [usize] = match ns {
+            Some(ns) => self.by_namespace.get(ns).map_or(&[][..], Vec::as_slice),
+            None => &self.all,
+        };
+        lists.min_by_key(|l| l.len()).unwrap_or(every)
+    }
+
+    /// The workloads `selector` selects (in namespace `ns`, or in any) that run as an account
+    /// `account_ok` accepts.
+    fn selected<'s>(
+        &'s self,
+        ns: Option<&'s str>,
+        selector: &'s Selector,
+        account_ok: impl Fn(&str) -> bool + 's,
+    ) -> impl Iterator<Item = &'s Workload<'a>> + 's {
+        let candidates = self.candidates(ns, selector).iter().map(|&i| &self.workloads[i]);
+        candidates.filter(move |w| account_ok(w.account) && selector.matches(w.labels))
     }
 }
 
 pub(super) fn check(resources: &[Located], out: &mut Findings) {
-    let mut inv = Inventory { defined: Vec::new(), workloads: Vec::new(), port_names: HashSet::new() };
-    for r in resources {
-        match &r.resource {
-            Resource::Namespace { metadata, .. } => {
-                inv.defined.push((&metadata.name, crate::k8s::namespace_labels(&metadata.name, &metadata.labels)))
-            }
-            Resource::Workload { metadata, spec, .. } => {
-                if let Some(ns) = &metadata.namespace {
-                    inv.workloads.push((ns, &spec.service_account, &spec.labels));
-                }
-                let tcp = spec.ports.iter().filter(|p| p.protocol == crate::resource::Protocol::Tcp);
-                inv.port_names.extend(tcp.filter_map(|p| p.name.as_deref()));
-            }
-            _ => {}
-        }
-    }
+    let inv = Inventory::new(resources);
     for located in resources {
-        let at = At::new(located);
         let Some(ns) = located.resource.metadata().namespace.as_deref() else { continue };
         match &located.resource {
             Resource::SegmentationPolicy { spec, .. } => {
+                let at = At::new(located);
                 attachment(out, &inv, &at, ns, "spec.selector", &spec.selector);
                 for (r, rule) in spec.rules.iter().enumerate() {
                     for (p, peer) in rule.from.iter().enumerate() {
@@ -71,6 +144,7 @@ pub(super) fn check(resources: &[Located], out: &mut Findings) {
                 }
             }
             Resource::NetworkPolicy { spec, .. } => {
+                let at = At::new(located);
                 let selector = spec.pod_selector.as_ref().map(crate::k8s::selector).unwrap_or_default();
                 attachment(out, &inv, &at, ns, "spec.podSelector", &selector);
                 named_ports(out, &inv, &at, spec);
@@ -96,7 +170,7 @@ fn attachment(out: &mut Findings, inv: &Inventory, at: &At, ns: &str, field: &st
             "metadata.namespace",
             format!("namespace {ns:?} has no Namespace resource and no workloads (yet): the policy applies to nothing"),
         );
-    } else if !selector.is_empty() && !inv.workloads.iter().any(|(n, _, l)| *n == ns && selector.matches(l)) {
+    } else if !selector.is_empty() && inv.selected(Some(ns), selector, |_| true).next().is_none() {
         out.warning(
             at,
             field,
@@ -132,8 +206,9 @@ fn peer_refs(out: &mut Findings, inv: &Inventory, at: &At, policy_ns: &str, fiel
     };
     let in_scope = |ns: &str| scope.as_ref().is_none_or(|s| s.contains(&ns));
     if let Some(sa) = &peer.service_account
-        && scope.as_ref().is_some_and(|s| s.iter().all(|ns| inv.known(ns)))
-        && !inv.workloads.iter().any(|(ns, a, _)| in_scope(ns) && a == sa)
+        && let Some(scope) = &scope
+        && scope.iter().all(|ns| inv.known(ns))
+        && !scope.iter().any(|ns| inv.accounts.contains(&(*ns, sa.as_str())))
     {
         out.warning(at, &format!("{field}.serviceAccount"), format!("no workload runs as {sa:?} there (yet)"));
     }
@@ -141,15 +216,19 @@ fn peer_refs(out: &mut Findings, inv: &Inventory, at: &At, policy_ns: &str, fiel
         Selector { match_labels: peer.match_labels.clone(), match_expressions: peer.match_expressions.clone() };
     if !labels.is_empty() {
         let sa_ok = |a: &str| peer.service_account.as_deref().is_none_or(|sa| sa == a);
-        let here = inv.workloads.iter().any(|(ns, a, l)| in_scope(ns) && sa_ok(a) && labels.matches(l));
         let key = if peer.match_labels.is_empty() { "matchExpressions" } else { "matchLabels" };
-        let elsewhere: std::collections::BTreeSet<&str> = inv
-            .workloads
-            .iter()
-            .filter(|(ns, a, l)| !in_scope(ns) && sa_ok(a) && labels.matches(l))
-            .map(|(ns, _, _)| *ns)
-            .collect();
-        if peer.is_unscoped_label_selector() && !elsewhere.is_empty() {
+        // Only an unscoped selector can match elsewhere than where it is read.
+        let elsewhere: BTreeSet<&str> = match peer.is_unscoped_label_selector() {
+            true => {
+                inv.selected(None, &labels, sa_ok).filter(|w| !in_scope(w.namespace)).map(|w| w.namespace).collect()
+            }
+            false => BTreeSet::new(),
+        };
+        let here = || match &scope {
+            Some(scope) => scope.iter().any(|ns| inv.selected(Some(ns), &labels, sa_ok).next().is_some()),
+            None => inv.selected(None, &labels, sa_ok).next().is_some(),
+        };
+        if !elsewhere.is_empty() {
             // Where it matters: the literal reading would match more than the scoped one.
             let elsewhere: Vec<&str> = elsewhere.into_iter().collect();
             out.warning(
@@ -160,13 +239,13 @@ fn peer_refs(out: &mut Findings, inv: &Inventory, at: &At, policy_ns: &str, fiel
                     elsewhere.join(", ")
                 ),
             );
-        } else if !here {
+        } else if !here() {
             out.warning(at, &format!("{field}.{key}"), "selects no workload (yet): this peer matches nothing".into());
         }
     }
     if let Some(sel) = &peer.namespace_selector
         && !sel.is_empty()
-        && !inv.namespace_labels().iter().any(|l| sel.matches(l))
+        && !inv.namespace_labels.iter().any(|l| sel.matches(l))
     {
         out.warning(at, &format!("{field}.namespaceSelector"), "selects no namespace (yet)".into());
     }
@@ -210,7 +289,7 @@ fn network_policy_peers(
 ) {
     let ingress = spec.ingress.iter().flatten().map(|r| r.from.as_ref());
     let egress = spec.egress.iter().flatten().map(|r| r.to.as_ref());
-    let namespaces = inv.namespace_labels();
+    let namespaces = &inv.namespace_labels;
     for (list, peers_key, rules) in
         [("ingress", "from", ingress.collect::<Vec<_>>()), ("egress", "to", egress.collect())]
     {

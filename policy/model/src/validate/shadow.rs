@@ -7,7 +7,7 @@
 //! Coverage is decided structurally and conservatively: a Deny rule covers an Allow rule when
 //! each of its constraints is one the Allow rule has too (or a wider one: a CIDR that covers,
 //! a port list that contains). When unsure it says nothing.
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 
 use super::{At, Findings};
 use crate::load::Located;
@@ -45,6 +45,15 @@ pub(super) fn check(resources: &[Located], out: &mut Findings) {
             _ => None,
         })
         .collect();
+    // The enforced Deny policies of each namespace, in batch order: an Allow policy is
+    // compared with those of its own namespace only (a scan of every policy per policy is
+    // quadratic in a cluster's ten thousand).
+    let mut denies: HashMap<&str, Vec<(At, &SegmentationSpec)>> = HashMap::new();
+    for &(located, ns, spec) in &policies {
+        if spec.action == Action::Deny && spec.mode == Mode::Enforce {
+            denies.entry(ns).or_default().push((At::new(located), spec));
+        }
+    }
     for &(located, ns, spec) in &policies {
         let at = At::new(located);
         for rule in rules(spec).iter().flatten() {
@@ -53,18 +62,14 @@ pub(super) fn check(resources: &[Located], out: &mut Findings) {
         if spec.action != Action::Allow {
             continue;
         }
-        for &(deny_at, deny_ns, deny) in &policies {
-            if deny_ns != ns || deny.action != Action::Deny || deny.mode != Mode::Enforce {
-                continue;
-            }
+        for (deny_at, deny) in denies.get(ns).into_iter().flatten() {
             if !selector_covers(&deny.selector, &spec.selector) {
                 continue;
             }
-            let deny_at = At::new(deny_at);
             for (allows, denies) in rules(spec).iter().zip(rules(deny).iter()) {
                 for allow in allows {
                     if let Some(d) = denies.iter().find(|d| rule_covers(ns, d, allow)) {
-                        let place = out.place(&deny_at, &d.field);
+                        let place = out.place(deny_at, &d.field);
                         out.warning(
                             &at,
                             &allow.field,
