@@ -67,7 +67,9 @@ pub fn sort(findings: &mut [Finding]) {
 pub fn check(resources: &[Located], sources: &Sources) -> Vec<Finding> {
     let mut out = Findings { sources, list: Vec::new() };
     let mut names: HashMap<(&str, Option<&str>, &str), &Origin> = HashMap::new();
-    let mut addresses: HashMap<IpAddr, (Origin, String)> = HashMap::new();
+    // The first owner of each address; its field's line is looked up only for a duplicate
+    // (a lookup reads the document again).
+    let mut addresses: HashMap<IpAddr, (&Located, usize)> = HashMap::new();
     for located in resources {
         let at = At::new(located);
         let (resource, meta) = (&located.resource, located.resource.metadata());
@@ -103,11 +105,13 @@ pub fn check(resources: &[Located], sources: &Sources) -> Vec<Finding> {
                 for (i, addr) in spec.addresses.iter().enumerate() {
                     let field = format!("spec.addresses[{i}]");
                     match addresses.get(addr) {
-                        Some((first, owner)) => {
+                        Some((owner, index)) => {
+                            let first = sources.locate(&owner.origin, &format!("spec.addresses[{index}]"));
+                            let owner = At::new(owner).label;
                             out.error(&at, &field, format!("{addr} is already the address of {owner} ({first})"))
                         }
                         None => {
-                            addresses.insert(*addr, (sources.locate(&located.origin, &field), at.label.clone()));
+                            addresses.insert(*addr, (located, i));
                         }
                     }
                 }
@@ -126,26 +130,10 @@ pub fn check(resources: &[Located], sources: &Sources) -> Vec<Finding> {
                     );
                 }
                 for (r, rule) in spec.rules.iter().enumerate() {
-                    rule_shape(
-                        &mut out,
-                        &at,
-                        &format!("spec.rules[{r}]"),
-                        "from",
-                        &rule.from,
-                        &rule.ports,
-                        &rule.not_ports,
-                    );
+                    rule_shape(&mut out, &at, Entry("spec.rules", r), "from", &rule.from, &rule.ports, &rule.not_ports);
                 }
                 for (r, rule) in spec.egress.iter().flatten().enumerate() {
-                    rule_shape(
-                        &mut out,
-                        &at,
-                        &format!("spec.egress[{r}]"),
-                        "to",
-                        &rule.to,
-                        &rule.ports,
-                        &rule.not_ports,
-                    );
+                    rule_shape(&mut out, &at, Entry("spec.egress", r), "to", &rule.to, &rule.ports, &rule.not_ports);
                 }
             }
             // The waypoint's kinds: `crate::waypoint::validate`.
@@ -175,7 +163,7 @@ pub fn check(resources: &[Located], sources: &Sources) -> Vec<Finding> {
 fn rule_shape(
     out: &mut Findings,
     at: &At,
-    rule: &str,
+    rule: Entry,
     peers_name: &str,
     peers: &[Peer],
     ports: &[u16],
@@ -189,9 +177,10 @@ fn rule_shape(
         }
     }
     for (f, peer) in peers.iter().enumerate() {
-        let field = format!("{rule}.{peers_name}[{f}]");
+        let field = Below(rule, Entry(peers_name, f));
         if peer.is_empty() {
-            out.error(at, &field, format!("an empty peer matches nothing; omit `{peers_name}` to match any peer"));
+            let message = format!("an empty peer matches nothing; omit `{peers_name}` to match any peer");
+            out.error(at, &field.to_string(), message);
         }
         for (list, patterns) in [("principals", &peer.principals), ("notPrincipals", &peer.not_principals)] {
             for (i, p) in patterns.iter().enumerate() {
@@ -200,6 +189,27 @@ fn rule_shape(
                 }
             }
         }
+    }
+}
+
+/// `list[index]`, a field path spelled out only for a finding: a cluster's batch has a
+/// hundred thousand rules and peers, and few findings.
+#[derive(Clone, Copy)]
+struct Entry<'a>(&'a str, usize);
+
+impl fmt::Display for Entry<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}[{}]", self.0, self.1)
+    }
+}
+
+/// `outer.inner`, e.g. `spec.rules[1].from[0]`, spelled out only for a finding.
+#[derive(Clone, Copy)]
+struct Below<'a>(Entry<'a>, Entry<'a>);
+
+impl fmt::Display for Below<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}.{}", self.0, self.1)
     }
 }
 

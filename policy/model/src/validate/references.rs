@@ -3,7 +3,7 @@
 //! and it takes effect as they appear. Each is reported at the line of the reference.
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 
-use super::{At, Findings};
+use super::{At, Below, Entry, Findings};
 use crate::load::Located;
 use crate::resource::{Peer, Resource, Selector};
 
@@ -134,12 +134,14 @@ pub(super) fn check(resources: &[Located], out: &mut Findings) {
                 attachment(out, &inv, &at, ns, "spec.selector", &spec.selector);
                 for (r, rule) in spec.rules.iter().enumerate() {
                     for (p, peer) in rule.from.iter().enumerate() {
-                        peer_refs(out, &inv, &at, ns, &format!("spec.rules[{r}].from[{p}]"), peer);
+                        let field = Below(Entry("spec.rules", r), Entry("from", p));
+                        peer_refs(out, &inv, &at, ns, field, peer);
                     }
                 }
                 for (r, rule) in spec.egress.iter().flatten().enumerate() {
                     for (p, peer) in rule.to.iter().enumerate() {
-                        peer_refs(out, &inv, &at, ns, &format!("spec.egress[{r}].to[{p}]"), peer);
+                        let field = Below(Entry("spec.egress", r), Entry("to", p));
+                        peer_refs(out, &inv, &at, ns, field, peer);
                     }
                 }
             }
@@ -181,7 +183,7 @@ fn attachment(out: &mut Findings, inv: &Inventory, at: &At, ns: &str, field: &st
 
 /// The references of one peer: namespaces that do not exist, service accounts no workload
 /// runs as, selectors that select nothing.
-fn peer_refs(out: &mut Findings, inv: &Inventory, at: &At, policy_ns: &str, field: &str, peer: &Peer) {
+fn peer_refs(out: &mut Findings, inv: &Inventory, at: &At, policy_ns: &str, field: Below, peer: &Peer) {
     let unknown = |ns: &str| format!("namespace {ns:?} has no Namespace resource and no workloads (yet)");
     if let Some(ns) = &peer.namespace
         && !inv.known(ns)
