@@ -1,0 +1,225 @@
+//! Sending a request upstream: attempts with balancing, outlier accounting and retries; the
+//! upstream request's shape (hop-by-hop headers, URI form per protocol); fire-and-forget
+//! mirrors.
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::header::{CONNECTION, HOST, TE, TRANSFER_ENCODING, UPGRADE};
+use http::uri::PathAndQuery;
+use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, Response, Uri, Version};
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+use palisade_model::waypoint::config::{Backend, HashKey, LoadBalancer, Route, TrafficPolicy};
+
+use crate::balance::{BackendState, EndpointState, InFlight, hash64};
+use crate::body::ProxyBody;
+use crate::engine::Inner;
+use crate::filters;
+use crate::limits::Limit;
+use crate::outlier::Outcome;
+use crate::pool::SendError;
+use crate::retry::{self, Failure, RequestBody};
+
+/// A mirror that has not answered in this long is abandoned.
+const MIRROR_TIMEOUT: Duration = Duration::from_secs(10);
+
+#[derive(Debug, thiserror::Error)]
+pub enum AttemptError {
+    #[error("the backend has no endpoints")]
+    NoEndpoint,
+    #[error(transparent)]
+    Send(#[from] SendError),
+    #[error("the backend did not answer within the backend timeout")]
+    Timeout,
+}
+
+/// Where and what a request's attempts send.
+pub(crate) struct Target<'a> {
+    pub inner: &'a Inner,
+    pub state: &'a BackendState,
+    pub traffic: &'a TrafficPolicy,
+    pub route: &'a Route,
+    /// The ring-hash key, if the backend hashes.
+    pub key: Option<u64>,
+    pub h2: bool,
+    pub method: &'a Method,
+    pub uri: &'a Uri,
+    pub headers: &'a HeaderMap,
+}
+
+pub(crate) struct Attempted {
+    pub result: Result<Response<Incoming>, AttemptError>,
+    pub endpoint: Option<Arc<EndpointState>>,
+    /// Held until the response body ends (least request's load).
+    pub in_flight: Option<InFlight>,
+    pub tries: u32,
+}
+
+/// Attempts until one answers for good or retries are spent; each retry goes to an endpoint
+/// not tried yet where there is one.
+pub(crate) async fn attempt(t: &Target<'_>, body: &mut RequestBody) -> Attempted {
+    let mut tried: Vec<SocketAddr> = Vec::new();
+    let mut retry_unit = None;
+    let mut tries = 0;
+    loop {
+        tries += 1;
+        let (Some(ep), Some(req_body)) = (t.state.pick(t.key, &tried), body.take()) else {
+            return Attempted { result: Err(AttemptError::NoEndpoint), endpoint: None, in_flight: None, tries };
+        };
+        let in_flight = ep.start();
+        let req = upstream_request(t.method, t.uri, t.headers, t.h2, req_body, ep.endpoint.address);
+        let sent = t.inner.pool.send(t.state, &ep, t.traffic, t.h2, req);
+        let result = match t.route.backend_timeout {
+            Some(limit) => match tokio::time::timeout(limit, sent).await {
+                Ok(sent) => sent.map_err(AttemptError::from),
+                Err(_) => Err(AttemptError::Timeout),
+            },
+            None => sent.await.map_err(AttemptError::from),
+        };
+        let failure = match &result {
+            Ok(r) => Some(Failure::Status(r.status().as_u16())),
+            // Our own limit, not the endpoint's fault: neither outlier nor retry.
+            Err(AttemptError::Send(SendError::Overflow(_))) | Err(AttemptError::NoEndpoint) => None,
+            Err(AttemptError::Send(e)) if e.before_sending() => Some(Failure::NotSent),
+            Err(_) => Some(Failure::Reset),
+        };
+        let outcome = match failure {
+            Some(Failure::Status(s)) => Some(Outcome::Status(s)),
+            Some(_) => Some(Outcome::Failed),
+            None => None,
+        };
+        if let Some(outcome) = outcome
+            && t.state.record(&ep, outcome)
+        {
+            t.inner.metrics.ejections.inc();
+        }
+        let policy = t.route.retry.as_ref();
+        let retry = failure.is_some_and(|f| body.replayable() && retry::should_retry(policy, t.method, tries - 1, f));
+        if retry
+            && let Some(policy) = policy
+            && let Ok(unit) = t.state.counters.acquire(Limit::ActiveRetries, t.traffic.limits.max_active_retries)
+        {
+            retry_unit.replace(unit);
+            tried.push(ep.endpoint.address);
+            drop((result, in_flight));
+            tokio::time::sleep(retry::backoff(policy.backoff, tries - 1)).await;
+            continue;
+        }
+        return Attempted { result, endpoint: Some(ep), in_flight: Some(in_flight), tries };
+    }
+}
+
+/// The request as the upstream gets it: origin form and a Host header for HTTP/1.1;
+/// absolute form (`:authority`) and no Host header for HTTP/2.
+fn upstream_request(
+    method: &Method,
+    uri: &Uri,
+    headers: &HeaderMap,
+    h2: bool,
+    body: ProxyBody,
+    endpoint: SocketAddr,
+) -> Request<ProxyBody> {
+    let mut headers = headers.clone();
+    strip_hop_by_hop(&mut headers);
+    let host = filters::request_host(uri, &headers);
+    let authority = if host.is_empty() { endpoint.to_string() } else { host };
+    let pq = uri.path_and_query().cloned().unwrap_or_else(|| PathAndQuery::from_static("/"));
+    let uri = if h2 {
+        headers.remove(HOST);
+        Uri::builder()
+            .scheme("http")
+            .authority(authority.as_str())
+            .path_and_query(pq.clone())
+            .build()
+            .unwrap_or_else(|_| Uri::from(pq))
+    } else {
+        if !headers.contains_key(HOST)
+            && let Ok(v) = HeaderValue::from_str(&authority)
+        {
+            headers.insert(HOST, v);
+        }
+        Uri::from(pq)
+    };
+    let mut req = Request::new(body);
+    *req.method_mut() = method.clone();
+    *req.uri_mut() = uri;
+    *req.version_mut() = if h2 { Version::HTTP_2 } else { Version::HTTP_11 };
+    *req.headers_mut() = headers;
+    req
+}
+
+/// Removes headers that belong to one connection only (RFC 9110 §7.6.1), keeping
+/// `te: trailers`, which gRPC needs end to end.
+pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    let listed: Vec<HeaderName> = headers
+        .get_all(CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
+        .collect();
+    for name in listed {
+        headers.remove(name);
+    }
+    let trailers =
+        headers.get_all(TE).iter().any(|v| v.to_str().is_ok_and(|s| s.to_ascii_lowercase().contains("trailers")));
+    for name in [CONNECTION, TRANSFER_ENCODING, UPGRADE, TE] {
+        headers.remove(name);
+    }
+    headers.remove("keep-alive");
+    headers.remove("proxy-connection");
+    if trailers {
+        headers.insert(TE, HeaderValue::from_static("trailers"));
+    }
+}
+
+/// The request's ring-hash key: a header's value or the source address. None (no hash:
+/// any endpoint) when the header is absent or the backend does not hash.
+pub(crate) fn hash_key(traffic: &TrafficPolicy, headers: &HeaderMap, peer: SocketAddr) -> Option<u64> {
+    match &traffic.load_balancer {
+        LoadBalancer::RingHash(HashKey::Header(name)) => headers.get(name.as_str()).map(|v| hash64(v.as_bytes())),
+        LoadBalancer::RingHash(HashKey::SourceIp) => Some(hash64(peer.ip().to_string().as_bytes())),
+        _ => None,
+    }
+}
+
+/// Sends a copy of the request to `mirror` and drops its answer. Only requests whose body
+/// was buffered (see `retry`) are mirrored, and at most `Settings::max_mirrors` at once:
+/// a mirror must never slow or grow the real request.
+pub(crate) fn spawn_mirror(
+    inner: &Arc<Inner>,
+    backends: &HashMap<String, Arc<BackendState>>,
+    mirror: &Backend,
+    request: (&Method, &Uri, &HeaderMap, bool),
+    body: &RequestBody,
+) {
+    let (Some(copy), Some(state)) = (body.copy(), backends.get(&mirror.name).cloned()) else {
+        tracing::debug!(mirror = %mirror.name, "request not mirrored: body streams or backend unknown");
+        return;
+    };
+    let Ok(permit) = Arc::clone(&inner.mirrors).try_acquire_owned() else {
+        tracing::debug!(mirror = %mirror.name, "request not mirrored: too many mirrors in flight");
+        return;
+    };
+    let (method, uri, headers, h2) = request;
+    let Some(ep) = state.pick(None, &[]) else { return };
+    let req = upstream_request(method, uri, headers, h2, copy, ep.endpoint.address);
+    let inner = Arc::clone(inner);
+    tokio::spawn(async move {
+        let _permit = permit;
+        let _in_flight = ep.start();
+        let traffic = state.traffic();
+        let exchange = async {
+            let resp = inner.pool.send(&state, &ep, &traffic, h2, req).await?;
+            let mut body = resp.into_body();
+            // Read and discard, frame by frame, so the connection can be reused.
+            while let Some(Ok(_)) = body.frame().await {}
+            Ok::<_, SendError>(())
+        };
+        if let Ok(Err(e)) = tokio::time::timeout(MIRROR_TIMEOUT, exchange).await {
+            tracing::debug!(error = %e, "mirror failed");
+        }
+    });
+}

@@ -1,0 +1,181 @@
+//! One downstream connection: the engine-wide connection limit (over it the connection is
+//! closed at once, never queued), protocol detection, then hyper (HTTP/1.1 or HTTP/2, with
+//! header size, header count, header read and idle bounds) or a TCP pass-through to the
+//! Service's default backend under L4 authorization.
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use tokio::time::Instant;
+
+use crate::access_log::{self, AccessRecord};
+use crate::authz::{self, Attributes};
+use crate::detect::{self, Activity, Prefixed, Protocol, Watched};
+use crate::engine::{Downstream, Inner};
+use crate::forward::hash_key;
+use crate::outlier::Outcome;
+use crate::upstream::Io;
+
+/// Time a connection closing for idleness gets to finish what it is writing.
+const CLOSE_GRACE: Duration = Duration::from_secs(5);
+
+struct Open<'a>(&'a Inner);
+
+impl Drop for Open<'_> {
+    fn drop(&mut self) {
+        self.0.metrics.connections.dec();
+    }
+}
+
+pub(crate) async fn serve<I: Io + 'static>(inner: Arc<Inner>, mut io: I, down: Downstream) {
+    let Ok(_permit) = Arc::clone(&inner.connections).try_acquire_owned() else {
+        inner.metrics.refused.inc();
+        tracing::debug!(peer = %down.peer, "downstream connection refused: engine at its connection limit");
+        return;
+    };
+    inner.metrics.connections.inc();
+    let _open = Open(&inner);
+    let (protocol, prefix) = detect::sniff(&mut io, inner.settings.header_read_timeout).await;
+    let activity = Activity::default();
+    let io = Watched::new(Prefixed::new(prefix, io), activity.clone());
+    match protocol {
+        Some(Protocol::Http) => serve_http(&inner, io, down, activity).await,
+        Some(Protocol::Tcp) => passthrough(&inner, io, down, activity).await,
+        None => tracing::debug!(peer = %down.peer, "downstream closed or stalled before its protocol was known"),
+    }
+}
+
+/// Resolves once the connection has been idle (no bytes, nothing in flight) for `limit`.
+async fn idle(activity: &Activity, limit: Duration, in_flight: &AtomicUsize) {
+    let period = (limit / 4).clamp(Duration::from_millis(10), Duration::from_secs(5));
+    loop {
+        tokio::time::sleep(period).await;
+        if in_flight.load(Ordering::Acquire) == 0 && activity.idle_for() >= limit {
+            return;
+        }
+    }
+}
+
+struct InFlight(Arc<AtomicUsize>);
+
+impl InFlight {
+    fn new(count: &Arc<AtomicUsize>) -> Self {
+        count.fetch_add(1, Ordering::AcqRel);
+        InFlight(Arc::clone(count))
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+async fn serve_http<I: Io + 'static>(inner: &Arc<Inner>, io: I, down: Downstream, activity: Activity) {
+    let s = &inner.settings;
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(s.header_read_timeout)
+        .max_buf_size(s.max_header_bytes.max(8192))
+        .max_headers(s.max_headers);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_header_list_size(u32::try_from(s.max_header_bytes).unwrap_or(u32::MAX))
+        .max_concurrent_streams(s.max_concurrent_streams)
+        .keep_alive_interval(Some(Duration::from_secs(30)));
+    let in_flight = Arc::new(AtomicUsize::new(0));
+    let down = Arc::new(down);
+    let service = {
+        let (inner, in_flight, down) = (Arc::clone(inner), Arc::clone(&in_flight), Arc::clone(&down));
+        service_fn(move |req| {
+            let busy = InFlight::new(&in_flight);
+            let (inner, down) = (Arc::clone(&inner), Arc::clone(&down));
+            async move {
+                let resp = crate::proxy::handle(inner, down, req).await;
+                drop(busy);
+                Ok::<_, Infallible>(resp)
+            }
+        })
+    };
+    let conn = builder.serve_connection(TokioIo::new(io), service);
+    tokio::pin!(conn);
+    tokio::select! {
+        result = conn.as_mut() => {
+            if let Err(e) = result {
+                tracing::debug!(peer = %down.peer, error = %e, "downstream HTTP connection ended");
+            }
+        }
+        () = idle(&activity, s.idle_timeout, &in_flight) => {
+            tracing::debug!(peer = %down.peer, "downstream HTTP connection idle; closing");
+            conn.as_mut().graceful_shutdown();
+            let _ = tokio::time::timeout(CLOSE_GRACE, conn.as_mut()).await;
+        }
+    }
+}
+
+/// Non-HTTP traffic: L4 authorization, then bytes both ways to one endpoint of the
+/// Service's default backend.
+async fn passthrough<I: Io>(inner: &Inner, mut io: I, down: Downstream, activity: Activity) {
+    let start = Instant::now();
+    let mut rec = AccessRecord {
+        source_identity: down.identity.clone(),
+        source: Some(down.peer),
+        destination: Some(down.destination),
+        protocol: "tcp",
+        authz_verdict: "none",
+        ..Default::default()
+    };
+    let snapshot = inner.snapshot();
+    let emit = |mut rec: AccessRecord| {
+        rec.duration = start.elapsed();
+        access_log::emit(&rec, &inner.access);
+    };
+    let Some(svc) = snapshot.services.get(&down.destination) else { return emit(rec) };
+    rec.service = Some(svc.config.service.clone());
+    let attrs = Attributes {
+        source_ip: down.peer.ip(),
+        principal: down.identity.as_deref().map(Attributes::principal_of),
+        destination_port: down.destination.port(),
+        http: None,
+    };
+    let decision = authz::authorize(&svc.config.authorization, &attrs);
+    rec.authz_verdict = if decision.allowed { "allow" } else { "deny" };
+    rec.authz_rule = decision.rule;
+    if !decision.allowed {
+        return emit(rec);
+    }
+    let backend = &svc.config.default_backend;
+    rec.backend = Some(backend.name.clone());
+    let Some(state) = snapshot.backends.get(&backend.name) else { return emit(rec) };
+    let traffic = state.traffic();
+    let Some(ep) = state.pick(hash_key(&traffic, &http::HeaderMap::new(), down.peer), &[]) else { return emit(rec) };
+    rec.upstream = Some(ep.endpoint.address);
+    rec.upstream_workload = Some(ep.endpoint.workload.clone());
+    rec.attempts = 1;
+    let _in_flight = ep.start();
+    let (mut upstream, _connection) = match inner.pool.open(state, &ep, &traffic).await {
+        Ok(opened) => opened,
+        Err(e) => {
+            tracing::debug!(error = %e, "TCP pass-through: upstream connect failed");
+            if !matches!(e, crate::pool::SendError::Overflow(_)) && state.record(&ep, Outcome::Failed) {
+                inner.metrics.ejections.inc();
+            }
+            return emit(rec);
+        }
+    };
+    let never_busy = AtomicUsize::new(0);
+    tokio::select! {
+        result = tokio::io::copy_bidirectional(&mut io, &mut upstream) => {
+            rec.complete = result.is_ok();
+        }
+        () = idle(&activity, inner.settings.idle_timeout, &never_busy) => {}
+    }
+    emit(rec);
+}

@@ -1,0 +1,60 @@
+//! W3C Trace Context: the waypoint takes part in the trace as one hop. A valid incoming
+//! `traceparent` keeps its trace id and flags and gets a new parent id (ours); a missing or
+//! malformed one is replaced by a fresh trace, not sampled, since the waypoint records no
+//! spans itself.
+use http::{HeaderMap, HeaderValue};
+use rand::Rng;
+
+pub const TRACEPARENT: &str = "traceparent";
+
+fn is_hex(s: &str, len: usize) -> bool {
+    s.len() == len && s.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+}
+
+/// Trace id and flags of a valid version-00 header.
+fn parse(value: &str) -> Option<(&str, &str)> {
+    let mut parts = value.split('-');
+    let (version, trace, parent, flags) = (parts.next()?, parts.next()?, parts.next()?, parts.next()?);
+    let valid = version == "00"
+        && parts.next().is_none()
+        && is_hex(trace, 32)
+        && is_hex(parent, 16)
+        && is_hex(flags, 2)
+        && trace.bytes().any(|b| b != b'0')
+        && parent.bytes().any(|b| b != b'0');
+    valid.then_some((trace, flags))
+}
+
+/// Sets the outgoing `traceparent`; returns the trace id for the access log.
+pub fn propagate(headers: &mut HeaderMap) -> String {
+    let mut rng = rand::rng();
+    let span = format!("{:016x}", rng.random_range(1..=u64::MAX));
+    let incoming = headers.get(TRACEPARENT).and_then(|v| v.to_str().ok()).and_then(parse);
+    let (trace, flags) = match incoming {
+        Some((trace, flags)) => (trace.to_string(), flags.to_string()),
+        None => (format!("{:032x}", rng.random_range(1..=u128::MAX)), "00".to_string()),
+    };
+    let value = format!("00-{trace}-{span}-{flags}");
+    headers.insert(TRACEPARENT, HeaderValue::from_str(&value).expect("hex digits and dashes are a valid header"));
+    trace
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keeps_trace_replaces_parent_or_starts_one() {
+        let mut h = HeaderMap::new();
+        let incoming = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+        h.insert(TRACEPARENT, incoming.parse().unwrap());
+        assert_eq!(propagate(&mut h), "4bf92f3577b34da6a3ce929d0e0e4736");
+        let out = h[TRACEPARENT].to_str().unwrap().to_string();
+        assert!(out.starts_with("00-4bf92f3577b34da6a3ce929d0e0e4736-") && out.ends_with("-01"));
+        assert_ne!(out, incoming);
+        let mut h = HeaderMap::new();
+        h.insert(TRACEPARENT, "garbage".parse().unwrap());
+        let trace = propagate(&mut h);
+        assert!(parse(h[TRACEPARENT].to_str().unwrap()).is_some_and(|(t, _)| t == trace));
+    }
+}
