@@ -16,6 +16,7 @@
 //! or for ingress when its namespace says `defaultAction: Deny`.
 use std::collections::{BTreeMap, HashMap};
 use std::net::IpAddr;
+use std::sync::Arc;
 
 use palisade_ebpf_common::{
     DIRECTION_EGRESS, DIRECTION_INGRESS, IDENTITY_ANY, IDENTITY_WORLD, PORT_ANY, RULE_DEFAULT_ALLOW, RULE_DEFAULT_DENY,
@@ -30,10 +31,15 @@ use crate::resource::{Action, ContainerPort, Mode, Protocol, Selector};
 mod build;
 mod cells;
 mod identities;
+mod incremental;
+mod numbers;
+mod rules;
 pub mod services;
 
 pub use build::{compile, compile_for, compile_with, identity_labels_of};
 pub use identities::{Identities, IdentitiesError, NumberedIdentity};
+pub use incremental::{Compiler, PolicyKey};
+pub use rules::Rules;
 pub use services::{Endpoint, ServiceChoice, ServiceEntry, ServicePortEntry};
 
 /// Which end of a connection a rule belongs to.
@@ -152,55 +158,67 @@ pub struct Cell {
     pub rule: u32,
 }
 
+/// A compiled policy, immutable once built: it is published as `Arc<Snapshot>` and kept for
+/// recent generations. Its large parts are shared (`Arc`) so that the incremental
+/// [`Compiler`] builds the next snapshot from the previous one without copying what did not
+/// change.
 #[derive(Clone, Debug, Serialize)]
 pub struct Snapshot {
     pub trust_domain: String,
     /// By number. Numbers are not positions: with a pre-assigned map ([`compile_with`])
     /// they have gaps. Serialised as a list, in number order.
     #[serde(serialize_with = "identities_in_order")]
-    pub identities: BTreeMap<u32, Identity>,
-    pub cidrs: Vec<CidrIdentity>,
-    pub workloads: Vec<WorkloadEntry>,
-    pub rules: Vec<RuleRef>,
-    pub policies: Vec<PolicyEntry>,
+    pub identities: Arc<BTreeMap<u32, Identity>>,
+    #[serde(serialize_with = "shared")]
+    pub cidrs: Arc<Vec<CidrIdentity>>,
+    #[serde(serialize_with = "shared")]
+    pub workloads: Arc<Vec<WorkloadEntry>>,
+    /// Every rule by number, found through its policy.
+    pub rules: Rules,
+    /// In a stable order (namespace, name, kind, direction): the exact evaluation reads the
+    /// first matching rule in this order, as the cells' merge does.
+    #[serde(serialize_with = "shared_each")]
+    pub policies: Vec<Arc<PolicyEntry>>,
     /// Rules the kernel cannot hold exactly; the proxies enforce them.
     pub approximations: Vec<String>,
     /// Labels of every namespace known (with `kubernetes.io/metadata.name`).
-    pub namespaces: BTreeMap<String, BTreeMap<String, String>>,
+    #[serde(serialize_with = "shared")]
+    pub namespaces: Arc<BTreeMap<String, BTreeMap<String, String>>>,
     /// Services with a virtual address, and their endpoints.
-    pub services: Vec<ServiceEntry>,
+    #[serde(serialize_with = "shared")]
+    pub services: Arc<Vec<ServiceEntry>>,
     /// Index in `services` (and its `ports`) of each VIP:port.
     #[serde(skip)]
-    pub service_index: HashMap<std::net::SocketAddr, (usize, usize)>,
+    pub service_index: Arc<HashMap<std::net::SocketAddr, (usize, usize)>>,
     /// The identity of each Service VIP.
     #[serde(skip)]
-    pub service_ids: HashMap<IpAddr, u32>,
+    pub service_ids: Arc<HashMap<IpAddr, u32>>,
     #[serde(skip)]
     pub cells: HashMap<CellKey, Cell>,
     #[serde(skip)]
-    pub addresses: HashMap<IpAddr, u32>,
+    pub addresses: Arc<HashMap<IpAddr, u32>>,
     /// Index in `workloads` of the workload at each address.
     #[serde(skip)]
-    pub workload_at: HashMap<IpAddr, usize>,
+    pub workload_at: Arc<HashMap<IpAddr, usize>>,
 }
 
 impl Default for Snapshot {
     fn default() -> Self {
         Snapshot {
             trust_domain: DEFAULT_TRUST_DOMAIN.into(),
-            identities: BTreeMap::new(),
-            cidrs: vec![],
-            workloads: vec![],
-            rules: vec![],
+            identities: Arc::default(),
+            cidrs: Arc::default(),
+            workloads: Arc::default(),
+            rules: Rules::default(),
             policies: vec![],
             approximations: vec![],
-            namespaces: BTreeMap::new(),
-            services: vec![],
-            service_index: HashMap::new(),
-            service_ids: HashMap::new(),
+            namespaces: Arc::default(),
+            services: Arc::default(),
+            service_index: Arc::default(),
+            service_ids: Arc::default(),
             cells: HashMap::new(),
-            addresses: HashMap::new(),
-            workload_at: HashMap::new(),
+            addresses: Arc::default(),
+            workload_at: Arc::default(),
         }
     }
 }
@@ -303,7 +321,7 @@ impl Snapshot {
             RULE_NOT_AT_SOURCE => "the proven identity is not the workload at the source address".into(),
             RULE_PLAINTEXT_FROM_MESH => "plaintext from a mesh workload (it must use HBONE)".into(),
             RULE_UNKNOWN_ADDRESS => "the destination address is not registered for the enrolled pod".into(),
-            n => match self.rules.get(n as usize) {
+            n => match self.rules.get(n) {
                 Some(r) if r.kind == "SegmentationPolicy" && r.direction == Direction::Ingress => {
                     format!("{} rule {}", r.policy, r.index)
                 }
@@ -380,7 +398,7 @@ impl Snapshot {
 
     /// Policies of one direction that select a workload identity.
     fn policies_for(&self, ident: &Identity, direction: Direction) -> impl Iterator<Item = &PolicyEntry> {
-        self.policies.iter().filter(move |p| {
+        self.policies.iter().map(|p| &**p).filter(move |p| {
             p.direction == direction
                 && p.namespace == ident.labels.namespace
                 && p.selector.matches(&ident.labels.labels)
@@ -513,8 +531,16 @@ impl Snapshot {
     }
 }
 
-fn identities_in_order<S: Serializer>(ids: &BTreeMap<u32, Identity>, s: S) -> Result<S::Ok, S::Error> {
+fn identities_in_order<S: Serializer>(ids: &Arc<BTreeMap<u32, Identity>>, s: S) -> Result<S::Ok, S::Error> {
     s.collect_seq(ids.values())
+}
+
+fn shared<T: Serialize, S: Serializer>(value: &Arc<T>, s: S) -> Result<S::Ok, S::Error> {
+    T::serialize(value, s)
+}
+
+fn shared_each<T: Serialize, S: Serializer>(values: &[Arc<T>], s: S) -> Result<S::Ok, S::Error> {
+    s.collect_seq(values.iter().map(|v| &**v))
 }
 
 /// A connection needs both ends' consent: the source's egress and the destination's ingress.

@@ -3,10 +3,13 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use super::cells::compile_cells;
+use std::sync::Arc;
+
 use super::{
     CidrIdentity, DEFAULT_TRUST_DOMAIN, Direction, FIRST_CIDR_IDENTITY, Identities, Identity, IdentityLabels,
-    PolicyEntry, RuleRef, Snapshot, WorkloadEntry, canonical,
+    PolicyEntry, PolicyKey, Rules, Snapshot, WorkloadEntry, canonical,
 };
+use crate::cidr::Cidr;
 use crate::k8s;
 use crate::load::Located;
 use crate::matching::{PolicyRule, PortMatch};
@@ -24,7 +27,7 @@ pub fn compile_for(resources: &[Located], trust_domain: &str) -> Snapshot {
 }
 
 /// A policy of one direction before it is numbered.
-struct Draft {
+pub(super) struct Draft {
     kind: &'static str,
     name: String,
     namespace: String,
@@ -54,9 +57,57 @@ fn exact_ports(ports: &[u16]) -> Vec<PortMatch> {
     ports.iter().map(|p| PortMatch::Range(*p, *p)).collect()
 }
 
+impl Draft {
+    pub(super) fn key(&self) -> PolicyKey {
+        PolicyKey {
+            namespace: self.namespace.clone(),
+            name: self.name.clone(),
+            kind: self.kind.to_string(),
+            direction: self.direction,
+        }
+    }
+
+    pub(super) fn entry(self, first_rule: u32) -> PolicyEntry {
+        PolicyEntry {
+            name: self.name,
+            kind: self.kind.into(),
+            namespace: self.namespace,
+            selector: self.selector,
+            direction: self.direction,
+            action: self.action,
+            mode: self.mode,
+            rules: self.rules,
+            first_rule,
+        }
+    }
+
+    pub(super) fn rule_count(&self) -> usize {
+        self.rules.len()
+    }
+
+    /// The address blocks its rules name (each gets an identity).
+    pub(super) fn blocks(&self) -> impl Iterator<Item = Cidr> + '_ {
+        Draft::blocks_of(&self.rules)
+    }
+
+    pub(super) fn blocks_of(rules: &[PolicyRule]) -> impl Iterator<Item = Cidr> + '_ {
+        rules.iter().flat_map(|r| &r.peers).flat_map(|p| p.ip_blocks.iter().chain(&p.not_ip_blocks).copied())
+    }
+}
+
 fn drafts(resources: &[Located]) -> Vec<Draft> {
     let mut out = Vec::new();
     for r in resources {
+        drafts_of(r, &mut out);
+    }
+    // A stable order, so rule numbers do not depend on file order.
+    out.sort_by_cached_key(Draft::key);
+    out
+}
+
+/// The policies (one per direction) of a resource; none for other kinds.
+pub(super) fn drafts_of(r: &Located, out: &mut Vec<Draft>) {
+    {
         let meta = r.resource.metadata();
         let namespace = meta.namespace.clone().unwrap_or_default();
         let name = format!("{namespace}/{}", meta.name);
@@ -122,9 +173,6 @@ fn drafts(resources: &[Located]) -> Vec<Draft> {
             | Resource::TrafficPolicy { .. } => {}
         }
     }
-    // A stable order, so rule numbers do not depend on file order.
-    out.sort_by(|a, b| (&a.namespace, &a.name, a.kind, a.direction).cmp(&(&b.namespace, &b.name, b.kind, b.direction)));
-    out
 }
 
 /// Every distinct identity of the workloads among `resources`, sorted: what the control
@@ -144,36 +192,36 @@ fn identity_labels(r: &Resource) -> Option<IdentityLabels> {
     }
 }
 
-/// Compiles with the numbers of `numbered` (see [`Identities`]); identities it does not number
-/// get numbers above its largest.
-pub fn compile_with(resources: &[Located], trust_domain: &str, numbered: &Identities) -> Snapshot {
+/// Identities, workloads, addresses and namespaces of `resources` (the workloads in their
+/// order), numbered with `numbered`: the part of a snapshot that policies do not change
+/// (but for isolation, which [`super::cells`] adds). Also the number of each identity.
+pub(super) fn base<'a>(
+    resources: impl Iterator<Item = &'a Located> + Clone,
+    trust_domain: &str,
+    numbered: &Identities,
+) -> (Snapshot, BTreeMap<IdentityLabels, u32>) {
     let mut namespace_defaults = HashMap::new();
     let mut namespace_labels: BTreeMap<String, BTreeMap<String, String>> = BTreeMap::new();
-    let labels_set = identity_labels_of(resources);
+    let labels_set: BTreeSet<IdentityLabels> = resources.clone().filter_map(|r| identity_labels(&r.resource)).collect();
     for l in &labels_set {
         namespace_labels.entry(l.namespace.clone()).or_default();
     }
-    for r in resources {
+    for r in resources.clone() {
         if let Resource::Namespace { metadata, spec, .. } = &r.resource {
             namespace_defaults.insert(metadata.name.clone(), spec.default_action);
             namespace_labels.insert(metadata.name.clone(), metadata.labels.clone());
         }
     }
     let mut snapshot = Snapshot { trust_domain: trust_domain.into(), ..Snapshot::default() };
-    snapshot.namespaces = namespace_labels.iter().map(|(n, l)| (n.clone(), k8s::namespace_labels(n, l))).collect();
-
-    let drafts = drafts(resources);
-    let blocks: BTreeSet<_> = drafts
-        .iter()
-        .flat_map(|d| d.rules.iter().flat_map(|r| &r.peers))
-        .flat_map(|p| p.ip_blocks.iter().chain(&p.not_ip_blocks).copied())
-        .collect();
+    snapshot.namespaces =
+        Arc::new(namespace_labels.iter().map(|(n, l)| (n.clone(), k8s::namespace_labels(n, l))).collect());
 
     let id_by_labels = numbered.number(&labels_set);
+    let mut identities = BTreeMap::new();
     for (labels, &id) in &id_by_labels {
         let labels = labels.clone();
         let ns_default = namespace_defaults.get(&labels.namespace).copied().unwrap_or_default();
-        snapshot.identities.insert(
+        identities.insert(
             id,
             Identity {
                 id,
@@ -186,11 +234,7 @@ pub fn compile_with(resources: &[Located], trust_domain: &str, numbered: &Identi
             },
         );
     }
-    snapshot.cidrs = blocks
-        .into_iter()
-        .enumerate()
-        .map(|(i, cidr)| CidrIdentity { id: FIRST_CIDR_IDENTITY + i as u32, cidr })
-        .collect();
+    let (mut addresses, mut workload_at, mut workloads) = (HashMap::new(), HashMap::new(), Vec::new());
     for r in resources {
         let (Some(labels), Resource::Workload { metadata, spec, .. }) = (identity_labels(&r.resource), &r.resource)
         else {
@@ -198,13 +242,13 @@ pub fn compile_with(resources: &[Located], trust_domain: &str, numbered: &Identi
         };
         let id = id_by_labels[&labels];
         for a in &spec.addresses {
-            snapshot.addresses.insert(canonical(*a), id);
-            snapshot.workload_at.insert(canonical(*a), snapshot.workloads.len());
-            if let Some(ident) = snapshot.identities.get_mut(&id) {
+            addresses.insert(canonical(*a), id);
+            workload_at.insert(canonical(*a), workloads.len());
+            if let Some(ident) = identities.get_mut(&id) {
                 ident.addresses.push(canonical(*a));
             }
         }
-        snapshot.workloads.push(WorkloadEntry {
+        workloads.push(WorkloadEntry {
             name: metadata.name.clone(),
             namespace: labels.namespace,
             node: spec.node.clone(),
@@ -214,36 +258,44 @@ pub fn compile_with(resources: &[Located], trust_domain: &str, numbered: &Identi
             ports: spec.ports.clone(),
         });
     }
+    snapshot.identities = Arc::new(identities);
+    snapshot.addresses = Arc::new(addresses);
+    snapshot.workload_at = Arc::new(workload_at);
+    snapshot.workloads = Arc::new(workloads);
+    (snapshot, id_by_labels)
+}
 
+/// Services and their indexes, then the cells of the Service VIPs: last, since they read
+/// the egress defaults the other cells decide.
+pub(super) fn finish_services<'a>(snapshot: &mut Snapshot, resources: impl Iterator<Item = &'a Located> + Clone) {
+    let services = super::services::compile_services(resources);
+    snapshot.service_index = Arc::new(super::services::index(&services));
+    snapshot.service_ids = Arc::new(services.iter().map(|s| (s.vip, s.id)).collect());
+    snapshot.services = Arc::new(services);
+    super::services::service_cells(snapshot);
+}
+
+/// Compiles with the numbers of `numbered` (see [`Identities`]); identities it does not number
+/// get numbers above its largest.
+pub fn compile_with(resources: &[Located], trust_domain: &str, numbered: &Identities) -> Snapshot {
+    let (mut snapshot, _) = base(resources.iter(), trust_domain, numbered);
+    let drafts = drafts(resources);
+    let blocks: BTreeSet<Cidr> = drafts.iter().flat_map(Draft::blocks).collect();
+    snapshot.cidrs = Arc::new(
+        blocks
+            .into_iter()
+            .enumerate()
+            .map(|(i, cidr)| CidrIdentity { id: FIRST_CIDR_IDENTITY + i as u32, cidr })
+            .collect(),
+    );
+    let mut next_rule = 0;
     for d in drafts {
-        let first_rule = snapshot.rules.len() as u32;
-        for index in 0..d.rules.len() {
-            snapshot.rules.push(RuleRef {
-                policy: d.name.clone(),
-                kind: d.kind.into(),
-                direction: d.direction,
-                index,
-                action: d.action,
-                mode: d.mode,
-            });
-        }
-        snapshot.policies.push(PolicyEntry {
-            name: d.name,
-            kind: d.kind.into(),
-            namespace: d.namespace,
-            selector: d.selector,
-            direction: d.direction,
-            action: d.action,
-            mode: d.mode,
-            rules: d.rules,
-            first_rule,
-        });
+        let n = d.rule_count() as u32;
+        snapshot.policies.push(Arc::new(d.entry(next_rule)));
+        next_rule += n;
     }
-    snapshot.services = super::services::compile_services(resources);
-    snapshot.service_index = super::services::index(&snapshot.services);
-    snapshot.service_ids = snapshot.services.iter().map(|s| (s.vip, s.id)).collect();
+    snapshot.rules = Rules::new(&snapshot.policies);
     compile_cells(&mut snapshot);
-    // After the other cells: they decide the egress defaults these rely on.
-    super::services::service_cells(&mut snapshot);
+    finish_services(&mut snapshot, resources.iter());
     snapshot
 }

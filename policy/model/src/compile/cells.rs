@@ -4,10 +4,11 @@
 //! port range), never less, and Deny cells only what the rule certainly denies.
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::IpAddr;
+use std::sync::Arc;
 
 use palisade_ebpf_common::{IDENTITY_ANY, IDENTITY_WORLD, PORT_ANY};
 
-use super::{Cell, CellKey, Direction, IdentityLabels, Snapshot};
+use super::{Cell, CellKey, Direction, Identity, IdentityLabels, PolicyEntry, Snapshot};
 use crate::cidr::Cidr;
 use crate::matching::{Match, PolicyRule, PortMatch, SourceFacts, rule_peers_match};
 use crate::resource::{Action, Mode, Protocol};
@@ -20,7 +21,7 @@ const MAX_RANGE_CELLS: u32 = 256;
 struct Candidate<'a> {
     id: u32,
     labels: Option<&'a IdentityLabels>,
-    principal: Option<String>,
+    principal: Option<&'a str>,
     addresses: &'a [IpAddr],
     cidr: Option<Cidr>,
 }
@@ -66,7 +67,7 @@ impl NamedPorts {
         let mut by_identity: HashMap<u32, BTreeMap<String, BTreeSet<u16>>> = HashMap::new();
         let mut per_workload: HashMap<(u32, String), usize> = HashMap::new();
         let mut workloads: HashMap<u32, usize> = HashMap::new();
-        for w in &s.workloads {
+        for w in s.workloads.iter() {
             *workloads.entry(w.identity).or_default() += 1;
             for p in w.ports.iter().filter(|p| p.protocol == Protocol::Tcp) {
                 if let Some(name) = &p.name {
@@ -120,134 +121,168 @@ fn ports_for(rule: &PolicyRule, dst: u32, named: &NamedPorts, approximate: &mut 
     out.into_iter().collect()
 }
 
-pub(super) fn compile_cells(snapshot: &mut Snapshot) {
-    let mut candidates: Vec<Candidate> = snapshot
-        .identities
-        .values()
-        .map(|i| Candidate {
-            id: i.id,
+/// What the cell scans read besides the policies, built once per set of workloads: each
+/// identity's principal, the identities of each namespace (in number order), named ports.
+pub(super) struct Index {
+    principals: HashMap<u32, String>,
+    by_namespace: HashMap<String, Vec<u32>>,
+    named: NamedPorts,
+}
+
+impl Index {
+    pub(super) fn new(s: &Snapshot) -> Index {
+        let principals = s.identities.values().map(|i| (i.id, s.principal(&i.labels))).collect();
+        let mut by_namespace: HashMap<String, Vec<u32>> = HashMap::new();
+        for i in s.identities.values() {
+            by_namespace.entry(i.labels.namespace.clone()).or_default().push(i.id);
+        }
+        Index { principals, by_namespace, named: NamedPorts::new(s) }
+    }
+}
+
+/// What one (enforced) policy puts in the kernel before the policies are merged: cells with
+/// the index of the rule that wrote each (in the order the rules write them), the identities
+/// it isolates (an Allow policy's selected ones), and what the cells cannot hold exactly.
+#[derive(Clone, Debug, Default)]
+pub(super) struct Contribution {
+    pub cells: Vec<(CellKey, u32)>,
+    pub isolates: Vec<u32>,
+    pub approximations: BTreeSet<String>,
+}
+
+/// The namespaces whose identities, addresses, named ports or labels a policy's cells depend
+/// on; `None`: every namespace, and the address blocks (a peer without a namespace scope).
+pub(super) fn dependencies(policy: &PolicyEntry) -> Option<BTreeSet<String>> {
+    let mut out = BTreeSet::from([policy.namespace.clone()]);
+    for rule in &policy.rules {
+        if rule.peers.is_empty() {
+            // An egress rule to anywhere on a named port reads every workload's ports.
+            let named = rule.ports.iter().any(|p| matches!(p, PortMatch::Named(_)));
+            if policy.direction == Direction::Egress && named {
+                return None;
+            }
+            continue;
+        }
+        out.extend(peer_namespaces(rule)?.into_iter().map(String::from));
+    }
+    Some(out)
+}
+
+/// The cells, isolation and approximations of one enforced policy, as [`compile_cells`]
+/// merges them (the incremental compiler keeps them per policy).
+pub(super) fn contribute(snapshot: &Snapshot, index: &Index, policy: &PolicyEntry) -> Contribution {
+    let identity = |id: u32| {
+        let i = &snapshot.identities[&id];
+        Candidate {
+            id,
             labels: Some(&i.labels),
-            principal: Some(snapshot.principal(&i.labels)),
+            principal: index.principals.get(&id).map(String::as_str),
             addresses: &i.addresses,
             cidr: None,
-        })
+        }
+    };
+    let named = &index.named;
+    let mut out = Contribution::default();
+    let selected: Vec<u32> = index
+        .by_namespace
+        .get(policy.namespace.as_str())
+        .into_iter()
+        .flatten()
+        .filter(|id| policy.selector.matches(&snapshot.identities[*id].labels.labels))
+        .copied()
         .collect();
-    candidates.extend(snapshot.cidrs.iter().map(|c| Candidate {
-        id: c.id,
-        labels: None,
-        principal: None,
-        addresses: &[],
-        cidr: Some(c.cidr),
-    }));
-    candidates.push(Candidate { id: IDENTITY_WORLD, labels: None, principal: None, addresses: &[], cidr: None });
-    // Workload candidates by namespace: most rules name the namespaces of their peers, and
-    // every policy selects within one namespace, so neither scan needs every identity.
-    let mut by_namespace: HashMap<&str, Vec<usize>> = HashMap::new();
-    for (i, c) in candidates.iter().enumerate() {
-        if let Some(l) = c.labels {
-            by_namespace.entry(l.namespace.as_str()).or_default().push(i);
-        }
+    if policy.action == Action::Allow {
+        out.isolates.clone_from(&selected);
     }
-    let all: Vec<usize> = (0..candidates.len()).collect();
-    let named = NamedPorts::new(snapshot);
-
-    let mut cells: HashMap<CellKey, Cell> = HashMap::new();
-    let mut isolated: Vec<(Direction, u32, String)> = Vec::new();
-    let mut approximations = BTreeSet::new();
-    for policy in snapshot.policies.iter().filter(|p| p.mode == Mode::Enforce) {
-        let selected: Vec<u32> = by_namespace
-            .get(policy.namespace.as_str())
-            .into_iter()
-            .flatten()
-            .map(|&i| &candidates[i])
-            .filter(|c| c.labels.is_some_and(|l| policy.selector.matches(&l.labels)))
-            .map(|c| c.id)
-            .collect();
-        if policy.action == Action::Allow {
-            let name = match policy.kind.as_str() {
-                "SegmentationPolicy" => policy.name.clone(),
-                kind => format!("{kind} {}", policy.name),
-            };
-            isolated.extend(selected.iter().map(|d| (policy.direction, *d, name.clone())));
-        }
-        for (index, rule) in policy.rules.iter().enumerate() {
-            let rule_no = policy.first_rule + index as u32;
-            let mut approximate = |what: String| {
-                approximations.insert(format!("{} {} rule {index}: {what}", policy.kind, policy.name));
-            };
-            if !rule.not_ports.is_empty() {
-                approximate(format!(
-                    "notPorts is enforced by ztunnel's proxies, {} in the kernel",
-                    if policy.action == Action::Allow { "allowed on every port" } else { "not denied" }
-                ));
-                // Deny with notPorts cannot be held exactly: leave it to the proxies.
-                if policy.action == Action::Deny {
-                    continue;
-                }
+    for (index_in_policy, rule) in policy.rules.iter().enumerate() {
+        let rule_index = index_in_policy as u32;
+        let approximations = &mut out.approximations;
+        let mut approximate = |what: String| {
+            approximations.insert(format!("{} {} rule {index_in_policy}: {what}", policy.kind, policy.name));
+        };
+        if !rule.not_ports.is_empty() {
+            approximate(format!(
+                "notPorts is enforced by ztunnel's proxies, {} in the kernel",
+                if policy.action == Action::Allow { "allowed on every port" } else { "not denied" }
+            ));
+            // Deny with notPorts cannot be held exactly: leave it to the proxies.
+            if policy.action == Action::Deny {
+                continue;
             }
-            let peers: Vec<u32> = if rule.peers.is_empty() {
-                vec![IDENTITY_ANY]
-            } else {
-                let mut scope: Vec<usize> = match peer_namespaces(rule) {
-                    Some(namespaces) => {
-                        namespaces.iter().filter_map(|ns| by_namespace.get(ns)).flatten().copied().collect()
-                    }
-                    None => all.clone(),
-                };
-                scope.sort_unstable();
-                scope.dedup();
-                scope
-                    .into_iter()
-                    .map(|i| &candidates[i])
-                    .filter(|c| {
-                        let in_block = |b: &Cidr| c.in_block(b);
-                        let facts = SourceFacts {
-                            principal: c.principal.as_deref(),
-                            namespace: c.labels.map(|l| l.namespace.as_str()),
-                            service_account: c.labels.map(|l| l.service_account.as_str()),
-                            labels: c.labels.map(|l| &l.labels),
-                            namespace_labels: c.labels.and_then(|l| snapshot.namespaces.get(&l.namespace)),
-                            in_block: &in_block,
-                        };
-                        match (policy.action, rule_peers_match(rule, &facts)) {
-                            (Action::Deny, m) => m == Match::Yes,
-                            (Action::Allow, m) => m != Match::No,
-                        }
-                    })
-                    .map(|c| c.id)
-                    .collect()
+        }
+        let peers: Vec<u32> = if rule.peers.is_empty() {
+            vec![IDENTITY_ANY]
+        } else {
+            let scope: Vec<Candidate> = match peer_namespaces(rule) {
+                Some(namespaces) => {
+                    let mut ids: Vec<u32> =
+                        namespaces.iter().filter_map(|ns| index.by_namespace.get(*ns)).flatten().copied().collect();
+                    ids.sort_unstable();
+                    ids.dedup();
+                    ids.into_iter().map(identity).collect()
+                }
+                None => snapshot
+                    .identities
+                    .keys()
+                    .map(|id| identity(*id))
+                    .chain(snapshot.cidrs.iter().map(|c| Candidate {
+                        id: c.id,
+                        labels: None,
+                        principal: None,
+                        addresses: &[],
+                        cidr: Some(c.cidr),
+                    }))
+                    .chain([Candidate {
+                        id: IDENTITY_WORLD,
+                        labels: None,
+                        principal: None,
+                        addresses: &[],
+                        cidr: None,
+                    }])
+                    .collect(),
             };
-            let mut put = |src: u32, dst: u32, port: u16| {
-                let new = Cell { action: policy.action, rule: rule_no };
-                cells
-                    .entry(CellKey { src, dst, port, direction: policy.direction })
-                    .and_modify(|c| {
-                        if c.action == Action::Allow && new.action == Action::Deny {
-                            *c = new;
-                        }
-                    })
-                    .or_insert(new);
-            };
-            for &sel in &selected {
-                for &peer in &peers {
-                    let (src, dst) = match policy.direction {
-                        Direction::Ingress => (peer, sel),
-                        Direction::Egress => (sel, peer),
+            scope
+                .into_iter()
+                .filter(|c| {
+                    let in_block = |b: &Cidr| c.in_block(b);
+                    let facts = SourceFacts {
+                        principal: c.principal,
+                        namespace: c.labels.map(|l| l.namespace.as_str()),
+                        service_account: c.labels.map(|l| l.service_account.as_str()),
+                        labels: c.labels.map(|l| &l.labels),
+                        namespace_labels: c.labels.and_then(|l| snapshot.namespaces.get(&l.namespace)),
+                        in_block: &in_block,
                     };
-                    for port in ports_for(rule, dst, &named, &mut approximate) {
-                        put(src, dst, port);
+                    match (policy.action, rule_peers_match(rule, &facts)) {
+                        (Action::Deny, m) => m == Match::Yes,
+                        (Action::Allow, m) => m != Match::No,
                     }
-                    // An egress rule to anywhere on a named port: the name means a port on
-                    // each workload that has it.
-                    if dst == IDENTITY_ANY {
-                        for name in rule.ports.iter().filter_map(|p| match p {
-                            PortMatch::Named(n) => Some(n),
-                            _ => None,
-                        }) {
-                            for (&id, names) in &named.by_identity {
-                                for &port in names.get(name).into_iter().flatten() {
-                                    put(src, id, port);
-                                }
+                })
+                .map(|c| c.id)
+                .collect()
+        };
+        let mut put = |src: u32, dst: u32, port: u16| {
+            out.cells.push((CellKey { src, dst, port, direction: policy.direction }, rule_index));
+        };
+        for &sel in &selected {
+            for &peer in &peers {
+                let (src, dst) = match policy.direction {
+                    Direction::Ingress => (peer, sel),
+                    Direction::Egress => (sel, peer),
+                };
+                for port in ports_for(rule, dst, named, &mut approximate) {
+                    put(src, dst, port);
+                }
+                // An egress rule to anywhere on a named port: the name means a port on
+                // each workload that has it.
+                if dst == IDENTITY_ANY {
+                    for name in rule.ports.iter().filter_map(|p| match p {
+                        PortMatch::Named(n) => Some(n),
+                        _ => None,
+                    }) {
+                        for (&id, names) in &named.by_identity {
+                            for &port in names.get(name).into_iter().flatten() {
+                                put(src, id, port);
                             }
                         }
                     }
@@ -255,20 +290,61 @@ pub(super) fn compile_cells(snapshot: &mut Snapshot) {
             }
         }
     }
+    out
+}
+
+/// How an isolating policy is named in an identity's default reason.
+fn isolation_name(policy: &PolicyEntry) -> String {
+    match policy.kind.as_str() {
+        "SegmentationPolicy" => policy.name.clone(),
+        kind => format!("{kind} {}", policy.name),
+    }
+}
+
+/// Marks each identity isolated by the first policy (in `isolated`'s order) that selects it.
+pub(super) fn apply_isolation<'a>(
+    identities: &mut BTreeMap<u32, Identity>,
+    isolated: impl IntoIterator<Item = (Direction, u32, &'a PolicyEntry)>,
+) {
     for (direction, id, policy) in isolated {
-        let Some(ident) = snapshot.identities.get_mut(&id) else { continue };
+        let Some(ident) = identities.get_mut(&id) else { continue };
         match direction {
             Direction::Ingress if !ident.default_deny => {
                 ident.default_deny = true;
-                ident.default_reason = format!("selected by Allow policy {policy}");
+                ident.default_reason = format!("selected by Allow policy {}", isolation_name(policy));
             }
             Direction::Egress if !ident.egress_default_deny => {
                 ident.egress_default_deny = true;
-                ident.egress_default_reason = format!("selected by egress policy {policy}");
+                ident.egress_default_reason = format!("selected by egress policy {}", isolation_name(policy));
             }
             _ => {}
         }
     }
+}
+
+pub(super) fn compile_cells(snapshot: &mut Snapshot) {
+    let index = Index::new(snapshot);
+    let mut cells: HashMap<CellKey, Cell> = HashMap::new();
+    let mut isolated: Vec<(Direction, u32, &PolicyEntry)> = Vec::new();
+    let mut approximations = BTreeSet::new();
+    for policy in snapshot.policies.iter().filter(|p| p.mode == Mode::Enforce) {
+        let c = contribute(snapshot, &index, policy);
+        for (key, i) in c.cells {
+            let new = Cell { action: policy.action, rule: policy.first_rule + i };
+            // The first rule (in number order) wins, and a Deny beats an Allow.
+            cells
+                .entry(key)
+                .and_modify(|c| {
+                    if c.action == Action::Allow && new.action == Action::Deny {
+                        *c = new;
+                    }
+                })
+                .or_insert(new);
+        }
+        isolated.extend(c.isolates.into_iter().map(|d| (policy.direction, d, &**policy)));
+        approximations.extend(c.approximations);
+    }
+    apply_isolation(Arc::make_mut(&mut snapshot.identities), isolated);
     snapshot.cells = cells;
     snapshot.approximations = approximations.into_iter().collect();
 }

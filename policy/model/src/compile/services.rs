@@ -6,6 +6,7 @@
 //! chosen endpoint's (its ingress) and the source's egress towards that endpoint.
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
 
 use k8s_openapi::api::core::v1::{ServicePort, ServiceSpec};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
@@ -13,7 +14,7 @@ use serde::Serialize;
 
 use palisade_ebpf_common::{RULE_DEFAULT_ALLOW, RULE_DEFAULT_DENY, RULE_EGRESS_DEFAULT_DENY};
 
-use super::{Cell, CellKey, Decision, Direction, FIRST_SERVICE_IDENTITY, Snapshot, Verdict, canonical};
+use super::{Cell, CellKey, Decision, Direction, FIRST_SERVICE_IDENTITY, PolicyEntry, Snapshot, Verdict, canonical};
 use crate::load::Located;
 use crate::resource::{Action, Metadata, Protocol, Resource, WorkloadSpec};
 
@@ -70,9 +71,17 @@ pub fn selected<'a>(
     spec: &ServiceSpec,
     resources: &'a [Located],
 ) -> Vec<(&'a Metadata, &'a WorkloadSpec)> {
+    selected_in(namespace, spec, resources)
+}
+
+fn selected_in<'a>(
+    namespace: &str,
+    spec: &ServiceSpec,
+    resources: impl IntoIterator<Item = &'a Located>,
+) -> Vec<(&'a Metadata, &'a WorkloadSpec)> {
     let Some(selector) = &spec.selector else { return vec![] };
     resources
-        .iter()
+        .into_iter()
         .filter_map(|r| match &r.resource {
             Resource::Workload { metadata, spec, .. }
                 if metadata.namespace.as_deref() == Some(namespace)
@@ -106,13 +115,13 @@ pub fn is_tcp(port: &ServicePort) -> bool {
 
 /// Every Service with a virtual address, with its endpoints ([`crate::validate`] reports the
 /// rest: headless Services, unresolved names, selectors that select nothing).
-pub fn compile_services(resources: &[Located]) -> Vec<ServiceEntry> {
+pub fn compile_services<'a>(resources: impl IntoIterator<Item = &'a Located> + Clone) -> Vec<ServiceEntry> {
     let mut out = Vec::new();
-    for r in resources {
+    for r in resources.clone() {
         let Resource::Service { metadata, spec, .. } = &r.resource else { continue };
         let ClusterIp::Vip(vip) = cluster_ip(spec) else { continue };
         let namespace = metadata.namespace.clone().unwrap_or_default();
-        let workloads = selected(&namespace, spec, resources);
+        let workloads = selected_in(&namespace, spec, resources.clone());
         let ports = spec
             .ports
             .iter()
@@ -150,13 +159,19 @@ pub fn compile_services(resources: &[Located]) -> Vec<ServiceEntry> {
 /// cell the rest (a Deny rule on every endpoint). The kernel reads no wildcard cell for a VIP,
 /// so these decide alone, and allow whenever the exact evaluation allows some endpoint.
 pub(super) fn service_cells(snapshot: &mut Snapshot) {
+    if snapshot.services.is_empty() {
+        return;
+    }
     let mut cells = Vec::new();
+    let egress: Vec<_> = snapshot.policies.iter().filter(|p| p.direction == Direction::Egress).collect();
     for ident in snapshot.identities.values() {
-        if snapshot.policies_for(ident, Direction::Egress).next().is_none() {
+        let selects =
+            |p: &&Arc<PolicyEntry>| p.namespace == ident.labels.namespace && p.selector.matches(&ident.labels.labels);
+        if !egress.iter().any(selects) {
             continue;
         }
         let Some(&src) = ident.addresses.first() else { continue };
-        for svc in &snapshot.services {
+        for svc in snapshot.services.iter() {
             for port in &svc.ports {
                 let parts: Vec<(Action, u32)> = port
                     .endpoints
