@@ -30,8 +30,9 @@ pub const MAX_ADDRS_PER_POD: u32 = 4;
 /// Layout version of the pinned maps. The maps outlive ztunnel (they are pinned so that the
 /// kernel keeps enforcing while it restarts); a ztunnel adopts only maps of its own layout,
 /// which it finds under a directory named after this number. Bump it with any change to a
-/// map's key, value or size.
-pub const MAPS_LAYOUT: u32 = 3;
+/// map's key, value or size, or to the meaning of a field (4: `IpKey`/`PolicyKey` hold a
+/// bank, `generation & 1`, where 3 held the whole generation number).
+pub const MAPS_LAYOUT: u32 = 4;
 
 /// [`Config::flags`]: the mesh has a CA, so a mesh workload never talks plaintext to an
 /// enrolled pod; a plaintext connection from a workload address is refused.
@@ -124,22 +125,34 @@ pub fn ip_from_addr(addr: Addr) -> core::net::IpAddr {
     }
 }
 
+/// The bank of `IDENTITIES` and `POLICY` that holds `generation`'s entries. There are two
+/// banks: the one in force (read by programs) and the other one, which ztunnel brings to the
+/// next generation before it switches `CONFIG` to it (see [`Config::generation`]).
+#[inline(always)]
+pub const fn bank(generation: u32) -> u32 {
+    generation & 1
+}
+
 /// Global settings, `CONFIG[0]`.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Config {
-    /// Generation of the policy maps that programs must read. Flipped atomically by ztunnel
-    /// after a complete new generation has been written, so a reload has no gap.
+    /// The policy generation in force: programs read it once per verdict and then only the
+    /// entries of its [`bank`]. ztunnel writes it once the other bank holds the next
+    /// generation complete, so a switch is one write and a verdict never mixes two policies.
+    /// It keeps counting (the bank is its low bit): flow events carry it, and ztunnel names
+    /// an event's identities and rule with that generation's snapshot.
     pub generation: u32,
     /// `CONFIG_*` flags.
     pub flags: u32,
 }
 
-/// LPM key data for `IDENTITIES`: prefix length = 32 (generation) + address prefix bits.
+/// LPM key data for `IDENTITIES`: prefix length = 32 (bank) + address prefix bits.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct IpKey {
-    pub generation: u32,
+    /// [`bank`] of the generation this entry belongs to (0 or 1).
+    pub bank: u32,
     pub addr: Addr,
 }
 
@@ -158,7 +171,8 @@ pub struct IdentityValue {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct PolicyKey {
-    pub generation: u32,
+    /// [`bank`] of the generation this cell belongs to (0 or 1).
+    pub bank: u32,
     /// Source identity, or `IDENTITY_ANY` in an ingress cell.
     pub src: u32,
     /// Destination identity, or `IDENTITY_ANY` in an egress cell.

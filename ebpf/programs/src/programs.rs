@@ -8,8 +8,8 @@ use aya_ebpf::{
 };
 use palisade_ebpf_common::*;
 
-/// Capacity of the per-generation tables; doubled because two generations coexist during a
-/// reload.
+/// Capacity of the policy tables; doubled because they hold two banks (the generation in force
+/// and the one before it, which ztunnel turns into the next).
 const MAX_WORKLOAD_PREFIXES: u32 = 2 * 65_536;
 const MAX_POLICY_CELLS: u32 = 2 * 524_288;
 const MAX_INFLIGHT: u32 = 65_536;
@@ -65,7 +65,7 @@ fn config_flags() -> u32 {
 
 #[inline(always)]
 fn identity(generation: u32, addr: Addr) -> IdentityValue {
-    let key = Key::new(160, IpKey { generation, addr });
+    let key = Key::new(160, IpKey { bank: bank(generation), addr });
     match IDENTITIES.get(&key) {
         Some(v) => *v,
         None => IdentityValue { identity: IDENTITY_WORLD, flags: 0 },
@@ -77,7 +77,7 @@ fn identity(generation: u32, addr: Addr) -> IdentityValue {
 /// verifier considers uninitialised.
 #[inline(always)]
 fn cell(generation: u32, direction: u8, src: u32, dst: u32, port: u16) -> (u32, u32) {
-    let key = PolicyKey { generation, src, dst, port, proto: PROTO_TCP, direction };
+    let key = PolicyKey { bank: bank(generation), src, dst, port, proto: PROTO_TCP, direction };
     match POLICY.get_ptr(&key) {
         Some(p) => unsafe { ((*p).action, (*p).rule) },
         None => (0, 0),
@@ -135,9 +135,10 @@ fn direction_verdict(generation: u32, direction: u8, s: &IdentityValue, d: &Iden
 /// lookup (which then re-checks the source's egress: it knows the source's identity, and
 /// one algorithm at both ends means both ends agree). `Snapshot::verdict` in
 /// palisade-model is this algorithm in user space; `combine` there picks the rule named.
+/// `generation` is read from `CONFIG` once per verdict, by the caller: every lookup of one
+/// verdict reads the same bank, which ztunnel leaves alone until well after the switch away from it.
 #[inline(always)]
-fn decide(src: Addr, dst: Addr, port: u16) -> Verdict {
-    let generation = generation();
+fn decide(generation: u32, src: Addr, dst: Addr, port: u16) -> Verdict {
     let s = identity(generation, src);
     let d = identity(generation, dst);
     let egress = direction_verdict(generation, DIRECTION_EGRESS, &s, &d, port);
@@ -206,7 +207,7 @@ fn capture_connect(ctx: &SockAddrContext, dst: Addr, family: u32) -> i32 {
         return 1;
     }
     let port = u16::from_be(ctx_read!(sa, user_port) as u16);
-    let verdict = decide(pod.addr, dst, port);
+    let verdict = decide(generation(), pod.addr, dst, port);
     let socket_cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     if verdict.action == ACTION_DENY {
         emit(EVENT_CONNECT_DENY, family, (pod.addr, 0), (dst, port), &verdict, netns_cookie, socket_cookie);
@@ -317,6 +318,8 @@ pub fn pl_inbound(ctx: SkLookupContext) -> u32 {
         return sk_action::SK_PASS;
     }
     let src_port = u16::from_be(ctx_read!(l, remote_port));
+    // Once per verdict: the plaintext check and the policy read the same generation.
+    let generation = generation();
     // This program runs only in the namespaces of enrolled pods, so an address without an
     // entry is one of the pod's that ztunnel was not told about (or whose entry a conflicting
     // enrollment would have taken): refuse, never let it bypass the proxy.
@@ -328,7 +331,7 @@ pub fn pl_inbound(ctx: SkLookupContext) -> u32 {
                 rule: RULE_UNKNOWN_ADDRESS,
                 src_identity: 0,
                 dst_identity: 0,
-                generation: generation(),
+                generation,
             };
             emit(EVENT_INBOUND_DENY, family, (src, src_port), (dst, port), &v, 0, 0);
             return sk_action::SK_DROP;
@@ -337,7 +340,6 @@ pub fn pl_inbound(ctx: SkLookupContext) -> u32 {
     // With a CA, mesh workloads reach each other only through HBONE (15008, passed above):
     // plaintext from a workload's address means its ztunnel is down or bypassed.
     if config_flags() & CONFIG_REQUIRE_HBONE != 0 {
-        let generation = generation();
         let s = identity(generation, src);
         if s.flags & IDENTITY_WORKLOAD != 0 {
             let dst_identity = identity(generation, dst).identity;
@@ -352,7 +354,7 @@ pub fn pl_inbound(ctx: SkLookupContext) -> u32 {
             return sk_action::SK_DROP;
         }
     }
-    let verdict = decide(src, dst, port);
+    let verdict = decide(generation, src, dst, port);
     if verdict.action == ACTION_DENY {
         emit(EVENT_INBOUND_DENY, family, (src, src_port), (dst, port), &verdict, 0, 0);
         // SK_DROP on a TCP lookup answers the SYN with a reset: the client sees a refusal.

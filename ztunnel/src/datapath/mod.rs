@@ -2,7 +2,7 @@
 //! that different tasks own, so that none of them needs a lock on the hot path:
 //!
 //! - [`Capture`]: programs and pod maps; attach/detach per enrolled pod (enrollment API).
-//! - [`PolicyMaps`]: identities and policy cells, written a generation at a time (reloads).
+//! - [`PolicyMaps`]: identities and policy cells in two banks, one switch per reload.
 //! - [`OrigDstTable`]: read by the outbound proxy for every accepted connection.
 //! - the `EVENTS` ring buffer, drained by the flow task.
 //!
@@ -11,6 +11,7 @@
 //! crashed, upgraded), and a new ztunnel adopts them. See ARCHITECTURE.md ("Lifecycle").
 mod capture;
 pub mod pins;
+mod policy_banks;
 mod policy_maps;
 
 pub use capture::{Capture, PodCapture};

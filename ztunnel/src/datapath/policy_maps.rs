@@ -1,20 +1,38 @@
-//! Identities and policy cells, written a whole generation at a time (see ARCHITECTURE.md,
-//! "Policy model and its compilation"). The maps are pinned: a ztunnel that starts over maps
-//! of an earlier one continues from the generation in force and removes every other
-//! generation's entries after its first switch.
+//! Identities and policy cells in two banks (see ARCHITECTURE.md, "Data path" and
+//! "Lifecycle"). Every entry of `IDENTITIES` and `POLICY` is keyed by a bank, the low bit of
+//! a generation number ([`bank`]); `CONFIG.generation` names the generation in force, and
+//! programs read it once per verdict and then only its bank's entries.
+//!
+//! The bank in force holds generation N; the other bank holds N-1. To put N+1 in force,
+//! ztunnel brings the other bank from N-1 to N+1 by writing their difference (it keeps both
+//! banks' contents in user space, [`Image`], to diff against), then writes `CONFIG` once:
+//! every program that starts after it reads N+1, every one that started before reads N,
+//! whose bank nothing touches; no verdict sees a mix of two policies. Nothing is deleted
+//! after a switch: bank N becomes the next one to write, one generation behind. A switch
+//! costs the difference between N-1 and N+1, not the policy's size.
+//!
+//! Grace: a program that read `CONFIG` just before a switch may still be looking up the bank
+//! it names, which is about to become the bank written next. So the write of a bank starts
+//! [`GENERATION_GRACE`] after the last switch at the earliest. Programs run for microseconds
+//! inside an RCU read-side section (a verdict reads `CONFIG` once, then looks up a few
+//! entries); the grace is three orders of magnitude more. The grace delays the next write
+//! only, never the switch or its ACK.
+//!
+//! Not knowing a bank (after a start over pinned maps, or a write that failed half-way), this
+//! process reads it back from the kernel before its next write. The bank in force is never
+//! written: on error it stays in force, untouched, and the error goes to the caller (NACK).
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use aya::maps::lpm_trie::Key;
 use aya::maps::{Array, HashMap, LpmTrie, MapData};
 use palisade_ebpf_common::*;
-use palisade_model::{Action, Snapshot};
+use palisade_model::Snapshot;
 
+use super::policy_banks::{self, Image};
 use super::{KernelError, map_err};
 
-/// Time given to programs that read the old generation number to finish their lookups before
-/// the old generation's entries are deleted. Programs run for microseconds inside an RCU
-/// read-side section; this is three orders of magnitude more.
+/// Time given to programs that read the generation before the last switch to finish their
+/// lookups in its bank, before that bank is written again (see the module documentation).
 const GENERATION_GRACE: Duration = Duration::from_millis(20);
 
 /// Stops a [`PolicyMaps`] from writing, once any write in progress has finished.
@@ -27,31 +45,40 @@ impl RetireSwitch {
     }
 }
 
-/// Counts of one generation write.
+/// Counts of one switch.
 #[derive(Clone, Debug, Default, serde::Serialize)]
 pub struct ApplyStats {
     pub generation: u32,
+    /// Entries of the generation now in force.
     pub identities: usize,
     pub cells: usize,
+    /// Entries inserted or updated, and deleted, in the bank switched to.
+    pub written: usize,
+    pub deleted: usize,
+    /// Whether the bank was read back from the kernel first (after a start or a failed write).
+    pub read_back: bool,
+    /// Waiting for the grace after the previous switch (part of `elapsed_ms`).
+    pub grace_wait_ms: f64,
     /// Writing the maps and switching generation.
     pub elapsed_ms: f64,
     /// Reading, validating and compiling the resources (set by the caller).
     pub compile_ms: f64,
 }
 
-/// Identities and policy cells, written a whole generation at a time.
+/// Identities and policy cells, in two banks.
 pub struct PolicyMaps {
     config: Array<MapData, Config>,
     identities: LpmTrie<MapData, IpKey, IdentityValue>,
     cells: HashMap<MapData, PolicyKey, PolicyValue>,
+    /// The generation in force.
     generation: u32,
     /// `CONFIG_*` flags written with every generation switch.
     flags: u32,
-    /// The maps held entries of an earlier ztunnel whose keys this one does not know: sweep
-    /// every other generation after the first switch.
-    sweep: bool,
-    applied_ids: Vec<Key<IpKey>>,
-    applied_cells: Vec<PolicyKey>,
+    /// What each bank holds; `None` when this process does not know (read back before writing).
+    banks: [Option<Image>; 2],
+    /// When this process last switched; `None` before its first switch (a predecessor may have
+    /// switched a moment ago).
+    last_switch: Option<Instant>,
     /// Set once this process has handed the data path to a successor: from then on the maps
     /// are the successor's to write. Held for the whole of a write, so retiring waits for a
     /// write in progress.
@@ -74,9 +101,8 @@ impl PolicyMaps {
             cells,
             generation,
             flags,
-            sweep: true,
-            applied_ids: Vec::new(),
-            applied_cells: Vec::new(),
+            banks: [None, None],
+            last_switch: None,
             retired: Arc::default(),
         }
     }
@@ -87,10 +113,10 @@ impl PolicyMaps {
         RetireSwitch(self.retired.clone())
     }
 
-    /// Makes `snapshot` the policy in force. The new generation is written beside the old one,
-    /// then one write to `CONFIG` switches every program to it; the old generation is
-    /// removed after a grace period. On error the new entries are removed and the old
-    /// generation stays in force, untouched.
+    /// Makes `snapshot` the policy in force: the bank not in force is brought to it (the
+    /// difference from what it holds), then one write to `CONFIG` switches every program to
+    /// it. Returns once switched. On error the bank in force stays in force, untouched, and
+    /// the other bank is read back before the next write.
     pub fn apply(&mut self, snapshot: &Snapshot) -> Result<ApplyStats, KernelError> {
         let start = Instant::now();
         let retired = self.retired.clone();
@@ -98,100 +124,44 @@ impl PolicyMaps {
         if *retired {
             return Ok(ApplyStats { generation: self.generation, ..Default::default() });
         }
-        if self.sweep {
+        if self.last_switch.is_none() {
             // The first write after start-up: continue from the generation in force now (a
             // predecessor may have switched since the maps were opened).
-            self.generation = self.config.get(&0, 0).map(|c| c.generation).unwrap_or(self.generation);
+            self.generation = self.config.get(&0, 0).map(|c| c.generation).map_err(map_err("CONFIG"))?;
         }
         let generation = self.generation.wrapping_add(1);
-        let mut ids = Vec::with_capacity(snapshot.addresses.len());
-        let mut cells = Vec::with_capacity(snapshot.cells.len());
-        let written = self.write_generation(snapshot, generation, &mut ids, &mut cells);
-        if let Err(e) = written {
-            self.remove(&ids, &cells);
-            return Err(e);
-        }
-        if let Err(source) = self.config.set(0, Config { generation, flags: self.flags }, 0) {
-            self.remove(&ids, &cells);
-            return Err(map_err("CONFIG")(source));
-        }
-        std::thread::sleep(GENERATION_GRACE);
-        let old_ids = std::mem::replace(&mut self.applied_ids, ids);
-        let old_cells = std::mem::replace(&mut self.applied_cells, cells);
-        self.remove(&old_ids, &old_cells);
-        if std::mem::take(&mut self.sweep) {
-            self.sweep_other_generations(generation);
-        }
+        let bank = bank(generation);
+        let grace_wait = match self.last_switch {
+            Some(at) => GENERATION_GRACE.saturating_sub(at.elapsed()),
+            None => GENERATION_GRACE,
+        };
+        std::thread::sleep(grace_wait);
+
+        // Unknown while being written: a failure leaves it to be read back.
+        let (mut image, read_back) = match self.banks[bank as usize].take() {
+            Some(image) => (image, false),
+            None => (policy_banks::read_back(&mut self.identities, &mut self.cells, bank)?, true),
+        };
+        let ids = policy_banks::identities_of(snapshot);
+        let changes = image.changes_to(&ids, &snapshot.cells);
+        policy_banks::write(&mut self.identities, &mut self.cells, bank, &changes)?;
+        image.apply(&changes);
+        self.banks[bank as usize] = Some(image);
+        // The switch. Should it fail, the bank written stays as the image says, not in force.
+        self.config.set(0, Config { generation, flags: self.flags }, 0).map_err(map_err("CONFIG"))?;
+        self.last_switch = Some(Instant::now());
         self.generation = generation;
         Ok(ApplyStats {
             generation,
-            identities: self.applied_ids.len(),
-            cells: self.applied_cells.len(),
+            identities: ids.len(),
+            cells: snapshot.cells.len(),
+            written: changes.written(),
+            deleted: changes.deleted(),
+            read_back,
+            grace_wait_ms: grace_wait.as_secs_f64() * 1e3,
             elapsed_ms: start.elapsed().as_secs_f64() * 1e3,
             compile_ms: 0.0,
         })
-    }
-
-    fn write_generation(
-        &mut self,
-        snapshot: &Snapshot,
-        generation: u32,
-        ids: &mut Vec<Key<IpKey>>,
-        cells: &mut Vec<PolicyKey>,
-    ) -> Result<(), KernelError> {
-        let workloads = snapshot.addresses.iter().map(|(ip, id)| {
-            let ident = snapshot.identity(*id);
-            let mut flags = IDENTITY_WORKLOAD;
-            if ident.is_some_and(|i| i.default_deny) {
-                flags |= IDENTITY_DEFAULT_DENY;
-            }
-            if ident.is_some_and(|i| i.egress_default_deny) {
-                flags |= IDENTITY_EGRESS_DEFAULT_DENY;
-            }
-            (*ip, 128, *id, flags)
-        });
-        // Address blocks named by policies: the LPM trie gives an address the most specific.
-        let blocks = snapshot.cidrs.iter().map(|c| (c.cidr.addr, c.cidr.mapped_prefix(), c.id, 0));
-        // Service VIPs: their own identity, egress by their own cells, no ingress default.
-        let services = snapshot.services.iter().map(|s| (s.vip, 128, s.id, IDENTITY_SERVICE));
-        for (ip, prefix, identity, flags) in workloads.chain(blocks).chain(services) {
-            let key = Key::new(32 + prefix, IpKey { generation, addr: addr_from_ip(ip) });
-            self.identities.insert(&key, IdentityValue { identity, flags }, 0).map_err(map_err("IDENTITIES"))?;
-            ids.push(key);
-        }
-        for (k, c) in &snapshot.cells {
-            let key = PolicyKey {
-                generation,
-                src: k.src,
-                dst: k.dst,
-                port: k.port,
-                proto: PROTO_TCP,
-                direction: k.direction.kernel(),
-            };
-            let action = match c.action {
-                Action::Allow => ACTION_ALLOW,
-                Action::Deny => ACTION_DENY,
-            };
-            self.cells.insert(key, PolicyValue { action, rule: c.rule }, 0).map_err(map_err("POLICY"))?;
-            cells.push(key);
-        }
-        Ok(())
-    }
-
-    fn remove(&mut self, ids: &[Key<IpKey>], cells: &[PolicyKey]) {
-        for k in ids {
-            let _ = self.identities.remove(k);
-        }
-        for k in cells {
-            let _ = self.cells.remove(k);
-        }
-    }
-
-    /// Removes entries of every generation but `keep` (left by an earlier ztunnel).
-    fn sweep_other_generations(&mut self, keep: u32) {
-        let ids: Vec<Key<IpKey>> = self.identities.keys().flatten().filter(|k| k.data().generation != keep).collect();
-        let cells: Vec<PolicyKey> = self.cells.keys().flatten().filter(|k| k.generation != keep).collect();
-        self.remove(&ids, &cells);
     }
 
     pub fn generation(&self) -> u32 {
