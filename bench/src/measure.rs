@@ -2,7 +2,7 @@
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Stdio};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use palisade_sandbox::{Cluster, ClusterSpec};
@@ -258,6 +258,42 @@ pub fn scale_policy(workloads: usize, rules: usize, salt: usize) -> String {
     y
 }
 
+/// Documents per file when a large policy goes to a store directory (the loader refuses files
+/// of more than 10,000 documents, and real repositories split policies anyway).
+const DOCUMENTS_PER_FILE: usize = 2_000;
+
+/// Writes `policy` into the cluster's store directory as `<prefix>-<n>.yaml` files (each
+/// written whole, then renamed), removing files of an earlier call with the same prefix, and
+/// waits until every node has put a new policy generation in force.
+pub(crate) fn put_store_files(cluster: &Cluster, prefix: &str, policy: &str, timeout: Duration) -> Result<()> {
+    let before: Vec<u64> =
+        cluster.info.nodes.iter().map(|n| cluster.policy_generation(&n.name)).collect::<Result<_>>()?;
+    let dir = cluster.store_dir();
+    for entry in std::fs::read_dir(&dir)?.flatten() {
+        if entry.file_name().to_string_lossy().starts_with(&format!("{prefix}-")) {
+            std::fs::remove_file(entry.path())?;
+        }
+    }
+    let documents: Vec<&str> = policy.split("---\n").filter(|d| !d.trim().is_empty()).collect();
+    for (i, chunk) in documents.chunks(DOCUMENTS_PER_FILE).enumerate() {
+        let text: String = chunk.iter().map(|d| format!("---\n{d}")).collect();
+        let file = dir.join(format!("{prefix}-{i}.yaml"));
+        let tmp = dir.join(format!(".{prefix}-{i}.tmp"));
+        std::fs::write(&tmp, text)?;
+        std::fs::rename(&tmp, &file)?;
+    }
+    let deadline = Instant::now() + timeout;
+    for (node, old) in cluster.info.nodes.iter().zip(before) {
+        while cluster.policy_generation(&node.name)? <= old {
+            if Instant::now() > deadline {
+                anyhow::bail!("{} did not put the policy in force (see {})", node.name, node.log.display());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+    Ok(())
+}
+
 fn metric(cluster: &Cluster, name: &str) -> Result<f64> {
     let text = cluster.admin_get("node-1", "/metrics")?;
     text.lines()
@@ -269,7 +305,7 @@ fn metric(cluster: &Cluster, name: &str) -> Result<f64> {
 pub fn idle_and_policy_scale(options: &Options) -> Result<Vec<Figure>> {
     let s = &options.sizes;
     let most = *s.idle_pods.iter().max().unwrap_or(&0);
-    let mut cluster = cluster(options, 1, most.max(1), false, "")?;
+    let cluster = cluster(options, 1, most.max(1), false, "")?;
     let pid = cluster.ztunnel_pid("node-1").context("ztunnel pid")?;
     let names: Vec<String> = cluster.info.pods.iter().map(|p| p.name.clone()).collect();
     let mut figures = Vec::new();
@@ -295,7 +331,7 @@ pub fn idle_and_policy_scale(options: &Options) -> Result<Vec<Figure>> {
     let (mut compile, mut apply, mut maps, mut cells) = (vec![], vec![], vec![], vec![]);
     for rep in 0..s.reps {
         let policy = scale_policy(s.scale_workloads, s.scale_rules, rep);
-        cluster.set_policy_within(&policy, Duration::from_secs(300))?;
+        put_store_files(&cluster, "scale", &policy, Duration::from_secs(300))?;
         compile.push(metric(&cluster, "palisade_policy_compile_seconds")? * 1e3);
         apply.push(metric(&cluster, "palisade_policy_apply_seconds")? * 1e3);
         cells.push(metric(&cluster, "palisade_policy_cells")?);

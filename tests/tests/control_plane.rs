@@ -118,19 +118,21 @@ fn a_nacked_snapshot_is_visible_with_its_reason_and_the_node_keeps_its_last_good
     let target = format!("{}:9090", cluster.pod("p1-2").unwrap().ip);
     let generation_before = cluster.policy_generation("node-1").unwrap();
     // node-1 cannot write its state directory (a full or read-only disk: here, a directory
-    // where the snapshot's file must be written), so it cannot put a snapshot in force.
-    let blocker = cluster.info.state_dir.join("ztunnel-node-1").join("control-plane.tmp");
+    // where the journal of its last good content must be appended), so it cannot put a
+    // snapshot in force: one it could not keep on disk would be lost by a restart.
+    let blocker = cluster.info.state_dir.join("ztunnel-node-1").join("snapshot.journal");
+    let _ = std::fs::remove_file(&blocker);
     std::fs::create_dir_all(&blocker).unwrap();
 
     let out = apply(&cluster, &write(&cluster, "deny.yaml", &deny_to("no-9090", "p1-2", 9090)));
     assert!(!out.status.success(), "apply reports the node that did not take it: {}", text(&out));
     let t = text(&out);
-    assert!(t.contains("node-1: NACK") && t.contains("control-plane.tmp"), "{t}");
+    assert!(t.contains("node-1: NACK") && t.contains("snapshot.journal"), "{t}");
     let revision = revision_of(&out);
     let nodes = node_table(&cluster);
     let (n1, n2) = (&nodes["node-1"], &nodes["node-2"]);
     assert_eq!(n1["last_nack"]["version"], revision.as_str(), "{n1}");
-    assert!(n1["last_nack"]["reason"].as_str().unwrap().contains("control-plane.tmp"), "{n1}");
+    assert!(n1["last_nack"]["reason"].as_str().unwrap().contains("snapshot.journal"), "{n1}");
     assert_ne!(n1["version"], revision.as_str(), "node-1 keeps its last good version: {n1}");
     assert_eq!(n2["version"], revision.as_str(), "{n2}");
     // node-1 kept its policy: a connection within node-1 passes; node-2 enforces the new one.

@@ -7,6 +7,7 @@
 //! `--control-plane` address, so a second replica takes over) and resyncs on return. The last
 //! good snapshot is kept in `<state dir>/snapshot.json`, and a ztunnel that starts while the
 //! control plane is unreachable starts from it.
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -14,17 +15,18 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use palisade_api::v1::snapshot_discovery_client::SnapshotDiscoveryClient;
-use palisade_api::v1::{ErrorDetail, SnapshotRequest};
+use palisade_api::v1::{ErrorDetail, SnapshotRequest, SnapshotResponse};
 use palisade_mesh::identity::SpiffeId;
 use palisade_mesh::tls::{Credential, CredentialSlot, TrustBundle, client_config, no_sni};
 use palisade_model::compile::{Identities, IdentitiesError};
-use serde::{Deserialize, Serialize};
+use palisade_model::key::ResourceKey;
 use tokio::sync::{mpsc, watch};
 
 use crate::policy_source::PolicySource;
+use crate::pushed::ResourceDelta;
 
-/// Input files of processes that handed over (see [`ConfigClient::handed_over`]).
-const RETIRED_PREFIX: &str = "control-plane-retired-";
+mod saved;
+
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(15);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -37,14 +39,13 @@ pub enum ClientError {
     Stream { addr: SocketAddr, message: String },
 }
 
-/// The last good snapshot, as kept on disk.
-#[derive(Clone, Debug, Default, Serialize, Deserialize)]
-pub struct Saved {
+/// The content in force from the control plane: the documents by key, the identity numbers,
+/// and the version and digest the server gave them.
+#[derive(Clone, Debug, Default)]
+pub struct Current {
     pub version: String,
     pub digest: String,
-    pub resources_yaml: String,
-    /// The control plane's identity numbers (absent in files saved before they were sent).
-    #[serde(default)]
+    pub documents: BTreeMap<ResourceKey, String>,
     pub identities: Identities,
 }
 
@@ -57,7 +58,7 @@ pub struct ConfigClient {
     server: SpiffeId,
     state_dir: PathBuf,
     /// What is in force (empty version: nothing from the control plane yet).
-    current: Saved,
+    current: Current,
     /// Set once this process handed the node over to a successor (upgrade): it keeps following
     /// the control plane, so the connections it still carries are re-checked against new
     /// policies, but it no longer writes the state directory's files, which are the
@@ -94,56 +95,93 @@ impl ConfigClient {
             bundle,
             server,
             state_dir,
-            current: Saved::default(),
+            current: Current::default(),
             handed_over: Arc::default(),
         })
     }
 
-    fn saved_file(&self) -> PathBuf {
-        self.state_dir.join("snapshot.json")
+    fn saved(&self) -> saved::SavedFiles {
+        saved::SavedFiles::new(&self.state_dir)
     }
 
-    fn input_file(&self) -> PathBuf {
-        match self.handed_over.load(Ordering::Relaxed) {
-            false => self.state_dir.join("control-plane.yaml"),
-            true => self.state_dir.join(format!("{RETIRED_PREFIX}{}.yaml", std::process::id())),
-        }
-    }
-
-    /// Removes the input files of predecessors that have exited.
-    fn remove_stale_inputs(&self) {
-        let Ok(entries) = std::fs::read_dir(&self.state_dir) else { return };
-        for entry in entries.flatten() {
-            let name = entry.file_name().to_string_lossy().into_owned();
-            let pid = name.strip_prefix(RETIRED_PREFIX).and_then(|r| r.strip_suffix(".yaml"));
-            if pid.is_some_and(|pid| !Path::new("/proc").join(pid).exists()) {
-                let _ = std::fs::remove_file(entry.path());
-            }
-        }
-    }
-
-    /// Puts the snapshot saved on disk in force, if there is one (start-up while the control
+    /// Puts the content saved on disk in force, if there is one (start-up while the control
     /// plane is unreachable). Returns whether it did.
     pub async fn start_from_disk(&mut self, policy: &mut PolicySource) -> anyhow::Result<bool> {
-        let text = match std::fs::read_to_string(self.saved_file()) {
-            Ok(t) => t,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(false),
-            Err(e) => return Err(anyhow::anyhow!("{}: {e}", self.saved_file().display())),
-        };
-        let saved: Saved = serde_json::from_str(&text)
-            .map_err(|e| anyhow::anyhow!("{}: not a saved snapshot: {e}", self.saved_file().display()))?;
-        self.put_in_force(policy, &saved).await?;
-        tracing::info!(version = %saved.version, "started from the snapshot saved on disk");
+        let Some(saved) = self.saved().load()? else { return Ok(false) };
+        let delta = ResourceDelta::parse(true, saved.documents.iter().map(|(k, y)| (k.clone(), y.as_str())), vec![])
+            .map_err(|e| anyhow::anyhow!("saved snapshot: {e}"))?;
+        let stats = policy.put_delta_in_force(delta, saved.identities.clone()).await?;
+        tracing::info!(version = %saved.version, generation = stats.generation, "started from the snapshot saved on disk");
         self.current = saved;
         Ok(true)
     }
 
-    async fn put_in_force(&self, policy: &mut PolicySource, snapshot: &Saved) -> anyhow::Result<()> {
-        // Through a file, so the loader, validation and errors are exactly those of file mode.
-        write_atomic(&self.input_file(), snapshot.resources_yaml.as_bytes())?;
-        let stats = policy.put_in_force(vec![self.input_file()], snapshot.identities.clone()).await?;
-        tracing::info!(version = %snapshot.version, generation = stats.generation, cells = stats.cells,
+    /// Puts one response in force: journals it (unless handed over), compiles, switches the
+    /// maps. On error nothing changed (the journal entry is taken back).
+    async fn take(&mut self, policy: &mut PolicySource, response: SnapshotResponse) -> anyhow::Result<()> {
+        let documents: Vec<(ResourceKey, String)> =
+            response.documents.into_iter().map(|d| (key_from_wire(d.key.unwrap_or_default()), d.yaml)).collect();
+        let removed: Vec<ResourceKey> = response.removed.into_iter().map(key_from_wire).collect();
+        let wire = identities_from_wire(response.identities);
+        let identities = match response.full {
+            true => wire,
+            // A delta carries the numbers this stream has not carried before.
+            false => wire.and_then(|new| {
+                Identities::new(
+                    self.current
+                        .identities
+                        .iter()
+                        .map(|(l, n)| (l.clone(), n))
+                        .chain(new.iter().map(|(l, n)| (l.clone(), n))),
+                )
+            }),
+        }
+        .map_err(|e| anyhow::anyhow!("identity numbers: {e}"))?;
+        let mut next = Current {
+            version: response.version_info,
+            digest: response.content_digest,
+            documents: match response.full {
+                true => BTreeMap::new(),
+                false => self.current.documents.clone(),
+            },
+            identities,
+        };
+        for key in &removed {
+            next.documents.remove(key);
+        }
+        next.documents.extend(documents.iter().cloned());
+        // The same content under a new version (a restarted server): nothing to rewrite.
+        if response.full && !next.digest.is_empty() && next.digest == self.current.digest {
+            self.current = next;
+            return Ok(());
+        }
+        let delta = ResourceDelta::parse(
+            response.full,
+            documents.iter().map(|(k, y)| (k.clone(), y.as_str())),
+            removed.clone(),
+        )
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+        let writes = !self.handed_over.load(Ordering::Relaxed);
+        let journal = match (writes, response.full) {
+            (false, _) => None,
+            (true, true) => {
+                self.saved().save_whole(&next)?;
+                None
+            }
+            (true, false) => Some(self.saved().append(&next, &documents, &removed)?),
+        };
+        let stats = match policy.put_delta_in_force(delta, next.identities.clone()).await {
+            Ok(stats) => stats,
+            Err(e) => {
+                if let Some(entry) = journal {
+                    self.saved().take_back(entry);
+                }
+                return Err(e);
+            }
+        };
+        tracing::info!(version = %next.version, generation = stats.generation, cells = stats.cells,
             compile_ms = stats.compile_ms, apply_ms = stats.elapsed_ms, "snapshot from the control plane in force");
+        self.current = next;
         Ok(())
     }
 
@@ -214,41 +252,30 @@ impl ConfigClient {
             let _ = first.send(());
         }
         while let Some(response) = responses.message().await.map_err(|e| failed(e.to_string()))? {
-            let identities = identities_from_wire(response.identities);
-            let offered = Saved {
-                version: response.version_info.clone(),
-                digest: response.content_digest.clone(),
-                resources_yaml: response.resources_yaml,
-                identities: identities.clone().unwrap_or_default(),
+            let mut answer = SnapshotRequest {
+                node: self.node.clone(),
+                response_nonce: response.nonce.clone(),
+                ..Default::default()
             };
-            let mut answer =
-                SnapshotRequest { node: self.node.clone(), response_nonce: response.nonce, ..Default::default() };
-            let result = match identities {
-                Err(e) => Err(anyhow::anyhow!("identity numbers: {e}")),
-                // The same content under a new version (a restarted server): nothing to rewrite.
-                Ok(_) if offered.digest == self.current.digest && !offered.digest.is_empty() => Ok(()),
-                Ok(_) => self.put_in_force(policy, &offered).await,
-            };
-            match result {
-                Ok(()) if self.handed_over.load(Ordering::Relaxed) => self.current = offered,
+            let version = response.version_info.clone();
+            match self.take(policy, response).await {
                 Ok(()) => {
-                    if let Err(e) = write_atomic(&self.saved_file(), &serde_json::to_vec(&offered).unwrap_or_default())
-                    {
-                        tracing::error!(error = %e, "last good snapshot not saved to disk");
-                    }
-                    self.current = offered;
                     if let Some(first) = first.take() {
                         let _ = first.send(());
                     }
                 }
                 Err(e) => {
                     let message = format!("{e:#}");
-                    tracing::error!(version = %offered.version, error = %message, "snapshot rejected (NACK); the last good one stays in force");
+                    tracing::error!(%version, error = %message, "snapshot rejected (NACK); the last good one stays in force");
                     answer.error_detail = Some(ErrorDetail { message });
                 }
             }
             answer.version_info = self.current.version.clone();
             tx.send(answer).await.map_err(|e| failed(e.to_string()))?;
+            // After the answer: folding the journal into the whole file is not on the path.
+            if !self.handed_over.load(Ordering::Relaxed) {
+                self.saved().compact_if_large(&self.current);
+            }
         }
         Ok(())
     }
@@ -274,7 +301,6 @@ pub async fn start(
     if let Some(bundle) = bundle {
         client.bundle = bundle;
     }
-    client.remove_stale_inputs();
     let from_disk = match client.start_from_disk(&mut policy).await {
         Ok(done) => done,
         Err(e) => {
@@ -311,9 +337,6 @@ fn jitter(d: Duration) -> Duration {
     d / 2 + d.mul_f64(f64::from(nanos % 1000) / 2000.0)
 }
 
-fn write_atomic(file: &Path, bytes: &[u8]) -> anyhow::Result<()> {
-    let tmp = file.with_extension("tmp");
-    std::fs::write(&tmp, bytes).map_err(|e| anyhow::anyhow!("{}: {e}", tmp.display()))?;
-    std::fs::rename(&tmp, file).map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
-    Ok(())
+fn key_from_wire(k: palisade_api::v1::ResourceKey) -> ResourceKey {
+    ResourceKey { kind: k.kind, namespace: (!k.namespace.is_empty()).then_some(k.namespace), name: k.name }
 }

@@ -13,6 +13,7 @@ pub mod netns;
 pub mod pods;
 pub mod policy_source;
 pub mod proxy;
+pub mod pushed;
 
 mod app;
 pub use app::run;

@@ -20,11 +20,14 @@ use tokio::sync::watch;
 
 use crate::datapath::{ApplyStats, PolicyMaps};
 use crate::metrics::Metrics;
+use crate::pushed::{Pushed, ResourceDelta, Undo};
 
 pub struct PolicySource {
     paths: Vec<PathBuf>,
     trust_domain: String,
     maps: Option<PolicyMaps>,
+    /// The control plane's resources as in force (empty in file mode); owned like `maps`.
+    pushed: Option<Pushed>,
     /// Between polls; taken by the blocking task that polls.
     files: Option<Files>,
     metrics: Arc<Metrics>,
@@ -48,6 +51,41 @@ pub struct Rejection {
     pub problems: Vec<String>,
     /// The policy generation that stayed in force.
     pub generation_in_force: u64,
+}
+
+/// A compiled snapshot, and how to take back what compiling it changed (a delta applied to the
+/// pushed resources) when the maps refuse it.
+trait Compiled: Send + 'static {
+    fn snapshot(&self) -> &Snapshot;
+    fn into_snapshot(self) -> Snapshot;
+    fn undo(self, pushed: &mut Pushed);
+}
+
+impl Compiled for Snapshot {
+    fn snapshot(&self) -> &Snapshot {
+        self
+    }
+    fn into_snapshot(self) -> Snapshot {
+        self
+    }
+    fn undo(self, _: &mut Pushed) {}
+}
+
+struct CompiledDelta {
+    snapshot: Snapshot,
+    undo: Undo,
+}
+
+impl Compiled for CompiledDelta {
+    fn snapshot(&self) -> &Snapshot {
+        &self.snapshot
+    }
+    fn into_snapshot(self) -> Snapshot {
+        self.snapshot
+    }
+    fn undo(self, pushed: &mut Pushed) {
+        pushed.undo(self.undo)
+    }
 }
 
 /// The policy files as the loader sees them, and the read failure last reported.
@@ -97,8 +135,17 @@ impl PolicySource {
         let generations = Arc::default();
         let files = Some(Files { changes: ChangeDetector::new(paths.clone()), read_error: None });
         let last_rejected = Arc::default();
-        let source =
-            PolicySource { paths, trust_domain, maps: Some(maps), files, metrics, publish, generations, last_rejected };
+        let source = PolicySource {
+            paths,
+            trust_domain,
+            maps: Some(maps),
+            pushed: Some(Pushed::default()),
+            files,
+            metrics,
+            publish,
+            generations,
+            last_rejected,
+        };
         (source, rx)
     }
 
@@ -134,26 +181,61 @@ impl PolicySource {
     }
 
     /// Loads, validates and compiles `paths` and writes the result to the maps; returns once
-    /// the maps are switched (the control-plane client ACKs only then). Errors leave the last
-    /// good policy in force. `identities` are the control plane's numbers (empty in file mode).
+    /// the maps are switched. Errors leave the last good policy in force.
     pub async fn put_in_force(&mut self, paths: Vec<PathBuf>, identities: Identities) -> anyhow::Result<ApplyStats> {
         let trust_domain = self.trust_domain.clone();
+        self.switch(move |_| {
+            palisade_model::load_snapshot_with(&paths, &trust_domain, &identities).map_err(anyhow::Error::from)
+        })
+        .await
+    }
+
+    /// Changes the control plane's resources by `delta`, compiles them with `identities` (the
+    /// control plane's numbers) and writes the result to the maps; returns once the maps are
+    /// switched (the control-plane client ACKs only then). On error the resources and the
+    /// maps stay as they were.
+    pub async fn put_delta_in_force(
+        &mut self,
+        delta: ResourceDelta,
+        identities: Identities,
+    ) -> anyhow::Result<ApplyStats> {
+        let trust_domain = self.trust_domain.clone();
+        self.switch(move |pushed| {
+            let undo = pushed.apply(delta);
+            Ok(CompiledDelta { snapshot: pushed.compile(&trust_domain, &identities), undo })
+        })
+        .await
+    }
+
+    /// Compiles (off the runtime, with the pushed resources at hand) and, if that worked,
+    /// writes the result to the maps; records a refusal for `/config_dump`.
+    async fn switch<C: Compiled>(
+        &mut self,
+        compile: impl FnOnce(&mut Pushed) -> anyhow::Result<C> + Send + 'static,
+    ) -> anyhow::Result<ApplyStats> {
         let mut maps = self.maps.take().expect("policy maps are owned between reloads");
-        let (maps, result) = tokio::task::spawn_blocking(move || {
+        let mut pushed = self.pushed.take().expect("pushed resources are owned between reloads");
+        let (maps, pushed, result) = tokio::task::spawn_blocking(move || {
             let started = std::time::Instant::now();
-            let result = palisade_model::load_snapshot_with(&paths, &trust_domain, &identities)
-                .map_err(anyhow::Error::from)
-                .and_then(|snap| {
-                    let compile_ms = started.elapsed().as_secs_f64() * 1e3;
-                    let mut stats = maps.apply(&snap)?;
-                    stats.compile_ms = compile_ms;
-                    Ok((snap, stats))
-                });
-            (maps, result)
+            let result = compile(&mut pushed).and_then(|compiled| {
+                let compile_ms = started.elapsed().as_secs_f64() * 1e3;
+                match maps.apply(compiled.snapshot()) {
+                    Ok(mut stats) => {
+                        stats.compile_ms = compile_ms;
+                        Ok((compiled.into_snapshot(), stats))
+                    }
+                    Err(e) => {
+                        compiled.undo(&mut pushed);
+                        Err(e.into())
+                    }
+                }
+            });
+            (maps, pushed, result)
         })
         .await?;
         let generation = maps.generation();
         self.maps = Some(maps);
+        self.pushed = Some(pushed);
         self.metrics.policy_reload(result.is_ok());
         if let Err(e) = &result {
             let problems = match e.downcast_ref::<palisade_model::ConfigError>() {

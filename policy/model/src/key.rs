@@ -3,9 +3,11 @@
 //! all key resources by it.
 use std::fmt;
 
+use serde::{Deserialize, Serialize};
+
 use crate::resource::Resource;
 
-#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub struct ResourceKey {
     pub kind: String,
     pub namespace: Option<String>,

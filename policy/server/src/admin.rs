@@ -8,18 +8,16 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use palisade_model::load::{self, Located};
-use palisade_model::validate;
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
 
-use crate::control::{Control, NodeStatus};
-use crate::store::{Change, ResourceKey, Revision, StoreError};
+use crate::control::{ChangeError, Control, NodeStatus};
+use crate::store::Revision;
 
 /// Largest request line (a batch of files): the loader's per-file limit, a few times over.
 const MAX_REQUEST_BYTES: usize = 64 << 20;
 /// Batches retried when the store moved between listing and writing.
-const CONFLICT_RETRIES: usize = 5;
 
 /// One input file as the CLI read it (its name is what errors point at).
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -177,33 +175,10 @@ async fn change(control: &Control, files: Vec<SourceFile>, delete: bool, wait_se
     if batch.is_empty() {
         return error("no resources in the input");
     }
-    let mut attempt = 0;
-    let revision = loop {
-        attempt += 1;
-        let listing = match control.store.list().await {
-            Ok(l) => l,
-            Err(e) => return error(e.to_string()),
-        };
-        let keys: std::collections::HashSet<ResourceKey> = batch.iter().map(|l| ResourceKey::of(&l.resource)).collect();
-        let mut after: Vec<Located> =
-            listing.resources.into_iter().filter(|l| !keys.contains(&ResourceKey::of(&l.resource))).collect();
-        if !delete {
-            after.extend(batch.iter().cloned());
-        }
-        if let Err(validate::Invalid(problems)) = validate::validate(&after) {
-            return Response { errors: problems.iter().map(ToString::to_string).collect(), ..Default::default() };
-        }
-        let changes = batch
-            .iter()
-            .map(
-                |l| if delete { Change::Delete(ResourceKey::of(&l.resource)) } else { Change::Put(l.resource.clone()) },
-            )
-            .collect();
-        match control.store.apply(listing.revision, changes).await {
-            Ok(revision) => break revision,
-            Err(StoreError::Conflict { .. }) if attempt < CONFLICT_RETRIES => continue,
-            Err(e) => return error(e.to_string()),
-        }
+    let revision = match control.change(batch, delete).await {
+        Ok(revision) => revision,
+        Err(ChangeError::Invalid(errors)) => return Response { errors, ..Default::default() },
+        Err(e) => return error(e.to_string()),
     };
     let not_in_force = match wait_secs {
         Some(secs) => wait_in_force(control, revision, Duration::from_secs(secs)).await,

@@ -1,31 +1,28 @@
-//! What the server knows: the store, the payload every node is sent (recomputed when the store
-//! moves, kept as the last good one when the store's content is invalid), and each node's
-//! status (the version it ACKed, its last NACK).
-use std::collections::BTreeMap;
+//! What the server knows: the resources in force (validated), the payload every node is sent
+//! (recomputed when the store moves, kept as the last good one when the store's content is
+//! invalid), and each node's status (the version it ACKed, its last NACK).
+//!
+//! Two ways content changes. A change made through this server ([`Control::change`], what
+//! `palisade apply`/`delete` call) is validated against the resources in force, written to the
+//! store and put in force at once from what was validated: no re-listing, no second
+//! validation, one document rendered per changed resource. A change made behind its back (a
+//! `git pull` into the directory, another replica writing to etcd) is noticed through the
+//! store's watch and taken whole ([`Control::follow_store`]).
+use std::collections::{BTreeMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use palisade_model::compile::{Identities, identity_labels_of};
+use palisade_model::compile::identity_labels_of;
+use palisade_model::key::ResourceKey;
+use palisade_model::load::Located;
+use palisade_model::resource::Resource;
 use palisade_model::validate;
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
-use crate::store::{Listing, Revision, Store};
-
-/// What is pushed to every node: the whole resource set, validated (see ARCHITECTURE.md,
-/// "Control plane", for why the nodes compile it themselves).
-#[derive(Debug)]
-pub struct Payload {
-    /// The store revision it was computed at, as text (opaque to the nodes).
-    pub version: String,
-    pub revision: Revision,
-    pub resources_yaml: String,
-    /// The number of every workload identity of the resources, from the store (so numbers
-    /// stay put across recompiles and restarts, and replicas push the same ones).
-    pub identities: Identities,
-    /// SHA-256 of `resources_yaml` and `identities`, hex.
-    pub digest: String,
-}
+pub use crate::payload::Payload;
+use crate::payload::{documents, updated};
+use crate::store::{Change, Listing, Revision, Store, StoreError};
 
 /// One node as the server sees it (`palisade get nodes`).
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
@@ -57,9 +54,33 @@ pub fn now_ms() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
 }
 
+/// The resources in force: what the payload was computed from.
+#[derive(Default)]
+struct Content {
+    revision: Revision,
+    resources: Vec<Located>,
+}
+
+/// Why a [`Control::change`] changed nothing.
+#[derive(Debug, thiserror::Error)]
+pub enum ChangeError {
+    /// Every problem of the batch (with the resources it would join), each with file:line.
+    #[error("{}", .0.join("\n"))]
+    Invalid(Vec<String>),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("{0}")]
+    Payload(String),
+}
+
+/// Attempts of a change whose store moved under it (another writer) before it gives up.
+const CONFLICT_RETRIES: usize = 5;
+
 pub struct Control {
     pub store: Arc<dyn Store>,
     payload: watch::Sender<Option<Arc<Payload>>>,
+    /// Held for a whole change or take-over, so they are ordered.
+    content: tokio::sync::Mutex<Content>,
     nodes: Mutex<BTreeMap<String, (Session, NodeStatus)>>,
     next_session: std::sync::atomic::AtomicU64,
     /// Why the store's current content is not pushed (invalid), if it is not.
@@ -72,6 +93,7 @@ impl Control {
         Arc::new(Control {
             store,
             payload,
+            content: tokio::sync::Mutex::default(),
             nodes: Mutex::default(),
             next_session: Default::default(),
             store_error: Mutex::default(),
@@ -86,17 +108,21 @@ impl Control {
         self.store_error.lock().expect("store error lock").clone()
     }
 
-    /// Follows the store forever: every new revision is listed, validated and, if valid,
-    /// becomes the payload. An invalid content is logged and reported; the last good payload
-    /// stays.
+    /// Follows the store forever: every revision it did not write itself is listed,
+    /// validated and, if valid, put in force. An invalid content is logged and reported; the
+    /// last good payload stays.
     pub async fn follow_store(self: Arc<Self>) {
         let mut revisions = self.store.watch();
         loop {
             let seen = *revisions.borrow_and_update();
-            match self.store.list().await {
-                Ok(listing) => self.take(listing).await,
-                Err(e) => self.refuse(seen, e.to_string()),
+            let mut content = self.content.lock().await;
+            if self.payload.borrow().is_none() || seen > content.revision {
+                match self.store.list().await {
+                    Ok(listing) => self.take(&mut content, listing).await,
+                    Err(e) => self.refuse(seen, e.to_string()),
+                }
             }
+            drop(content);
             if revisions.changed().await.is_err() {
                 return;
             }
@@ -108,7 +134,8 @@ impl Control {
         *self.store_error.lock().expect("store error lock") = Some(format!("revision {revision}: {error}"));
     }
 
-    async fn take(&self, listing: Listing) {
+    /// Takes a whole listing (a change made behind this server's back).
+    async fn take(&self, content: &mut Content, listing: Listing) {
         if self.payload.borrow().as_ref().is_some_and(|p| p.revision >= listing.revision) {
             return;
         }
@@ -116,17 +143,115 @@ impl Control {
             return self.refuse(listing.revision, invalid.to_string());
         }
         let wanted: Vec<_> = identity_labels_of(&listing.resources).into_iter().collect();
-        let identities = match self.store.number_identities(&wanted).await {
+        let numbered = match self.store.number_identities(&wanted).await {
             Ok(ids) => ids,
             Err(e) => return self.refuse(listing.revision, format!("cannot number identities: {e}")),
         };
-        let payload = match render(&listing, identities) {
-            Ok(p) => p,
-            Err(e) => return self.refuse(listing.revision, e),
+        let previous = self.payload.borrow().clone();
+        let identities = match previous.as_ref().filter(|p| *p.identities == numbered) {
+            Some(p) => p.identities.clone(),
+            None => Arc::new(numbered),
         };
+        let payload = documents(&listing.resources, previous.as_ref().map(|p| &*p.documents))
+            .and_then(|docs| Payload::new(listing.revision, Arc::new(docs), identities, previous.as_deref()));
+        match payload {
+            Ok(payload) => {
+                *content = Content { revision: listing.revision, resources: listing.resources };
+                self.publish(payload);
+            }
+            Err(e) => self.refuse(listing.revision, e),
+        }
+    }
+
+    fn publish(&self, payload: Payload) {
         *self.store_error.lock().expect("store error lock") = None;
-        tracing::info!(version = %payload.version, resources = listing.resources.len(), "new snapshot for the nodes");
+        tracing::info!(version = %payload.version, resources = payload.documents.len(), "new snapshot for the nodes");
         self.payload.send_replace(Some(Arc::new(payload)));
+    }
+
+    /// Applies `batch` (or deletes its resources): validates the result against every
+    /// resource in force, writes it to the store as one atomic change and puts it in force.
+    /// An invalid batch or a failed write changes nothing. Returns the new revision.
+    pub async fn change(&self, batch: Vec<Located>, delete: bool) -> Result<Revision, ChangeError> {
+        let keys: HashSet<ResourceKey> = batch.iter().map(|l| ResourceKey::of(&l.resource)).collect();
+        let mut content = self.content.lock().await;
+        for attempt in 1.. {
+            if self.payload.borrow().is_none() || *self.store.watch().borrow() > content.revision {
+                // The store moved and the follower has not taken it yet (or nothing is in
+                // force): validate against what the store holds now.
+                let listing = self.store.list().await?;
+                *content = Content { revision: listing.revision, resources: listing.resources };
+            }
+            // The batch joins the resources in place (no copy of a large set); undone on failure.
+            let (kept, replaced): (Vec<Located>, Vec<Located>) = std::mem::take(&mut content.resources)
+                .into_iter()
+                .partition(|l| !keys.contains(&ResourceKey::of(&l.resource)));
+            content.resources = kept;
+            let joined = content.resources.len();
+            if !delete {
+                content.resources.extend(batch.iter().cloned());
+            }
+            let undo = |content: &mut Content, replaced: Vec<Located>| {
+                content.resources.truncate(joined);
+                content.resources.extend(replaced);
+            };
+            if let Err(validate::Invalid(problems)) = validate::validate(&content.resources) {
+                undo(&mut content, replaced);
+                return Err(ChangeError::Invalid(problems.iter().map(ToString::to_string).collect()));
+            }
+            let changes = batch
+                .iter()
+                .map(|l| match delete {
+                    true => Change::Delete(ResourceKey::of(&l.resource)),
+                    false => Change::Put(l.resource.clone()),
+                })
+                .collect();
+            let revision = match self.store.apply(content.revision, changes).await {
+                Ok(revision) => revision,
+                Err(StoreError::Conflict { .. }) if attempt < CONFLICT_RETRIES => {
+                    undo(&mut content, replaced);
+                    // Another writer: list again.
+                    content.revision = 0;
+                    continue;
+                }
+                Err(e) => {
+                    undo(&mut content, replaced);
+                    return Err(e.into());
+                }
+            };
+            content.revision = revision;
+            // Written: from here on the store holds the change, so it is put in force even if
+            // building the payload fails (then the follower retries from a listing).
+            if let Err(e) = self.put_changed(&content, &batch, delete).await {
+                self.refuse(revision, e);
+                content.revision = 0;
+            }
+            return Ok(revision);
+        }
+        unreachable!("the loop returns")
+    }
+
+    /// The payload after a change of this server's own: the previous documents with the
+    /// batch's resources rendered; numbers asked of the store only for identities it has
+    /// not numbered yet.
+    async fn put_changed(&self, content: &Content, batch: &[Located], delete: bool) -> Result<(), String> {
+        let Some(previous) = self.payload.borrow().clone() else { return Err("nothing in force".into()) };
+        let (changed, removed): (Vec<&Resource>, Vec<ResourceKey>) = match delete {
+            true => (vec![], batch.iter().map(|l| ResourceKey::of(&l.resource)).collect()),
+            false => (batch.iter().map(|l| &l.resource).collect(), vec![]),
+        };
+        let new_identity = identity_labels_of(batch).iter().any(|l| previous.identities.get(l).is_none());
+        let identities = match !delete && new_identity {
+            true => {
+                let wanted: Vec<_> = identity_labels_of(&content.resources).into_iter().collect();
+                let numbered = self.store.number_identities(&wanted).await.map_err(|e| e.to_string())?;
+                Arc::new(numbered)
+            }
+            false => previous.identities.clone(),
+        };
+        let docs = updated(&previous.documents, &changed, &removed)?;
+        self.publish(Payload::new(content.revision, Arc::new(docs), identities, Some(&previous))?);
+        Ok(())
     }
 
     pub fn nodes(&self) -> Vec<NodeStatus> {
@@ -156,31 +281,6 @@ impl Control {
     }
 }
 
-/// The resources as one multi-document YAML text, in the store's order.
-fn render(listing: &Listing, identities: Identities) -> Result<Payload, String> {
-    let mut yaml = String::new();
-    for located in &listing.resources {
-        let doc = serde_yaml::to_string(&located.resource)
-            .map_err(|e| format!("{}: cannot serialise: {e}", located.origin))?;
-        yaml.push_str("---\n");
-        yaml.push_str(&doc);
-    }
-    let numbers = serde_json::to_vec(&identities).map_err(|e| format!("cannot serialise identities: {e}"))?;
-    let mut context = ring::digest::Context::new(&ring::digest::SHA256);
-    context.update(yaml.as_bytes());
-    // Numbers move nothing in the YAML, but they are content: a node must recompile for them.
-    context.update(b"\n# identities\n");
-    context.update(&numbers);
-    let digest = context.finish().as_ref().iter().map(|b| format!("{b:02x}")).collect();
-    Ok(Payload {
-        version: listing.revision.to_string(),
-        revision: listing.revision,
-        resources_yaml: yaml,
-        identities,
-        digest,
-    })
-}
-
 #[cfg(test)]
 mod tests {
     use std::time::Duration;
@@ -201,7 +301,7 @@ mod tests {
         tokio::spawn(control.clone().follow_store());
         let mut payloads = control.payload();
         let first = payloads.wait_for(Option::is_some).await.unwrap().clone().unwrap();
-        assert!(first.resources_yaml.contains("name: a"), "{}", first.resources_yaml);
+        assert!(first.documents.values().any(|d| d.yaml.contains("name: a")));
 
         // A bad `git pull`: a name that is not a DNS label.
         std::fs::write(dir.join("b.yaml"), NS.replace("name: a", "name: Not_Valid")).unwrap();
@@ -218,7 +318,7 @@ mod tests {
         std::fs::write(dir.join("b.yaml"), NS.replace("name: a", "name: b")).unwrap();
         let next =
             payloads.wait_for(|p| p.as_ref().is_some_and(|p| p.revision > first.revision)).await.unwrap().clone();
-        assert!(next.unwrap().resources_yaml.contains("name: b"));
+        assert!(next.unwrap().documents.values().any(|d| d.yaml.contains("name: b")));
         assert!(control.store_error().is_none());
     }
 

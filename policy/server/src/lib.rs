@@ -9,6 +9,7 @@ use std::sync::Arc;
 
 pub mod admin;
 pub mod control;
+pub mod payload;
 pub mod push;
 pub mod store;
 pub mod tls;

@@ -3,17 +3,23 @@
 //! ACK (`version_info` = the version sent) or a NACK (`error_detail`, and `version_info` = the
 //! version still in force) — before it sends the next. A NACKed version is not sent again;
 //! the next change of the store is.
+//!
+//! The first response of a stream carries the whole resource set; every later one only what
+//! differs from the set of the last response the node ACKed on this stream (a NACKed one
+//! leaves the node where it was, so the next delta is computed from there again).
+use std::collections::HashSet;
 use std::pin::Pin;
 use std::sync::Arc;
 
 use palisade_api::v1::snapshot_discovery_server::SnapshotDiscovery;
-use palisade_api::v1::{SnapshotRequest, SnapshotResponse};
+use palisade_api::v1::{Document, SnapshotRequest, SnapshotResponse};
 use tokio::sync::mpsc;
 use tokio_stream::Stream;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::control::{Control, Nack, Session, now_ms};
+use crate::payload::{Delta, Documents};
 use crate::tls::NodeName;
 
 pub struct Push {
@@ -71,16 +77,30 @@ async fn serve_node(
     let mut in_force = first.version_info;
     let mut nacked: Option<String> = None;
     let mut nonce = 0u64;
+    // What the node has in force as this stream knows it (None: unknown, send everything).
+    let mut acked: Option<(Arc<Documents>, HashSet<u32>)> = None;
+    if let Some(p) = payloads.borrow().as_ref().filter(|p| p.version == in_force) {
+        // The node runs this very version (a reconnection): deltas can start from it.
+        acked = Some((p.documents.clone(), p.identities.iter().map(|(_, id)| id).collect()));
+    }
     loop {
         let current = payloads.borrow_and_update().clone();
         if let Some(p) = current.filter(|p| p.version != in_force && nacked.as_ref() != Some(&p.version)) {
             nonce += 1;
+            let delta = Delta::between(acked.as_ref().map(|(d, _)| &**d), &p.documents);
+            let known = acked.as_ref().filter(|_| !delta.full).map(|(_, ids)| ids);
             let response = SnapshotResponse {
                 version_info: p.version.clone(),
                 nonce: nonce.to_string(),
-                resources_yaml: p.resources_yaml.clone(),
                 content_digest: p.digest.clone(),
-                identities: wire_identities(&p.identities),
+                identities: wire_identities(&p.identities, known),
+                full: delta.full,
+                documents: delta
+                    .put
+                    .iter()
+                    .map(|(key, doc)| Document { key: Some(wire_key(key)), yaml: doc.yaml.clone() })
+                    .collect(),
+                removed: delta.removed.iter().map(wire_key).collect(),
             };
             if tx.send(Ok(response)).await.is_err() {
                 return "the node went away".into();
@@ -107,6 +127,7 @@ async fn serve_node(
                 }
                 None => {
                     tracing::debug!(%node, version = %in_force, "node ACKed");
+                    acked = Some((p.documents.clone(), p.identities.iter().map(|(_, id)| id).collect()));
                     control.update_node(node, session, |s| {
                         s.version = Some(in_force.clone());
                         s.acked_at_ms = Some(now_ms());
@@ -126,9 +147,13 @@ async fn serve_node(
     }
 }
 
-/// The payload's numbers as the wire carries them.
-fn wire_identities(ids: &palisade_model::compile::Identities) -> Vec<palisade_api::v1::NumberedIdentity> {
+/// The payload's numbers as the wire carries them: all, or those not in `known`.
+fn wire_identities(
+    ids: &palisade_model::compile::Identities,
+    known: Option<&HashSet<u32>>,
+) -> Vec<palisade_api::v1::NumberedIdentity> {
     ids.iter()
+        .filter(|(_, id)| known.is_none_or(|k| !k.contains(id)))
         .map(|(l, id)| palisade_api::v1::NumberedIdentity {
             id,
             namespace: l.namespace.clone(),
@@ -136,4 +161,12 @@ fn wire_identities(ids: &palisade_model::compile::Identities) -> Vec<palisade_ap
             labels: l.labels.clone(),
         })
         .collect()
+}
+
+fn wire_key(key: &palisade_model::key::ResourceKey) -> palisade_api::v1::ResourceKey {
+    palisade_api::v1::ResourceKey {
+        kind: key.kind.clone(),
+        namespace: key.namespace.clone().unwrap_or_default(),
+        name: key.name.clone(),
+    }
 }

@@ -1,0 +1,211 @@
+//! The last good content on disk, so a ztunnel that starts while the control plane is
+//! unreachable starts from it. `snapshot.json` holds a whole set; `snapshot.journal` the
+//! deltas put in force since, one JSON line each, appended before the delta is put in force
+//! (a node that cannot write its state NACKs, rather than running what it could not keep)
+//! and taken back if it is not. A change costs an append, not a rewrite of a 10,000-workload
+//! set; the journal is folded into the whole file once it outgrows it.
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use palisade_model::compile::Identities;
+use palisade_model::key::ResourceKey;
+use serde::{Deserialize, Serialize};
+
+use super::Current;
+
+const WHOLE: &str = "snapshot.json";
+const JOURNAL: &str = "snapshot.journal";
+/// The journal is folded into the whole file once it is larger than this and than the file.
+const JOURNAL_FOLD_BYTES: u64 = 1 << 20;
+
+#[derive(Serialize, Deserialize)]
+struct Doc {
+    key: ResourceKey,
+    yaml: String,
+}
+
+#[derive(Serialize, Deserialize)]
+struct Whole {
+    version: String,
+    digest: String,
+    #[serde(default)]
+    documents: Vec<Doc>,
+    #[serde(default)]
+    identities: Identities,
+    /// Files saved before deltas: the whole set as one YAML text.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    resources_yaml: Option<String>,
+}
+
+#[derive(Serialize, Deserialize)]
+struct Entry {
+    version: String,
+    digest: String,
+    put: Vec<Doc>,
+    removed: Vec<ResourceKey>,
+    /// Every number after the delta (a few hundred bytes per hundred identities).
+    identities: Identities,
+}
+
+/// Where an appended entry starts, to take it back.
+pub struct Appended(u64);
+
+pub struct SavedFiles {
+    whole: PathBuf,
+    journal: PathBuf,
+}
+
+impl SavedFiles {
+    pub fn new(state_dir: &Path) -> Self {
+        SavedFiles { whole: state_dir.join(WHOLE), journal: state_dir.join(JOURNAL) }
+    }
+
+    /// The saved content with the journal replayed; `None` when nothing was saved.
+    pub fn load(&self) -> anyhow::Result<Option<Current>> {
+        let text = match std::fs::read_to_string(&self.whole) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => anyhow::bail!("{}: {e}", self.whole.display()),
+        };
+        let whole: Whole = serde_json::from_str(&text)
+            .map_err(|e| anyhow::anyhow!("{}: not a saved snapshot: {e}", self.whole.display()))?;
+        let mut current = Current {
+            version: whole.version,
+            digest: whole.digest,
+            documents: whole.documents.into_iter().map(|d| (d.key, d.yaml)).collect(),
+            identities: whole.identities,
+        };
+        if let Some(yaml) = whole.resources_yaml {
+            current.documents = split_legacy(&self.whole, &yaml)?;
+        }
+        let journal = match std::fs::read_to_string(&self.journal) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
+            Err(e) => anyhow::bail!("{}: {e}", self.journal.display()),
+        };
+        for (n, line) in journal.lines().enumerate() {
+            // A line cut short by a crash in the middle of an append was never put in force.
+            let Ok(entry) = serde_json::from_str::<Entry>(line) else {
+                tracing::warn!(file = %self.journal.display(), line = n + 1, "unreadable journal entry skipped");
+                break;
+            };
+            for key in &entry.removed {
+                current.documents.remove(key);
+            }
+            current.documents.extend(entry.put.into_iter().map(|d| (d.key, d.yaml)));
+            current.version = entry.version;
+            current.digest = entry.digest;
+            current.identities = entry.identities;
+        }
+        Ok(Some(current))
+    }
+
+    /// Saves a whole set (and drops the journal, which it supersedes).
+    pub fn save_whole(&self, current: &Current) -> anyhow::Result<()> {
+        let whole = Whole {
+            version: current.version.clone(),
+            digest: current.digest.clone(),
+            documents: current.documents.iter().map(|(k, y)| Doc { key: k.clone(), yaml: y.clone() }).collect(),
+            identities: current.identities.clone(),
+            resources_yaml: None,
+        };
+        let tmp = self.whole.with_extension("tmp");
+        let bytes = serde_json::to_vec(&whole)?;
+        std::fs::write(&tmp, bytes).map_err(|e| anyhow::anyhow!("{}: {e}", tmp.display()))?;
+        std::fs::rename(&tmp, &self.whole).map_err(|e| anyhow::anyhow!("{}: {e}", self.whole.display()))?;
+        match std::fs::remove_file(&self.journal) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                tracing::warn!(file = %self.journal.display(), error = %e, "old journal not removed")
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+
+    /// Appends one delta (`next` is the content after it).
+    pub fn append(
+        &self,
+        next: &Current,
+        put: &[(ResourceKey, String)],
+        removed: &[ResourceKey],
+    ) -> anyhow::Result<Appended> {
+        let entry = Entry {
+            version: next.version.clone(),
+            digest: next.digest.clone(),
+            put: put.iter().map(|(k, y)| Doc { key: k.clone(), yaml: y.clone() }).collect(),
+            removed: removed.to_vec(),
+            identities: next.identities.clone(),
+        };
+        let mut line = serde_json::to_vec(&entry)?;
+        line.push(b'\n');
+        let fail = |e: std::io::Error| anyhow::anyhow!("{}: {e}", self.journal.display());
+        let mut file = std::fs::OpenOptions::new().create(true).append(true).open(&self.journal).map_err(fail)?;
+        let start = file.metadata().map_err(fail)?.len();
+        file.write_all(&line).map_err(fail)?;
+        Ok(Appended(start))
+    }
+
+    /// Takes back an entry that was not put in force.
+    pub fn take_back(&self, entry: Appended) {
+        let cut = std::fs::OpenOptions::new().write(true).open(&self.journal).and_then(|f| f.set_len(entry.0));
+        if let Err(e) = cut {
+            tracing::error!(file = %self.journal.display(), error = %e, "journal entry of a refused snapshot not taken back");
+        }
+    }
+
+    /// Folds the journal into the whole file once it has grown past both a bound and the file.
+    pub fn compact_if_large(&self, current: &Current) {
+        let size = |p: &Path| std::fs::metadata(p).map_or(0, |m| m.len());
+        let journal = size(&self.journal);
+        if journal > JOURNAL_FOLD_BYTES
+            && journal > size(&self.whole)
+            && let Err(e) = self.save_whole(current)
+        {
+            tracing::warn!(error = %format!("{e:#}"), "journal not folded into the saved snapshot");
+        }
+    }
+}
+
+/// A snapshot saved before deltas: one YAML text, split into documents by resource.
+fn split_legacy(file: &Path, yaml: &str) -> anyhow::Result<BTreeMap<ResourceKey, String>> {
+    let resources = palisade_model::load::parse_str(file, yaml)?;
+    resources.iter().map(|l| Ok((ResourceKey::of(&l.resource), serde_yaml::to_string(&l.resource)?))).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(name: &str) -> ResourceKey {
+        ResourceKey { kind: "Namespace".into(), namespace: None, name: name.into() }
+    }
+
+    #[test]
+    fn whole_then_journal_replays_and_a_taken_back_entry_is_gone() {
+        let dir = std::env::temp_dir().join(format!("palisade-saved-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let files = SavedFiles::new(&dir);
+        assert!(files.load().unwrap().is_none());
+        let mut current = Current { version: "1".into(), digest: "d1".into(), ..Default::default() };
+        current.documents.insert(key("a"), "a: 1\n".into());
+        files.save_whole(&current).unwrap();
+
+        current.version = "2".into();
+        current.documents.insert(key("b"), "b: 1\n".into());
+        files.append(&current, &[(key("b"), "b: 1\n".into())], &[]).unwrap();
+        current.version = "3".into();
+        current.documents.remove(&key("a"));
+        let third = files.append(&current, &[], &[key("a")]).unwrap();
+        let loaded = files.load().unwrap().unwrap();
+        assert_eq!(loaded.version, "3");
+        assert_eq!(loaded.documents.keys().cloned().collect::<Vec<_>>(), [key("b")]);
+
+        files.take_back(third);
+        let loaded = files.load().unwrap().unwrap();
+        assert_eq!(loaded.version, "2");
+        assert_eq!(loaded.documents.len(), 2);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
