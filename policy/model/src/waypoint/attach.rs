@@ -100,7 +100,7 @@ impl Attachments<'_> {
             },
             Some(Label::OptOut) => Err(format!("the Service opts out ({USE_WAYPOINT_LABEL}: none)")),
             None => Err(format!(
-                "no waypoint serves it: label the Service or its Namespace `{USE_WAYPOINT_LABEL}: <name of a Gateway of class {WAYPOINT_GATEWAY_CLASS}>`"
+                "label the Service or its Namespace `{USE_WAYPOINT_LABEL}: <name of a Gateway of class {WAYPOINT_GATEWAY_CLASS}>`"
             )),
         }
     }

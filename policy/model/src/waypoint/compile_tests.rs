@@ -230,3 +230,15 @@ fn routes_follow_gateway_api_precedence() {
         ]
     );
 }
+
+/// The control plane stores a resource as its serialised YAML and reads it back with the
+/// loader: every waypoint kind must come back equal.
+#[test]
+fn the_waypoint_kinds_round_trip_through_their_yaml() {
+    for r in load(EXAMPLE) {
+        let text = serde_yaml::to_string(&r.resource).unwrap();
+        let back = crate::load::parse_str(Path::new("stored.yaml"), &text).unwrap_or_else(|e| panic!("{e}\n{text}"));
+        assert_eq!(back.len(), 1);
+        assert_eq!(back[0].resource, r.resource, "{text}");
+    }
+}

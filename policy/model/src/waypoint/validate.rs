@@ -171,7 +171,12 @@ impl Out<'_> {
 
     fn regex(&mut self, field: &str, pattern: &str) {
         if let Err(e) = regex::Regex::new(pattern) {
-            self.error(field, format!("{pattern:?} is not a regular expression: {e}"));
+            // The parser's message draws a caret under the pattern over several lines; a
+            // finding is one line, so keep its last line (what is wrong).
+            let text = e.to_string();
+            let why = text.lines().rev().find(|l| !l.trim().is_empty()).unwrap_or_default();
+            let why = why.trim().trim_start_matches("error: ");
+            self.error(field, format!("{pattern:?} is not a regular expression: {why}"));
         }
     }
 
@@ -209,6 +214,12 @@ impl Out<'_> {
                     format!("Service {} has no port named {section:?}", p.name),
                 );
             }
+        }
+        if !spec.hostnames.is_empty() {
+            self.warning(
+                "spec.hostnames",
+                "not used: a route on a Service applies to the Service's own addresses and names".into(),
+            );
         }
         for (i, rule) in spec.rules.iter().enumerate() {
             self.rule(ns, &format!("spec.rules[{i}]"), rule);

@@ -92,7 +92,7 @@ fn cases() -> Vec<(String, Severity, &'static str, &'static str)> {
             )),
             Error,
             "spec.rules[0].matches[0].path.value",
-            "is not a regular expression",
+            "is not a regular expression: unclosed character class",
         ),
         (
             route("  rules:\n  - matches:\n    - headers:\n      - type: RegularExpression\n        name: x-user\n        value: \"(a\"  # <-\n"),
@@ -196,6 +196,12 @@ fn cases() -> Vec<(String, Severity, &'static str, &'static str)> {
             Error,
             "spec.parentRefs[0]",
             "attaches to a Service",
+        ),
+        (
+            format!("{ROUTE_HEAD}  hostnames: [web.example]  # <-\n  rules:\n{}", backend.replacen("    b", "  - b", 1)),
+            Warning,
+            "spec.hostnames",
+            "not used",
         ),
         (authz("  selector:  # <-\n    matchLabels: {app: web}\n"), Error, "spec.selector", "targetRefs"),
         (authz("  action: DENY\n  rules: [{}]\n").replace("spec:\n", "spec:  # <-\n"), Error, "spec", "`targetRefs` is required"),
@@ -313,6 +319,7 @@ fn every_bad_input_is_reported_at_its_file_line_and_field() {
         let marked = case.lines().position(|l| l.contains("# <-")).expect("a case marks its line") + 1;
         let line = base_lines + marked;
         let findings = check(&text);
+        assert!(findings.iter().all(|f| !f.message.contains('\n')), "one line each: {findings:#?}");
         let hit = findings
             .iter()
             .any(|f| f.severity == severity && f.field == field && f.line == line && f.message.contains(message));
