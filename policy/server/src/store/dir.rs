@@ -12,7 +12,7 @@
 //!
 //! Revisions start at the time the store was opened (milliseconds since the epoch) and grow
 //! by one per change, so they keep growing across restarts of the server.
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -42,6 +42,7 @@ struct Inner {
 
 struct State {
     changes: ChangeDetector,
+    parsed: Parsed,
     revision: Revision,
     /// The last read failure logged, so a lasting one is logged once.
     read_error: Option<String>,
@@ -61,7 +62,7 @@ impl DirStore {
         // The first poll says "changed" and takes the baseline.
         changes.poll().map_err(|e| backend(e.to_string()))?;
         let (publish, revisions) = watch::channel(start);
-        let state = Mutex::new(State { changes, revision: start, read_error: None });
+        let state = Mutex::new(State { changes, parsed: Parsed::default(), revision: start, read_error: None });
         let inner = Arc::new(Inner { root: root.to_path_buf(), state, publish });
         let weak = Arc::downgrade(&inner);
         tokio::spawn(async move {
@@ -117,8 +118,9 @@ impl Inner {
     }
 
     fn list(&self) -> Result<Listing, StoreError> {
-        let state = self.lock();
-        let resources = load::load_paths(std::slice::from_ref(&self.root)).map_err(|e| self.backend(e.to_string()))?;
+        let mut state = self.lock();
+        let files = state.parsed.load(&self.root).map_err(|e| self.backend(e.to_string()))?;
+        let resources = files.iter().flat_map(|f| f.iter().cloned()).collect();
         Ok(Listing { revision: state.revision, resources })
     }
 
@@ -128,16 +130,29 @@ impl Inner {
         if state.revision != expected {
             return Err(StoreError::Conflict { expected, actual: state.revision });
         }
-        let current = load::load_paths(std::slice::from_ref(&self.root)).map_err(|e| self.backend(e.to_string()))?;
+        let files = state.parsed.load(&self.root).map_err(|e| self.backend(e.to_string()))?;
         let managed_dir = self.root.join(MANAGED);
+        // Only the batch's keys are looked up among resources defined elsewhere (borrowed,
+        // so a large store costs no allocation per resource).
+        let touched: HashSet<(String, Option<String>, String)> = changes
+            .iter()
+            .map(|c| match c {
+                Change::Put(r) => ResourceKey::of(r),
+                Change::Delete(k) => k.clone(),
+            })
+            .map(|k| (k.kind, k.namespace, k.name))
+            .collect();
         let mut managed: BTreeMap<ResourceKey, Resource> = BTreeMap::new();
         let mut elsewhere: BTreeMap<ResourceKey, String> = BTreeMap::new();
-        for Located { origin, resource } in current {
-            let key = ResourceKey::of(&resource);
+        for Located { origin, resource } in files.iter().flat_map(|f| f.iter()) {
             if origin.file.starts_with(&managed_dir) {
-                managed.insert(key, resource);
-            } else {
-                elsewhere.insert(key, origin.to_string());
+                managed.insert(ResourceKey::of(resource), resource.clone());
+                continue;
+            }
+            let meta = resource.metadata();
+            let key = (resource.kind().to_string(), meta.namespace.clone(), meta.name.clone());
+            if touched.contains(&key) {
+                elsewhere.insert(ResourceKey::of(resource), origin.to_string());
             }
         }
         for change in changes {
@@ -259,3 +274,34 @@ mod identities;
 
 #[cfg(test)]
 mod tests;
+
+/// The store's files as last parsed, by path: a file whose text did not change is not parsed
+/// again (a `git pull` into a 10,000-workload repository re-parses the files it changed, and
+/// an `apply` none but its own).
+#[derive(Default)]
+struct Parsed(std::collections::HashMap<PathBuf, (u64, Arc<Vec<Located>>)>);
+
+impl Parsed {
+    /// Every file of `root` (the loader's rules), each file's resources in file order.
+    fn load(&mut self, root: &Path) -> Result<Vec<Arc<Vec<Located>>>, load::LoadError> {
+        let mut next = std::collections::HashMap::new();
+        let mut out = Vec::new();
+        for file in load::policy_files(std::slice::from_ref(&root.to_path_buf()))? {
+            let text = load::read_bounded(&file)?;
+            let hash = {
+                use std::hash::{Hash, Hasher};
+                let mut h = std::collections::hash_map::DefaultHasher::new();
+                text.hash(&mut h);
+                h.finish()
+            };
+            let parsed = match self.0.get(&file) {
+                Some((seen, parsed)) if *seen == hash => parsed.clone(),
+                _ => Arc::new(load::parse_str(&file, &text)?),
+            };
+            out.push(parsed.clone());
+            next.insert(file, (hash, parsed));
+        }
+        self.0 = next;
+        Ok(out)
+    }
+}
