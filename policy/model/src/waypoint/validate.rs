@@ -17,6 +17,7 @@ use super::gateway::{
 use super::istio::{AuthorizationPolicySpec, condition_key, port_number};
 use super::traffic::TrafficPolicySpec;
 use super::{DURATION_FORM, parse_duration};
+use crate::compile::services::{ClusterIp, cluster_ip};
 use crate::load::{Located, Sources};
 use crate::resource::Resource;
 use crate::validate::{Finding, is_dns_label};
@@ -153,10 +154,21 @@ impl Out<'_> {
                 }
             }
         }
-        if l7 && let Err(why) = self.att.waypoint_of(ns, name) {
+        if !l7 {
+            return;
+        }
+        if let Err(why) = self.att.waypoint_of(ns, name) {
             self.error(
                 field,
                 format!("Service {key} is not served by a waypoint, so this would not be enforced: {why}"),
+            );
+        } else if let Some(spec) = self.services.get(&key)
+            && !matches!(cluster_ip(spec), ClusterIp::Vip(_))
+        {
+            // A waypoint serves a Service's VIP; without one nothing reaches it.
+            self.error(
+                field,
+                format!("Service {key} has no virtual address (clusterIP), so this would not be enforced"),
             );
         }
     }

@@ -203,6 +203,16 @@ fn cases() -> Vec<(String, Severity, &'static str, &'static str)> {
             "spec.hostnames",
             "not used",
         ),
+        (
+            "apiVersion: v1\nkind: Service\nmetadata: {name: db, namespace: shop}\n\
+             spec: {clusterIP: None, selector: {app: web}, ports: [{port: 80}]}\n---\n\
+             apiVersion: palisade.dev/v1alpha1\nkind: TrafficPolicy\nmetadata: {name: t, namespace: shop}\n\
+             spec:\n  targetRef: {kind: Service, name: db}  # <-\n"
+                .to_string(),
+            Error,
+            "spec.targetRef",
+            "no virtual address",
+        ),
         (authz("  selector:  # <-\n    matchLabels: {app: web}\n"), Error, "spec.selector", "targetRefs"),
         (authz("  action: DENY\n  rules: [{}]\n").replace("spec:\n", "spec:  # <-\n"), Error, "spec", "`targetRefs` is required"),
         (
