@@ -110,16 +110,39 @@ impl Sizes {
 pub struct Options {
     pub sizes: Sizes,
     pub bins: Binaries,
+    /// Run only these sections (empty: all).
+    pub only: Vec<Section>,
+}
+
+/// The report's sections, to run a few of them during development.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Section {
+    DataPath,
+    Scale,
+    Restart,
+    Hostile,
+    ControlPlane,
 }
 
 /// Runs every measurement and returns the report (not yet written).
 pub fn run(options: &Options) -> anyhow::Result<Report> {
     let mut figures = Vec::new();
     let started = std::time::Instant::now();
-    figures.extend(measure::data_path(options)?);
-    figures.extend(measure::idle_and_policy_scale(options)?);
-    figures.extend(restart::restarts(options)?);
-    figures.extend(hostile::hostile(options)?);
-    figures.extend(control_plane::apply_to_enforced(options)?);
+    let runs = |s: Section| options.only.is_empty() || options.only.contains(&s);
+    if runs(Section::DataPath) {
+        figures.extend(measure::data_path(options)?);
+    }
+    if runs(Section::Scale) {
+        figures.extend(measure::idle_and_policy_scale(options)?);
+    }
+    if runs(Section::Restart) {
+        figures.extend(restart::restarts(options)?);
+    }
+    if runs(Section::Hostile) {
+        figures.extend(hostile::hostile(options)?);
+    }
+    if runs(Section::ControlPlane) {
+        figures.extend(control_plane::apply_to_enforced(options)?);
+    }
     Ok(Report::new(options, figures, started.elapsed()))
 }

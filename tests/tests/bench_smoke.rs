@@ -12,6 +12,7 @@ fn the_benchmark_runs_end_to_end_with_tiny_sizes() {
     let options = Options {
         sizes: Sizes::smoke(),
         bins: Binaries { ztunnel: bin("ztunnel"), palisade: bin("palisade"), probe: bin("palisade-probe") },
+        only: vec![],
     };
     let report = palisade_bench::run(&options).unwrap_or_else(|e| panic!("bench: {e:#}"));
     let names: Vec<&String> = report.figures.iter().map(|f| &f.name).collect();

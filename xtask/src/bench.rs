@@ -1,4 +1,4 @@
-//! `cargo xtask bench [--quick]`: builds release binaries, runs `palisade_bench`, writes
+//! `cargo xtask bench [--quick] [--only section,…]`: builds release binaries, runs `palisade_bench`, writes
 //! target/bench/report.{md,json}; a full run also rewrites BENCHMARKS.md (the report followed
 //! by the hand-written analysis in bench/ANALYSIS.md).
 use anyhow::Result;
@@ -6,11 +6,12 @@ use palisade_bench::{Binaries, Options, Sizes};
 
 use crate::{cmd, root};
 
-pub fn run(quick: bool) -> Result<()> {
+pub fn run(quick: bool, only: &[palisade_bench::Section]) -> Result<()> {
     cmd("cargo", &["build", "--quiet", "--release", "--bins"])?;
     let release = root().join("target/release");
     let options = Options {
         sizes: if quick { Sizes::quick() } else { Sizes::full() },
+        only: only.to_vec(),
         bins: Binaries {
             ztunnel: release.join("ztunnel"),
             palisade: release.join("palisade"),
@@ -23,7 +24,7 @@ pub fn run(quick: bool) -> Result<()> {
     let markdown = report.markdown();
     println!("{markdown}");
     println!("written: {} and report.json", out.join("report.md").display());
-    if !quick {
+    if !quick && only.is_empty() {
         let analysis = std::fs::read_to_string(root().join("bench/ANALYSIS.md")).unwrap_or_default();
         std::fs::write(root().join("BENCHMARKS.md"), format!("{markdown}\n{analysis}"))?;
         println!("BENCHMARKS.md updated");

@@ -37,6 +37,10 @@ enum Command {
         /// A short run for comparisons during development.
         #[arg(long)]
         quick: bool,
+        /// Only these sections (data-path, scale, restart, hostile, control-plane); the report
+        /// is written to target/bench only, never to BENCHMARKS.md.
+        #[arg(long, value_delimiter = ',')]
+        only: Vec<palisade_bench::Section>,
     },
     /// Fuzz the parsers and the policy compiler with cargo-fuzz (nightly; installs cargo-fuzz
     /// when missing). Fails when a target finds a crash, a timeout or an out-of-memory input.
@@ -83,7 +87,7 @@ fn main() -> anyhow::Result<()> {
         Command::Build => build(),
         Command::Sandbox { command } => sandbox::run(command),
         Command::Demo => demo::run(),
-        Command::Bench { quick } => bench::run(quick),
+        Command::Bench { quick, only } => bench::run(quick, &only),
         Command::Fuzz { secs, target } => fuzz::run(secs, target),
         Command::Test { args } => test::run(&args),
     }
