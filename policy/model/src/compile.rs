@@ -576,6 +576,8 @@ mod direction_tests;
 #[cfg(test)]
 mod identity_tests;
 #[cfg(test)]
+mod incremental_tests;
+#[cfg(test)]
 mod services_tests;
 #[cfg(test)]
 mod tests;

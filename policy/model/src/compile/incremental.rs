@@ -188,7 +188,12 @@ impl Compiler {
         } else if self.services.remove(key).is_some() {
         } else if let Some((_, keys)) = self.policy_resources.remove(key) {
             for k in keys {
-                changes.drafts.remove(&k);
+                // Upserted earlier in this update: not numbered yet.
+                if let Some(d) = changes.drafts.remove(&k) {
+                    for block in d.blocks() {
+                        self.cidrs.release(block);
+                    }
+                }
                 let Some(state) = self.policies.remove(&k) else { continue };
                 self.forget(&state, changes);
                 self.unindex(&k, &state.deps);
