@@ -28,6 +28,8 @@ pub struct AccessRecord {
     pub backend: Option<String>,
     pub upstream: Option<SocketAddr>,
     pub upstream_workload: Option<String>,
+    /// The SPIFFE ID the upstream endpoint must prove.
+    pub upstream_identity: Option<String>,
     pub status: u16,
     /// The circuit-breaker limit that answered, if one did.
     pub overflow: Option<&'static str>,
@@ -56,6 +58,7 @@ pub fn emit(record: &AccessRecord, sink: &broadcast::Sender<AccessRecord>) {
         backend = r.backend.as_deref().unwrap_or("-"),
         upstream_addr = %opt(r.upstream),
         upstream_workload = r.upstream_workload.as_deref().unwrap_or("-"),
+        upstream_identity = r.upstream_identity.as_deref().unwrap_or("-"),
         status = r.status,
         overflow = r.overflow.unwrap_or("-"),
         attempts = r.attempts,

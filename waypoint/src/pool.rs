@@ -143,39 +143,58 @@ impl Pool {
             std::iter::from_fn(|| list.pop())
                 .find(|c| !c.sender.is_closed() && c.sender.is_ready() && c.since.elapsed() < idle_timeout)
         };
-        let (mut sender, uses) = match reused {
-            Some(c) => (c.sender, c.uses),
-            None => {
-                let (io, guard) = self.open(backend, ep, traffic).await?;
-                let (sender, conn) = http1::handshake(TokioIo::new(io))
-                    .await
-                    .map_err(|source| SendError::Handshake { endpoint, source })?;
-                tokio::spawn(async move {
-                    let _connection = guard;
-                    if let Err(e) = conn.await {
-                        tracing::debug!(%endpoint, error = %e, "upstream HTTP/1.1 connection ended");
-                    }
-                });
-                (sender, 0)
-            }
-        };
-        let response = sender.send_request(req).await.map_err(|source| SendError::Request { endpoint, source })?;
-        let uses = uses + 1;
-        if traffic.limits.max_requests_per_connection.is_none_or(|max| uses < max) {
-            // The connection is free again once this response's body has been read; a small
-            // task waits for that and returns it to the pool.
-            let idle = Arc::clone(&self.idle);
-            tokio::spawn(async move {
-                if sender.ready().await.is_ok() {
-                    let mut idle = lock(&idle);
-                    let list = idle.entry(endpoint).or_default();
-                    if list.len() < MAX_IDLE_PER_ENDPOINT {
-                        list.push(IdleH1 { sender, uses, since: Instant::now() });
-                    }
+        let mut req = req;
+        if let Some(pooled) = reused {
+            let mut sender = pooled.sender;
+            match sender.try_send_request(req).await {
+                Ok(response) => {
+                    self.give_back(sender, endpoint, pooled.uses + 1, traffic);
+                    return Ok(response);
                 }
-            });
+                // The backend closed this idle connection as we picked it (a keep-alive race):
+                // hyper hands back the request it never wrote, and it goes on a new connection.
+                Err(mut e) => match e.take_message() {
+                    Some(unsent) => req = unsent,
+                    None => return Err(SendError::Request { endpoint, source: e.into_error() }),
+                },
+            }
         }
+        let (io, guard) = self.open(backend, ep, traffic).await?;
+        let (mut sender, conn) =
+            http1::handshake(TokioIo::new(io)).await.map_err(|source| SendError::Handshake { endpoint, source })?;
+        tokio::spawn(async move {
+            let _connection = guard;
+            if let Err(e) = conn.await {
+                tracing::debug!(%endpoint, error = %e, "upstream HTTP/1.1 connection ended");
+            }
+        });
+        let response = sender.send_request(req).await.map_err(|source| SendError::Request { endpoint, source })?;
+        self.give_back(sender, endpoint, 1, traffic);
         Ok(response)
+    }
+
+    /// Returns an HTTP/1.1 connection to the pool once the response that is using it has
+    /// been read (a small task waits for that), unless it served its allowance of requests.
+    fn give_back(
+        &self,
+        mut sender: http1::SendRequest<ProxyBody>,
+        endpoint: SocketAddr,
+        uses: u32,
+        traffic: &TrafficPolicy,
+    ) {
+        if traffic.limits.max_requests_per_connection.is_some_and(|max| uses >= max) {
+            return;
+        }
+        let idle = Arc::clone(&self.idle);
+        tokio::spawn(async move {
+            if sender.ready().await.is_ok() {
+                let mut idle = lock(&idle);
+                let list = idle.entry(endpoint).or_default();
+                if list.len() < MAX_IDLE_PER_ENDPOINT {
+                    list.push(IdleH1 { sender, uses, since: Instant::now() });
+                }
+            }
+        });
     }
 
     async fn send_h2(

@@ -219,6 +219,7 @@ pub(crate) async fn handle(
     if let Some(ep) = &endpoint {
         ex.rec.upstream = Some(ep.endpoint.address);
         ex.rec.upstream_workload = Some(ep.endpoint.workload.clone());
+        ex.rec.upstream_identity = Some(ep.endpoint.identity.clone());
     }
     let resp = match result {
         Ok(resp) => resp,

@@ -158,6 +158,7 @@ async fn passthrough<I: Io>(inner: &Inner, mut io: I, down: Downstream, activity
     let Some(ep) = state.pick(hash_key(&traffic, &http::HeaderMap::new(), down.peer), &[]) else { return emit(rec) };
     rec.upstream = Some(ep.endpoint.address);
     rec.upstream_workload = Some(ep.endpoint.workload.clone());
+    rec.upstream_identity = Some(ep.endpoint.identity.clone());
     rec.attempts = 1;
     let _in_flight = ep.start();
     let (mut upstream, _connection) = match inner.pool.open(state, &ep, &traffic).await {

@@ -122,6 +122,11 @@ async fn routes_match_by_path_header_query_and_method_and_filters_apply() {
             assert_eq!(r.status, StatusCode::MOVED_PERMANENTLY);
             assert_eq!(r.header("location"), "http://svc.test/new?x=1");
         }
+        let metrics = wp.metrics();
+        let exact =
+            r#"waypoint_requests_total{service="ns/svc",route="ns/r#exact",backend="ns/exact:80",status="200"} 4"#;
+        assert!(metrics.contains(exact), "request count by route, backend and status:\n{metrics}");
+        assert!(metrics.contains("waypoint_request_duration_seconds_count{service=\"ns/svc\",route=\"ns/r#exact\""));
         assert_eq!(servers["default"].hits(), 0, "routes exist, so nothing falls back to the default backend");
     })
     .await;

@@ -89,17 +89,8 @@ async fn ring_hash_keeps_keys_and_adding_a_backend_moves_about_one_in_n_plus_one
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn circuit_breaker_answers_503_at_once_while_saturated_and_recovers() {
     bounded(30, async {
-        let (open, gate) = tokio::sync::watch::channel(false);
         let entered = Arc::new(AtomicUsize::new(0));
-        let seen = Arc::clone(&entered);
-        let handler: Handler = Arc::new(move |_req: Request<Incoming>| {
-            let (mut gate, seen) = (gate.clone(), Arc::clone(&seen));
-            Box::pin(async move {
-                seen.fetch_add(1, Ordering::SeqCst);
-                let _ = gate.wait_for(|open| *open).await;
-                Response::new(full("done"))
-            })
-        });
+        let (open, handler) = gated("app", &entered);
         let app = serve_backend("app", handler).await;
         let traffic = TrafficPolicy {
             limits: ConnectionLimits { max_active_requests: Some(2), ..Default::default() },
@@ -132,6 +123,47 @@ async fn circuit_breaker_answers_503_at_once_while_saturated_and_recovers() {
         for _ in 0..5 {
             assert_eq!(client.get("/", &[]).await.status, StatusCode::OK, "recovered once load dropped");
         }
+    })
+    .await;
+}
+
+/// A backend that counts requests in and holds each until `open` says true.
+fn gated(name: &str, entered: &Arc<AtomicUsize>) -> (tokio::sync::watch::Sender<bool>, Handler) {
+    let (open, gate) = tokio::sync::watch::channel(false);
+    let (seen, name) = (Arc::clone(entered), name.to_string());
+    let handler: Handler = Arc::new(move |_req: Request<Incoming>| {
+        let (mut gate, seen, name) = (gate.clone(), Arc::clone(&seen), name.clone());
+        Box::pin(async move {
+            seen.fetch_add(1, Ordering::SeqCst);
+            let _ = gate.wait_for(|open| *open).await;
+            let mut resp = Response::new(full("done"));
+            resp.headers_mut().insert("x-backend", name.parse().unwrap());
+            resp
+        })
+    });
+    (open, handler)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_config_update_moves_new_requests_and_fails_none_in_flight() {
+    bounded(30, async {
+        let entered = Arc::new(AtomicUsize::new(0));
+        let (open, handler) = gated("old", &entered);
+        let old = serve_backend("old", handler).await;
+        let new = serve_backend("new", echo("new")).await;
+        let cfg = |ep| config(vec![], backend("ns/app:80", vec![ep], TrafficPolicy::default()));
+        let wp = waypoint(cfg(old.endpoint()), Settings::default(), CLIENT_ID).await;
+        let client = Client::h2(wp.addr).await;
+        let in_flight = {
+            let client = client.clone();
+            tokio::spawn(async move { client.get("/", &[]).await })
+        };
+        until(|| entered.load(Ordering::SeqCst) == 1).await;
+        wp.engine.update(cfg(new.endpoint())).expect("update");
+        assert_eq!(client.get("/", &[]).await.header("x-backend"), "new");
+        open.send(true).unwrap();
+        let held = in_flight.await.unwrap();
+        assert_eq!((held.status, held.header("x-backend")), (StatusCode::OK, "old"), "the request in flight finished");
     })
     .await;
 }

@@ -134,7 +134,17 @@ pub fn status_handler(name: &str, status: StatusCode, delay: Duration) -> Handle
 pub struct Waypoint {
     pub engine: Engine,
     pub addr: SocketAddr,
+    pub registry: prometheus_client::registry::Registry,
     _task: AbortOnDrop,
+}
+
+impl Waypoint {
+    /// The metrics in Prometheus' text format.
+    pub fn metrics(&self) -> String {
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &self.registry).expect("metrics encode");
+        text
+    }
 }
 
 pub async fn waypoint(config: WaypointConfig, settings: Settings, identity: &str) -> Waypoint {
@@ -152,7 +162,7 @@ pub async fn waypoint(config: WaypointConfig, settings: Settings, identity: &str
             conns.spawn(async move { engine.serve(stream, down).await });
         }
     });
-    Waypoint { engine, addr, _task: AbortOnDrop(task) }
+    Waypoint { engine, addr, registry, _task: AbortOnDrop(task) }
 }
 
 #[derive(Debug)]
