@@ -34,8 +34,8 @@ pub struct Settings {
     pub max_connections: usize,
     /// Time for a client to send its first bytes and a request's headers (slowloris).
     pub header_read_timeout: Duration,
-    /// A downstream connection with no bytes moving and no request in flight this long is
-    /// closed.
+    /// A downstream connection with no bytes moving either way this long is closed, requests
+    /// in flight or not.
     pub idle_timeout: Duration,
     /// Request head size (HTTP/1.1 read buffer, HTTP/2 header list).
     pub max_header_bytes: usize,

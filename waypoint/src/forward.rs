@@ -17,7 +17,7 @@ use crate::balance::{BackendState, EndpointState, InFlight, hash64};
 use crate::body::ProxyBody;
 use crate::engine::Inner;
 use crate::filters;
-use crate::limits::Limit;
+use crate::limits::{Limit, Overflow};
 use crate::outlier::Outcome;
 use crate::pool::SendError;
 use crate::retry::{self, Failure, RequestBody};
@@ -55,6 +55,8 @@ pub(crate) struct Attempted {
     /// Held until the response body ends (least request's load).
     pub in_flight: Option<InFlight>,
     pub tries: u32,
+    /// A retry was due but the backend's retry budget was spent.
+    pub retry_overflow: Option<Overflow>,
 }
 
 /// Attempts until one answers for good or retries are spent; each retry goes to an endpoint
@@ -66,7 +68,13 @@ pub(crate) async fn attempt(t: &Target<'_>, body: &mut RequestBody) -> Attempted
     loop {
         tries += 1;
         let (Some(ep), Some(req_body)) = (t.state.pick(t.key, &tried), body.take()) else {
-            return Attempted { result: Err(AttemptError::NoEndpoint), endpoint: None, in_flight: None, tries };
+            return Attempted {
+                result: Err(AttemptError::NoEndpoint),
+                endpoint: None,
+                in_flight: None,
+                tries,
+                retry_overflow: None,
+            };
         };
         let in_flight = ep.start();
         let req = upstream_request(t.method, t.uri, t.headers, t.h2, req_body, ep.endpoint.address);
@@ -97,17 +105,20 @@ pub(crate) async fn attempt(t: &Target<'_>, body: &mut RequestBody) -> Attempted
         }
         let policy = t.route.retry.as_ref();
         let retry = failure.is_some_and(|f| body.replayable() && retry::should_retry(policy, t.method, tries - 1, f));
-        if retry
-            && let Some(policy) = policy
-            && let Ok(unit) = t.state.counters.acquire(Limit::ActiveRetries, t.traffic.limits.max_active_retries)
-        {
-            retry_unit.replace(unit);
-            tried.push(ep.endpoint.address);
-            drop((result, in_flight));
-            tokio::time::sleep(retry::backoff(policy.backoff, tries - 1)).await;
-            continue;
+        let mut retry_overflow = None;
+        if retry && let Some(policy) = policy {
+            match t.state.counters.acquire(Limit::ActiveRetries, t.traffic.limits.max_active_retries) {
+                Ok(unit) => {
+                    retry_unit.replace(unit);
+                    tried.push(ep.endpoint.address);
+                    drop((result, in_flight));
+                    tokio::time::sleep(retry::backoff(policy.backoff, tries - 1)).await;
+                    continue;
+                }
+                Err(o) => retry_overflow = Some(o),
+            }
         }
-        return Attempted { result, endpoint: Some(ep), in_flight: Some(in_flight), tries };
+        return Attempted { result, endpoint: Some(ep), in_flight: Some(in_flight), tries, retry_overflow };
     }
 }
 

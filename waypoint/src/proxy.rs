@@ -208,7 +208,7 @@ pub(crate) async fn handle(
         headers: &parts.headers,
     };
     let attempts = attempt(&target, &mut body);
-    let Attempted { result, endpoint, in_flight, tries } = match deadline {
+    let Attempted { result, endpoint, in_flight, tries, retry_overflow } = match deadline {
         Some((at, _)) => match tokio::time::timeout_at(at, attempts).await {
             Ok(r) => r,
             Err(_) => return ex.local(StatusCode::GATEWAY_TIMEOUT, "request timeout\n"),
@@ -220,6 +220,16 @@ pub(crate) async fn handle(
         ex.rec.upstream = Some(ep.endpoint.address);
         ex.rec.upstream_workload = Some(ep.endpoint.workload.clone());
         ex.rec.upstream_identity = Some(ep.endpoint.identity.clone());
+    }
+    if let Some(o) = retry_overflow {
+        // The retry budget is spent: the failed attempt's answer goes back, marked with the
+        // limit so the client and the log can tell why it was not retried.
+        if result.is_err() {
+            return ex.overflow(o);
+        }
+        let labels = OverflowLabels { backend: backend.name.clone(), limit: o.limit.name().into() };
+        inner.metrics.overflows.get_or_create(&labels).inc();
+        ex.rec.overflow = Some(o.limit.name());
     }
     let resp = match result {
         Ok(resp) => resp,
@@ -238,6 +248,9 @@ pub(crate) async fn handle(
 
     let (mut head, upstream_body) = resp.into_parts();
     strip_hop_by_hop(&mut head.headers);
+    if let Some(limit) = ex.rec.overflow {
+        head.headers.insert(OVERFLOW_HEADER, HeaderValue::from_static(limit));
+    }
     if let Some(m) = response_headers {
         filters::modify_headers(m, &mut head.headers);
     }

@@ -4,7 +4,6 @@
 //! Service's default backend under L4 authorization.
 use std::convert::Infallible;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use hyper::service::service_fn;
@@ -49,29 +48,17 @@ pub(crate) async fn serve<I: Io + 'static>(inner: Arc<Inner>, mut io: I, down: D
     }
 }
 
-/// Resolves once the connection has been idle (no bytes, nothing in flight) for `limit`.
-async fn idle(activity: &Activity, limit: Duration, in_flight: &AtomicUsize) {
+/// Resolves once no byte has moved either way for `limit`. Requests in flight do not
+/// hold the connection open on their own: a client that stalls mid-body, or a backend that
+/// never answers, is cut like an idle connection (Envoy's stream idle timeout, also five
+/// minutes by default). Streaming responses keep it open by moving bytes.
+async fn idle(activity: &Activity, limit: Duration) {
     let period = (limit / 4).clamp(Duration::from_millis(10), Duration::from_secs(5));
     loop {
         tokio::time::sleep(period).await;
-        if in_flight.load(Ordering::Acquire) == 0 && activity.idle_for() >= limit {
+        if activity.idle_for() >= limit {
             return;
         }
-    }
-}
-
-struct InFlight(Arc<AtomicUsize>);
-
-impl InFlight {
-    fn new(count: &Arc<AtomicUsize>) -> Self {
-        count.fetch_add(1, Ordering::AcqRel);
-        InFlight(Arc::clone(count))
-    }
-}
-
-impl Drop for InFlight {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
@@ -90,18 +77,12 @@ async fn serve_http<I: Io + 'static>(inner: &Arc<Inner>, io: I, down: Downstream
         .max_header_list_size(u32::try_from(s.max_header_bytes).unwrap_or(u32::MAX))
         .max_concurrent_streams(s.max_concurrent_streams)
         .keep_alive_interval(Some(Duration::from_secs(30)));
-    let in_flight = Arc::new(AtomicUsize::new(0));
     let down = Arc::new(down);
     let service = {
-        let (inner, in_flight, down) = (Arc::clone(inner), Arc::clone(&in_flight), Arc::clone(&down));
+        let (inner, down) = (Arc::clone(inner), Arc::clone(&down));
         service_fn(move |req| {
-            let busy = InFlight::new(&in_flight);
             let (inner, down) = (Arc::clone(&inner), Arc::clone(&down));
-            async move {
-                let resp = crate::proxy::handle(inner, down, req).await;
-                drop(busy);
-                Ok::<_, Infallible>(resp)
-            }
+            async move { Ok::<_, Infallible>(crate::proxy::handle(inner, down, req).await) }
         })
     };
     let conn = builder.serve_connection(TokioIo::new(io), service);
@@ -112,7 +93,7 @@ async fn serve_http<I: Io + 'static>(inner: &Arc<Inner>, io: I, down: Downstream
                 tracing::debug!(peer = %down.peer, error = %e, "downstream HTTP connection ended");
             }
         }
-        () = idle(&activity, s.idle_timeout, &in_flight) => {
+        () = idle(&activity, s.idle_timeout) => {
             tracing::debug!(peer = %down.peer, "downstream HTTP connection idle; closing");
             conn.as_mut().graceful_shutdown();
             let _ = tokio::time::timeout(CLOSE_GRACE, conn.as_mut()).await;
@@ -171,12 +152,11 @@ async fn passthrough<I: Io>(inner: &Inner, mut io: I, down: Downstream, activity
             return emit(rec);
         }
     };
-    let never_busy = AtomicUsize::new(0);
     tokio::select! {
         result = tokio::io::copy_bidirectional(&mut io, &mut upstream) => {
             rec.complete = result.is_ok();
         }
-        () = idle(&activity, inner.settings.idle_timeout, &never_busy) => {}
+        () = idle(&activity, inner.settings.idle_timeout) => {}
     }
     emit(rec);
 }

@@ -15,6 +15,7 @@ use palisade_model::waypoint::config::{
 };
 use palisade_waypoint::Settings;
 use palisade_waypoint::body::{ProxyBody, boxed};
+use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 fn value(name: &str, v: StringMatch) -> ValueMatch {
@@ -226,6 +227,26 @@ async fn l7_deny_answers_403_and_the_access_log_names_the_rule() {
         let mut buf = [0u8; 16];
         assert_eq!(tcp.read(&mut buf).await.unwrap_or(0), 0, "an L4 deny closes the stream");
         assert_eq!(app.hits(), 1);
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mirror_gets_a_copy_and_its_answer_is_dropped() {
+    bounded(30, async {
+        let app = serve_backend("app", echo("app")).await;
+        let shadow =
+            serve_backend("shadow", status_handler("shadow", StatusCode::INTERNAL_SERVER_ERROR, Duration::ZERO)).await;
+        let main = backend("ns/app:80", vec![app.endpoint()], TrafficPolicy::default());
+        let mut r = route("ns/mirror#0", vec![], vec![(main.clone(), 1)]);
+        r.filters = vec![Filter::Mirror(backend("ns/shadow:80", vec![shadow.endpoint()], TrafficPolicy::default()))];
+        let wp = waypoint(config(vec![r], main), Settings::default(), CLIENT_ID).await;
+        let client = Client::h1(wp.addr).await;
+        let post =
+            Request::post("/orders").header("host", "svc.test").body(palisade_waypoint::body::full("{}")).unwrap();
+        let reply = client.send(post).await;
+        assert_eq!((reply.status, reply.header("x-backend")), (StatusCode::OK, "app"), "the mirror's 500 is dropped");
+        until(|| shadow.hits() == 1).await;
     })
     .await;
 }

@@ -13,7 +13,7 @@ use common::*;
 use http::{Request, Response, StatusCode};
 use hyper::body::Incoming;
 use palisade_model::waypoint::config::{
-    ConnectionLimits, HashKey, LoadBalancer, OutlierDetection, RetryPolicy, TrafficPolicy,
+    ConnectionLimits, HashKey, LoadBalancer, OutlierDetection, PathMatch, RetryPolicy, TrafficPolicy,
 };
 use palisade_waypoint::Settings;
 use palisade_waypoint::body::full;
@@ -253,6 +253,54 @@ async fn retries_hide_a_failing_endpoint() {
             retried += u32::from(log.recv().await.unwrap().attempts > 1);
         }
         assert!(retried > 0 && unavailable.hits() > 0, "some first attempts failed and were retried");
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_spent_retry_budget_answers_with_the_overflow_header() {
+    bounded(30, async {
+        let failing =
+            serve_backend("failing", status_handler("failing", StatusCode::SERVICE_UNAVAILABLE, Duration::ZERO)).await;
+        let traffic = TrafficPolicy {
+            limits: ConnectionLimits { max_active_retries: Some(0), ..Default::default() },
+            ..Default::default()
+        };
+        let b = backend("ns/app:80", vec![failing.endpoint()], traffic);
+        let mut r = route("ns/retry#0", vec![], vec![(b.clone(), 1)]);
+        r.retry = Some(RetryPolicy {
+            attempts: 3,
+            codes: vec![503],
+            backoff: Duration::from_millis(5),
+            non_idempotent: false,
+        });
+        let wp = waypoint(config(vec![r], b), Settings::default(), CLIENT_ID).await;
+        let reply = Client::h1(wp.addr).await.get("/", &[]).await;
+        assert_eq!(reply.status, StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(reply.header("x-palisade-overflow"), "max_active_retries");
+        assert_eq!(failing.hits(), 1, "no retry without budget");
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn backend_and_request_timeouts_answer_504() {
+    bounded(30, async {
+        let stuck = serve_backend("stuck", status_handler("stuck", StatusCode::OK, Duration::from_secs(60))).await;
+        let b = backend("ns/app:80", vec![stuck.endpoint()], TrafficPolicy::default());
+        let mut per_try = route("ns/t#backend", vec![path(PathMatch::Prefix("/backend".into()))], vec![(b.clone(), 1)]);
+        per_try.backend_timeout = Some(Duration::from_millis(200));
+        let mut whole = route("ns/t#request", vec![path(PathMatch::Prefix("/request".into()))], vec![(b.clone(), 1)]);
+        whole.request_timeout = Some(Duration::from_millis(200));
+        let wp = waypoint(config(vec![per_try, whole], b), Settings::default(), CLIENT_ID).await;
+        let mut log = wp.engine.access_records();
+        let client = Client::h2(wp.addr).await;
+        assert_eq!(client.get("/backend", &[]).await.status, StatusCode::GATEWAY_TIMEOUT);
+        assert_eq!(client.get("/request", &[]).await.status, StatusCode::GATEWAY_TIMEOUT);
+        for route in ["ns/t#backend", "ns/t#request"] {
+            let rec = log.recv().await.unwrap();
+            assert_eq!((rec.route.as_deref(), rec.status), (Some(route), 504));
+        }
     })
     .await;
 }
