@@ -64,6 +64,8 @@ impl Tracked {
     }
 
     fn finish(&mut self) {
+        // A body with nothing to send (HEAD, 204) may be dropped unpolled: it is complete.
+        self.complete |= self.inner.is_end_stream();
         self.held.clear();
         if let Some(f) = self.on_finish.take() {
             f(self.complete);

@@ -2,6 +2,30 @@
 //! and hands each accepted stream to [`Engine::serve`] with the source's proven identity and
 //! the VIP it dialled; the engine detects HTTP/1.1 or HTTP/2, authorizes, routes, balances
 //! and forwards through an [`Upstream`], or passes other TCP through to the Service.
+//!
+//! The path of one connection and one request, by module:
+//! - `serve`: engine-wide connection limit (refuse, never queue) → `detect` (h2c preface or
+//!   an HTTP/1.1 method, else TCP) → hyper-util's auto server with header size/count, header
+//!   read and idle bounds; or the L4 pass-through.
+//! - `proxy`: service by destination → `trace` (traceparent) → `authz` (DENY, ALLOW, AUDIT)
+//!   → `route` (path, headers, query, method; weighted backend) → `filters` (redirect,
+//!   rewrite, header modifiers; mirrors in `forward`) → the backend's `limits` → `forward`:
+//!   attempts with `balance` (round robin, P2C least request, ring hash), `outlier`
+//!   ejection, `retry` (budget, jittered backoff, bounded replay buffer) and `pool`
+//!   (HTTP/1.1 reuse, HTTP/2 multiplexing) under the route's timeouts → a `body::Tracked`
+//!   response that holds the request's limit units until its last byte and then writes the
+//!   `access_log` line and `metrics`.
+//!
+//! No tower stack: each step needs what earlier steps decided (the route picks the backend,
+//! whose policy picks the balancer, limits and retries), so one async function over small
+//! modules reads top to bottom where layers would pass everything through request
+//! extensions; the balancer is our own for the reasons in `balance`.
+//!
+//! Configuration is a snapshot swapped whole by [`Engine::update`]; backends' live state
+//! (in-flight counts, ejections, breaker counters) is kept across updates by backend name and
+//! endpoint address. Each Backend's own `TrafficPolicy` governs its balancing, limits and
+//! outlier detection; `ServiceL7::traffic` is not read (the control plane gives the Service's
+//! default backend the same policy).
 pub mod access_log;
 pub mod authz;
 pub mod balance;

@@ -7,6 +7,7 @@
 //! penalty forever. Whether an ejection is allowed at all (max ejection percent) is the
 //! backend's decision: see `balance::BackendState::record`.
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use palisade_model::waypoint::config::OutlierDetection;
@@ -49,6 +50,9 @@ struct State {
 #[derive(Debug, Default)]
 pub struct Outlier {
     state: Mutex<State>,
+    /// Set while ejected: every pick asks every endpoint, and this keeps the common answer
+    /// ("not ejected") off the lock.
+    ejected: AtomicBool,
 }
 
 impl Outlier {
@@ -60,11 +64,15 @@ impl Outlier {
     /// Whether the endpoint is ejected at `now`; returns it (clears the ejection) once its
     /// time is up.
     pub fn is_ejected(&self, now: Instant) -> bool {
+        if !self.ejected.load(Ordering::Acquire) {
+            return false;
+        }
         let mut s = self.lock();
         match s.ejected_until {
             Some(until) if until > now => true,
             Some(_) => {
                 s.ejected_until = None;
+                self.ejected.store(false, Ordering::Release);
                 s.healthy_since = Some(now);
                 false
             }
@@ -108,6 +116,7 @@ impl Outlier {
         let cap = MAX_EJECTION.max(policy.base_ejection_time);
         let time = policy.base_ejection_time.saturating_mul(s.times_ejected).min(cap);
         s.ejected_until = Some(now + time);
+        self.ejected.store(true, Ordering::Release);
         s.consecutive_5xx = 0;
         s.consecutive_gateway = 0;
         time
