@@ -86,7 +86,9 @@ async fn routes_match_by_path_header_query_and_method_and_filters_apply() {
             prefix,
         ];
         let wp = waypoint(config(routes, b("default")), Settings::default(), CLIENT_ID).await;
-        for client in [Client::h1(wp.addr).await, Client::h2(wp.addr).await] {
+        for (client, upstream_version) in
+            [(Client::h1(wp.addr).await, "HTTP/1.1"), (Client::h2(wp.addr).await, "HTTP/2.0")]
+        {
             let to = |r: &Reply| (r.status, r.header("x-backend").to_string());
             let ok = |name: &str| (StatusCode::OK, name.to_string());
             let none = (StatusCode::NOT_FOUND, String::new());
@@ -109,6 +111,7 @@ async fn routes_match_by_path_header_query_and_method_and_filters_apply() {
             assert_eq!(r.header("x-host"), "rewritten.test");
             assert_eq!(r.header("x-added"), "yes");
             assert_eq!(r.header("x-resp"), "set");
+            assert_eq!(r.header("x-version"), upstream_version, "the upstream speaks what the client spoke");
             let trace = r.header("x-traceparent");
             assert!(trace.starts_with("00-") && trace.len() == 55, "a traceparent is added: {trace:?}");
 

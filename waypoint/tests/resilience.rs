@@ -169,6 +169,36 @@ async fn a_config_update_moves_new_requests_and_fails_none_in_flight() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn max_connections_answers_503_when_every_upstream_connection_is_busy() {
+    bounded(30, async {
+        let entered = Arc::new(AtomicUsize::new(0));
+        let (open, handler) = gated("app", &entered);
+        let app = serve_backend("app", handler).await;
+        let traffic = TrafficPolicy {
+            limits: ConnectionLimits { max_connections: Some(1), ..Default::default() },
+            ..Default::default()
+        };
+        let wp = waypoint(
+            config(vec![], backend("ns/app:80", vec![app.endpoint()], traffic)),
+            Settings::default(),
+            CLIENT_ID,
+        )
+        .await;
+        let first = Client::h1(wp.addr).await;
+        let held = tokio::spawn(async move { first.get("/", &[]).await.status });
+        until(|| entered.load(Ordering::SeqCst) == 1).await;
+        // HTTP/1.1 upstream connections carry one request at a time: the only one is busy.
+        let r = Client::h1(wp.addr).await.get("/", &[]).await;
+        assert_eq!((r.status, r.header("x-palisade-overflow")), (StatusCode::SERVICE_UNAVAILABLE, "max_connections"));
+        open.send(true).unwrap();
+        assert_eq!(held.await.unwrap(), StatusCode::OK);
+        // The connection went back to the pool: the next request reuses it within the limit.
+        until_async(|| async { Client::h1(wp.addr).await.get("/", &[]).await.status == StatusCode::OK }).await;
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_endpoint_answering_5xx_is_ejected_and_later_returned() {
     bounded(60, async {
         let status = Arc::new(AtomicU16::new(500));
