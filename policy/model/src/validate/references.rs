@@ -124,8 +124,39 @@ impl<'a> Inventory<'a> {
     }
 }
 
+/// A peer's labels and service account, as selectors of workloads.
+type SelectorKey<'a> = (&'a BTreeMap<String, String>, Vec<(&'a str, u8, &'a [String])>, Option<&'a str>);
+
+/// The namespaces holding a workload that a peer's labels and account select, found once
+/// per distinct selector: the peers of a cluster repeat few selectors many times, and one
+/// read in no particular namespace is matched against every workload.
+#[derive(Default)]
+struct Matches<'a>(HashMap<SelectorKey<'a>, BTreeSet<&'a str>>);
+
+impl<'a> Matches<'a> {
+    fn namespaces(&mut self, inv: &Inventory<'a>, peer: &'a Peer, labels: &Selector) -> &BTreeSet<&'a str> {
+        let expressions = peer.match_expressions.iter().map(|r| (r.key.as_str(), operator(r.operator), &r.values[..]));
+        let key = (&peer.match_labels, expressions.collect(), peer.service_account.as_deref());
+        self.0.entry(key).or_insert_with(|| {
+            let account_ok = |a: &str| peer.service_account.as_deref().is_none_or(|sa| sa == a);
+            inv.selected(None, labels, account_ok).map(|w| w.namespace).collect()
+        })
+    }
+}
+
+fn operator(o: crate::resource::Operator) -> u8 {
+    use crate::resource::Operator::*;
+    match o {
+        In => 0,
+        NotIn => 1,
+        Exists => 2,
+        DoesNotExist => 3,
+    }
+}
+
 pub(super) fn check(resources: &[Located], out: &mut Findings) {
     let inv = Inventory::new(resources);
+    let mut matches = Matches::default();
     for located in resources {
         let Some(ns) = located.resource.metadata().namespace.as_deref() else { continue };
         match &located.resource {
@@ -135,13 +166,13 @@ pub(super) fn check(resources: &[Located], out: &mut Findings) {
                 for (r, rule) in spec.rules.iter().enumerate() {
                     for (p, peer) in rule.from.iter().enumerate() {
                         let field = Below(Entry("spec.rules", r), Entry("from", p));
-                        peer_refs(out, &inv, &at, ns, field, peer);
+                        peer_refs(out, &inv, &mut matches, &at, ns, field, peer);
                     }
                 }
                 for (r, rule) in spec.egress.iter().flatten().enumerate() {
                     for (p, peer) in rule.to.iter().enumerate() {
                         let field = Below(Entry("spec.egress", r), Entry("to", p));
-                        peer_refs(out, &inv, &at, ns, field, peer);
+                        peer_refs(out, &inv, &mut matches, &at, ns, field, peer);
                     }
                 }
             }
@@ -183,7 +214,15 @@ fn attachment(out: &mut Findings, inv: &Inventory, at: &At, ns: &str, field: &st
 
 /// The references of one peer: namespaces that do not exist, service accounts no workload
 /// runs as, selectors that select nothing.
-fn peer_refs(out: &mut Findings, inv: &Inventory, at: &At, policy_ns: &str, field: Below, peer: &Peer) {
+fn peer_refs<'a>(
+    out: &mut Findings,
+    inv: &Inventory<'a>,
+    matches: &mut Matches<'a>,
+    at: &At,
+    policy_ns: &str,
+    field: Below,
+    peer: &'a Peer,
+) {
     let unknown = |ns: &str| format!("namespace {ns:?} has no Namespace resource and no workloads (yet)");
     if let Some(ns) = &peer.namespace
         && !inv.known(ns)
@@ -221,14 +260,12 @@ fn peer_refs(out: &mut Findings, inv: &Inventory, at: &At, policy_ns: &str, fiel
         let key = if peer.match_labels.is_empty() { "matchExpressions" } else { "matchLabels" };
         // Only an unscoped selector can match elsewhere than where it is read.
         let elsewhere: BTreeSet<&str> = match peer.is_unscoped_label_selector() {
-            true => {
-                inv.selected(None, &labels, sa_ok).filter(|w| !in_scope(w.namespace)).map(|w| w.namespace).collect()
-            }
+            true => matches.namespaces(inv, peer, &labels).iter().copied().filter(|ns| !in_scope(ns)).collect(),
             false => BTreeSet::new(),
         };
-        let here = || match &scope {
+        let mut here = || match &scope {
             Some(scope) => scope.iter().any(|ns| inv.selected(Some(ns), &labels, sa_ok).next().is_some()),
-            None => inv.selected(None, &labels, sa_ok).next().is_some(),
+            None => !matches.namespaces(inv, peer, &labels).is_empty(),
         };
         if !elsewhere.is_empty() {
             // Where it matters: the literal reading would match more than the scoped one.
