@@ -141,3 +141,53 @@ spec:
         ]
     );
 }
+
+/// One label selector, read in different namespaces and with different accounts: each peer
+/// gets its own answer although the matching of a selector is done once and reused.
+#[test]
+fn a_repeated_selector_is_answered_for_each_peer() {
+    let workload = |name: &str, ns: &str, sa: &str, ip: &str| {
+        format!(
+            "apiVersion: palisade.dev/v1alpha1\nkind: Workload\nmetadata: {{name: {name}, namespace: {ns}}}\n\
+             spec: {{serviceAccount: {sa}, node: n, addresses: [{ip}], labels: {{app: web}}}}\n---\n"
+        )
+    };
+    let policy = |name: &str, ns: &str, peer: &str| {
+        format!(
+            "apiVersion: palisade.dev/v1alpha1\nkind: SegmentationPolicy\nmetadata: {{name: {name}, namespace: {ns}}}\n\
+             spec: {{action: Allow, rules: [{{from: [{peer}]}}]}}\n---\n"
+        )
+    };
+    let text = [
+        workload("w1", "a", "s1", "10.0.0.1"),
+        workload("w2", "b", "s2", "10.0.0.2"),
+        policy("p1", "a", "{matchLabels: {app: web}}"),
+        policy("p2", "b", "{matchLabels: {app: web}}"),
+        policy("p3", "a", "{matchLabels: {app: web}, serviceAccount: s1}"),
+        policy("p4", "a", "{matchLabels: {app: web}, serviceAccount: s2}"),
+        policy("p5", "b", "{matchLabels: {app: web}, serviceAccount: s3, namespaceSelector: {}}"),
+    ]
+    .concat();
+    let got: Vec<String> = check_batch(&batch(&text))
+        .iter()
+        .map(|f| {
+            let message = f.message.split(" (a label selector").next().unwrap_or_default();
+            format!("{} {}: {message}", f.resource, f.field)
+        })
+        .collect();
+    let rule = "spec.rules[0].from[0]";
+    assert_eq!(
+        got,
+        [
+            format!("SegmentationPolicy a/p1 {rule}.matchLabels: matches workloads of namespace \"a\" only"),
+            format!("SegmentationPolicy b/p2 {rule}.matchLabels: matches workloads of namespace \"b\" only"),
+            format!("SegmentationPolicy a/p4 {rule}.matchLabels: matches workloads of namespace \"a\" only"),
+            format!("SegmentationPolicy a/p4 {rule}.serviceAccount: no workload runs as \"s2\" there (yet)"),
+            format!("SegmentationPolicy b/p5 {rule}.matchLabels: selects no workload (yet): this peer matches nothing"),
+        ]
+    );
+    let names = |i: usize| check_batch(&batch(&text))[i].message.rsplit("not those of ").next().map(str::to_string);
+    assert!(names(0).is_some_and(|m| m.starts_with("b:")), "{:?}", names(0));
+    assert!(names(1).is_some_and(|m| m.starts_with("a:")), "{:?}", names(1));
+    assert!(names(2).is_some_and(|m| m.starts_with("b:")), "{:?}", names(2));
+}
