@@ -101,6 +101,8 @@ struct Changes {
     drafts: BTreeMap<PolicyKey, Draft>,
     /// Rule ranges of removed policies: the same key may take its range again.
     replaced: HashMap<PolicyKey, (u32, u32)>,
+    /// What removed policies isolated: isolation is computed again only when it moves.
+    isolated_before: HashMap<PolicyKey, Vec<u32>>,
     touched: BTreeSet<CellKey>,
 }
 
@@ -172,6 +174,8 @@ impl Compiler {
         for key in std::mem::take(&mut changes.policies) {
             self.recontribute(&key, &mut changes);
         }
+        // Removed for good (not upserted again).
+        changes.isolation |= changes.isolated_before.values().any(|ids| !ids.is_empty());
         for key in std::mem::take(&mut changes.touched) {
             self.merge(key);
         }
@@ -200,7 +204,8 @@ impl Compiler {
                 for block in Draft::blocks_of(&state.entry.rules) {
                     self.cidrs.release(block);
                 }
-                changes.replaced.insert(k, (state.entry.first_rule, state.reserved));
+                changes.replaced.insert(k.clone(), (state.entry.first_rule, state.reserved));
+                changes.isolated_before.insert(k, state.contribution.isolates);
             }
         }
     }
@@ -311,9 +316,6 @@ impl Compiler {
     /// Takes a policy's contribution out of the cells and approximations.
     fn forget(&mut self, state: &PolicyState, changes: &mut Changes) {
         let c = &state.contribution;
-        if !c.isolates.is_empty() {
-            changes.isolation = true;
-        }
         for (key, _) in &c.cells {
             if let Some(list) = self.contributors.get_mut(key) {
                 list.retain(|x| !Arc::ptr_eq(&x.policy, &state.key));
@@ -340,7 +342,9 @@ impl Compiler {
             Mode::Enforce => contribute(&self.base, &self.index, &state.entry),
             Mode::Audit => Contribution::default(),
         };
-        if new.isolates != state.contribution.isolates {
+        let before =
+            changes.isolated_before.remove(key).unwrap_or_else(|| std::mem::take(&mut state.contribution.isolates));
+        if new.isolates != before {
             changes.isolation = true;
         }
         let action = state.entry.action;
