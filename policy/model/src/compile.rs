@@ -168,7 +168,7 @@ pub struct Snapshot {
     /// By number. Numbers are not positions: with a pre-assigned map ([`compile_with`])
     /// they have gaps. Serialised as a list, in number order.
     #[serde(serialize_with = "identities_in_order")]
-    pub identities: Arc<BTreeMap<u32, Identity>>,
+    pub identities: Arc<BTreeMap<u32, Arc<Identity>>>,
     #[serde(serialize_with = "shared")]
     pub cidrs: Arc<Vec<CidrIdentity>>,
     #[serde(serialize_with = "shared")]
@@ -262,7 +262,7 @@ impl Snapshot {
     }
 
     pub fn identity(&self, id: u32) -> Option<&Identity> {
-        self.identities.get(&id)
+        self.identities.get(&id).map(|i| &**i)
     }
 
     /// The kernel's algorithm (`decide` in `ebpf/programs`): in each direction, deny beats
@@ -531,8 +531,8 @@ impl Snapshot {
     }
 }
 
-fn identities_in_order<S: Serializer>(ids: &Arc<BTreeMap<u32, Identity>>, s: S) -> Result<S::Ok, S::Error> {
-    s.collect_seq(ids.values())
+fn identities_in_order<S: Serializer>(ids: &Arc<BTreeMap<u32, Arc<Identity>>>, s: S) -> Result<S::Ok, S::Error> {
+    s.collect_seq(ids.values().map(|i| &**i))
 }
 
 fn shared<T: Serialize, S: Serializer>(value: &Arc<T>, s: S) -> Result<S::Ok, S::Error> {

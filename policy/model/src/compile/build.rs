@@ -258,7 +258,7 @@ pub(super) fn base<'a>(
             ports: spec.ports.clone(),
         });
     }
-    snapshot.identities = Arc::new(identities);
+    snapshot.identities = Arc::new(identities.into_iter().map(|(id, i)| (id, Arc::new(i))).collect());
     snapshot.addresses = Arc::new(addresses);
     snapshot.workload_at = Arc::new(workload_at);
     snapshot.workloads = Arc::new(workloads);

@@ -294,31 +294,48 @@ pub(super) fn contribute(snapshot: &Snapshot, index: &Index, policy: &PolicyEntr
 }
 
 /// How an isolating policy is named in an identity's default reason.
-fn isolation_name(policy: &PolicyEntry) -> String {
-    match policy.kind.as_str() {
-        "SegmentationPolicy" => policy.name.clone(),
-        kind => format!("{kind} {}", policy.name),
+pub(super) fn isolation_name(kind: &str, name: &str) -> String {
+    match kind {
+        "SegmentationPolicy" => name.to_string(),
+        kind => format!("{kind} {name}"),
     }
 }
 
+/// `base` (an identity with its namespace's default) isolated by the first of the Allow
+/// policies that select it in each direction (`None`: no policy isolates it so).
+pub(super) fn isolated(
+    base: &Arc<Identity>,
+    ingress: Option<(&str, &str)>,
+    egress: Option<(&str, &str)>,
+) -> Arc<Identity> {
+    let ingress = ingress.filter(|_| !base.default_deny);
+    if ingress.is_none() && egress.is_none() {
+        return base.clone();
+    }
+    let mut ident = (**base).clone();
+    if let Some((kind, name)) = ingress {
+        ident.default_deny = true;
+        ident.default_reason = format!("selected by Allow policy {}", isolation_name(kind, name));
+    }
+    if let Some((kind, name)) = egress {
+        ident.egress_default_deny = true;
+        ident.egress_default_reason = format!("selected by egress policy {}", isolation_name(kind, name));
+    }
+    Arc::new(ident)
+}
+
 /// Marks each identity isolated by the first policy (in `isolated`'s order) that selects it.
-pub(super) fn apply_isolation<'a>(
-    identities: &mut BTreeMap<u32, Identity>,
-    isolated: impl IntoIterator<Item = (Direction, u32, &'a PolicyEntry)>,
+fn apply_isolation<'a>(
+    identities: &mut BTreeMap<u32, Arc<Identity>>,
+    isolating: impl IntoIterator<Item = (Direction, u32, &'a PolicyEntry)>,
 ) {
-    for (direction, id, policy) in isolated {
-        let Some(ident) = identities.get_mut(&id) else { continue };
-        match direction {
-            Direction::Ingress if !ident.default_deny => {
-                ident.default_deny = true;
-                ident.default_reason = format!("selected by Allow policy {}", isolation_name(policy));
-            }
-            Direction::Egress if !ident.egress_default_deny => {
-                ident.egress_default_deny = true;
-                ident.egress_default_reason = format!("selected by egress policy {}", isolation_name(policy));
-            }
-            _ => {}
-        }
+    let mut first: HashMap<(Direction, u32), &PolicyEntry> = HashMap::new();
+    for (direction, id, policy) in isolating {
+        first.entry((direction, id)).or_insert(policy);
+    }
+    let names = |d, id| first.get(&(d, id)).map(|p| (p.kind.as_str(), p.name.as_str()));
+    for (id, ident) in identities.iter_mut() {
+        *ident = isolated(ident, names(Direction::Ingress, *id), names(Direction::Egress, *id));
     }
 }
 

@@ -28,7 +28,7 @@ use std::sync::Arc;
 use serde::Serialize;
 
 use super::build::{Draft, base, drafts_of, finish_services};
-use super::cells::{Contribution, Index, apply_isolation, contribute, dependencies};
+use super::cells::{Contribution, Index, contribute, dependencies, isolated};
 use super::numbers::{CidrNumbers, RuleNumbers};
 use super::{
     Cell, CellKey, CidrIdentity, Direction, Identities, Identity, IdentityLabels, PolicyEntry, Rules, Snapshot,
@@ -87,22 +87,24 @@ pub struct Compiler {
     cells: HashMap<CellKey, Cell>,
     approximations: BTreeMap<String, usize>,
     /// `base.identities` with isolation.
-    identities: Arc<BTreeMap<u32, Identity>>,
+    identities: Arc<BTreeMap<u32, Arc<Identity>>>,
+    /// The Allow policies that select each identity, per direction, in policy order: the
+    /// first isolates it.
+    isolators: HashMap<(Direction, u32), BTreeSet<Arc<PolicyKey>>>,
 }
 
 /// What one update changed, gathered before anything is recompiled.
 #[derive(Default)]
 struct Changes {
     base: bool,
-    isolation: bool,
+    /// Identities whose isolating policies may have changed.
+    isolation: BTreeSet<u32>,
     namespaces: BTreeSet<String>,
     policies: BTreeSet<PolicyKey>,
     /// Policies upserted, numbered in key order once every removal is done.
     drafts: BTreeMap<PolicyKey, Draft>,
     /// Rule ranges of removed policies: the same key may take its range again.
     replaced: HashMap<PolicyKey, (u32, u32)>,
-    /// What removed policies isolated: isolation is computed again only when it moves.
-    isolated_before: HashMap<PolicyKey, Vec<u32>>,
     touched: BTreeSet<CellKey>,
 }
 
@@ -127,6 +129,7 @@ impl Compiler {
             cells: HashMap::new(),
             approximations: BTreeMap::new(),
             identities: Arc::default(),
+            isolators: HashMap::new(),
         }
     }
 
@@ -174,14 +177,10 @@ impl Compiler {
         for key in std::mem::take(&mut changes.policies) {
             self.recontribute(&key, &mut changes);
         }
-        // Removed for good (not upserted again).
-        changes.isolation |= changes.isolated_before.values().any(|ids| !ids.is_empty());
         for key in std::mem::take(&mut changes.touched) {
             self.merge(key);
         }
-        if changes.isolation || changes.base {
-            self.isolate();
-        }
+        self.isolate(changes.base, &changes.isolation);
         Arc::new(self.snapshot())
     }
 
@@ -204,8 +203,7 @@ impl Compiler {
                 for block in Draft::blocks_of(&state.entry.rules) {
                     self.cidrs.release(block);
                 }
-                changes.replaced.insert(k.clone(), (state.entry.first_rule, state.reserved));
-                changes.isolated_before.insert(k, state.contribution.isolates);
+                changes.replaced.insert(k, (state.entry.first_rule, state.reserved));
             }
         }
     }
@@ -316,6 +314,16 @@ impl Compiler {
     /// Takes a policy's contribution out of the cells and approximations.
     fn forget(&mut self, state: &PolicyState, changes: &mut Changes) {
         let c = &state.contribution;
+        for &id in &c.isolates {
+            let slot = (state.entry.direction, id);
+            if let Some(set) = self.isolators.get_mut(&slot) {
+                set.remove(&state.key);
+                if set.is_empty() {
+                    self.isolators.remove(&slot);
+                }
+            }
+            changes.isolation.insert(id);
+        }
         for (key, _) in &c.cells {
             if let Some(list) = self.contributors.get_mut(key) {
                 list.retain(|x| !Arc::ptr_eq(&x.policy, &state.key));
@@ -342,10 +350,9 @@ impl Compiler {
             Mode::Enforce => contribute(&self.base, &self.index, &state.entry),
             Mode::Audit => Contribution::default(),
         };
-        let before =
-            changes.isolated_before.remove(key).unwrap_or_else(|| std::mem::take(&mut state.contribution.isolates));
-        if new.isolates != before {
-            changes.isolation = true;
+        for &id in &new.isolates {
+            self.isolators.entry((state.entry.direction, id)).or_default().insert(state.key.clone());
+            changes.isolation.insert(id);
         }
         let action = state.entry.action;
         for &(cell, index) in &new.cells {
@@ -380,15 +387,35 @@ impl Compiler {
         };
     }
 
-    /// The base identities with each one isolated by the first policy (in key order) that does.
-    fn isolate(&mut self) {
-        let mut identities = (*self.base.identities).clone();
-        let isolating = self
-            .policies
-            .values()
-            .flat_map(|s| s.contribution.isolates.iter().map(move |id| (s.entry.direction, *id, &*s.entry)));
-        apply_isolation(&mut identities, isolating);
-        self.identities = Arc::new(identities);
+    /// The base identities, each isolated by the first policy (in key order) that does: all
+    /// of them after the base changed, else those whose isolating policies changed.
+    fn isolate(&mut self, all: bool, changed: &BTreeSet<u32>) {
+        let one = |id: u32, base: &Arc<Identity>| {
+            let first = |d| {
+                let key = self.isolators.get(&(d, id)).and_then(|s| s.first());
+                key.map(|k| (k.kind.as_str(), k.name.as_str()))
+            };
+            isolated(base, first(Direction::Ingress), first(Direction::Egress))
+        };
+        if all {
+            self.identities = Arc::new(self.base.identities.iter().map(|(id, b)| (*id, one(*id, b))).collect());
+            return;
+        }
+        let same = |a: &Identity, b: &Identity| {
+            (a.default_deny, &a.default_reason, a.egress_default_deny, &a.egress_default_reason)
+                == (b.default_deny, &b.default_reason, b.egress_default_deny, &b.egress_default_reason)
+        };
+        let mut updates = Vec::new();
+        for id in changed {
+            let (Some(base), Some(now)) = (self.base.identities.get(id), self.identities.get(id)) else { continue };
+            let new = one(*id, base);
+            if !same(&new, now) {
+                updates.push((*id, new));
+            }
+        }
+        if !updates.is_empty() {
+            Arc::make_mut(&mut self.identities).extend(updates);
+        }
     }
 
     fn snapshot(&self) -> Snapshot {
