@@ -64,6 +64,10 @@ fn main() {
         Err(invalid) => format!("{} errors", invalid.0.len()),
     };
     println!("validate {:>10.1?}  {summary}", t.elapsed());
+    // The control plane's gate on every change: errors only.
+    let t = Instant::now();
+    let gate = validate::validate(&batch.resources).is_ok();
+    println!("errors only {:>10.1?}  valid: {gate}", t.elapsed());
 
     let t = Instant::now();
     let snapshot = compile::compile_with(&batch.resources, "cluster.local", &Default::default());
