@@ -200,6 +200,10 @@ pub struct Snapshot {
     /// Index in `workloads` of the workload at each address.
     #[serde(skip)]
     pub workload_at: Arc<HashMap<IpAddr, usize>>,
+    /// Which waypoint serves which VIP and endpoint: where a source's ztunnel sends a
+    /// connection to a Service, and whose tunnels an endpoint's ztunnel accepts for it.
+    #[serde(serialize_with = "shared")]
+    pub waypoints: Arc<crate::waypoint::WaypointIndex>,
 }
 
 impl Default for Snapshot {
@@ -219,6 +223,7 @@ impl Default for Snapshot {
             cells: HashMap::new(),
             addresses: Arc::default(),
             workload_at: Arc::default(),
+            waypoints: Arc::default(),
         }
     }
 }

@@ -297,5 +297,6 @@ pub fn compile_with(resources: &[Located], trust_domain: &str, numbered: &Identi
     snapshot.rules = Rules::new(&snapshot.policies);
     compile_cells(&mut snapshot);
     finish_services(&mut snapshot, resources.iter());
+    snapshot.waypoints = Arc::new(crate::waypoint::waypoint_index(resources, trust_domain));
     snapshot
 }

@@ -91,6 +91,11 @@ pub struct Compiler {
     /// The Allow policies that select each identity, per direction, in policy order: the
     /// first isolates it.
     isolators: HashMap<(Direction, u32), BTreeSet<Arc<PolicyKey>>>,
+    /// Gateways (the waypoint kinds the ztunnel's index reads), and that index: recomputed
+    /// only on an update with a Service, Gateway, Workload or Namespace, and only read at all
+    /// when some Gateway exists.
+    gateways: BTreeMap<ResourceKey, Located>,
+    waypoints: Arc<crate::waypoint::WaypointIndex>,
 }
 
 /// What one update changed, gathered before anything is recompiled.
@@ -130,6 +135,8 @@ impl Compiler {
             approximations: BTreeMap::new(),
             identities: Arc::default(),
             isolators: HashMap::new(),
+            gateways: BTreeMap::new(),
+            waypoints: Arc::default(),
         }
     }
 
@@ -151,6 +158,10 @@ impl Compiler {
         identities: &Identities,
     ) -> Arc<Snapshot> {
         let mut changes = Changes::default();
+        let reindex = upserts.iter().any(|l| waypoint_input(&l.resource))
+            || removals
+                .iter()
+                .any(|k| self.gateways.contains_key(k) || self.services.contains_key(k) || self.inputs.contains_key(k));
         for key in removals {
             self.remove(key, &mut changes);
         }
@@ -180,6 +191,9 @@ impl Compiler {
         for key in std::mem::take(&mut changes.touched) {
             self.merge(key);
         }
+        if reindex {
+            self.reindex_waypoints();
+        }
         self.isolate(changes.base, &changes.isolation);
         Arc::new(self.snapshot())
     }
@@ -188,7 +202,7 @@ impl Compiler {
         if let Some(old) = self.inputs.remove(key) {
             changes.base = true;
             changes.namespaces.insert(namespace_of(&old));
-        } else if self.services.remove(key).is_some() {
+        } else if self.services.remove(key).is_some() || self.gateways.remove(key).is_some() {
         } else if let Some((_, keys)) = self.policy_resources.remove(key) {
             for k in keys {
                 // Upserted earlier in this update: not numbered yet.
@@ -217,6 +231,9 @@ impl Compiler {
             }
             Resource::Service { .. } => {
                 self.services.insert(key, located);
+            }
+            Resource::Gateway { .. } => {
+                self.gateways.insert(key, located);
             }
             Resource::SegmentationPolicy { .. } | Resource::NetworkPolicy { .. } => {
                 let mut drafts = Vec::new();
@@ -418,6 +435,18 @@ impl Compiler {
         }
     }
 
+    /// The waypoint index as [`super::compile_with`] computes it. Without a Gateway there is no
+    /// waypoint, so nothing is read (the common case stays free at any scale).
+    fn reindex_waypoints(&mut self) {
+        if self.gateways.is_empty() {
+            self.waypoints = Arc::default();
+            return;
+        }
+        let resources: Vec<Located> =
+            self.gateways.values().chain(self.services.values()).chain(self.inputs.values()).cloned().collect();
+        self.waypoints = Arc::new(crate::waypoint::waypoint_index(&resources, &self.trust_domain));
+    }
+
     fn snapshot(&self) -> Snapshot {
         let policies: Vec<Arc<PolicyEntry>> = self.policies.values().map(|s| s.entry.clone()).collect();
         let mut snapshot = Snapshot {
@@ -432,11 +461,20 @@ impl Compiler {
             cells: self.cells.clone(),
             addresses: self.base.addresses.clone(),
             workload_at: self.base.workload_at.clone(),
+            waypoints: self.waypoints.clone(),
             ..Snapshot::default()
         };
         finish_services(&mut snapshot, self.services.values().chain(self.inputs.values()));
         snapshot
     }
+}
+
+/// What the waypoint index is computed from.
+fn waypoint_input(r: &Resource) -> bool {
+    matches!(
+        r,
+        Resource::Service { .. } | Resource::Gateway { .. } | Resource::Workload { .. } | Resource::Namespace { .. }
+    )
 }
 
 /// The namespace a Workload or Namespace resource belongs to (a Namespace: itself).
