@@ -57,7 +57,7 @@ pub struct Rejection {
 /// pushed resources) when the maps refuse it.
 trait Compiled: Send + 'static {
     fn snapshot(&self) -> &Snapshot;
-    fn into_snapshot(self) -> Snapshot;
+    fn into_snapshot(self) -> Arc<Snapshot>;
     fn undo(self, pushed: &mut Pushed);
 }
 
@@ -65,14 +65,14 @@ impl Compiled for Snapshot {
     fn snapshot(&self) -> &Snapshot {
         self
     }
-    fn into_snapshot(self) -> Snapshot {
-        self
+    fn into_snapshot(self) -> Arc<Snapshot> {
+        Arc::new(self)
     }
     fn undo(self, _: &mut Pushed) {}
 }
 
 struct CompiledDelta {
-    snapshot: Snapshot,
+    snapshot: Arc<Snapshot>,
     undo: Undo,
 }
 
@@ -80,7 +80,7 @@ impl Compiled for CompiledDelta {
     fn snapshot(&self) -> &Snapshot {
         &self.snapshot
     }
-    fn into_snapshot(self) -> Snapshot {
+    fn into_snapshot(self) -> Arc<Snapshot> {
         self.snapshot
     }
     fn undo(self, pushed: &mut Pushed) {
@@ -132,6 +132,7 @@ impl PolicySource {
         metrics: Arc<Metrics>,
     ) -> (Self, watch::Receiver<Arc<Snapshot>>) {
         let (publish, rx) = watch::channel(Arc::new(Snapshot::default()));
+        let pushed = Some(Pushed::new(&trust_domain));
         let generations = Arc::default();
         let files = Some(Files { changes: ChangeDetector::new(paths.clone()), read_error: None });
         let last_rejected = Arc::default();
@@ -139,7 +140,7 @@ impl PolicySource {
             paths,
             trust_domain,
             maps: Some(maps),
-            pushed: Some(Pushed::default()),
+            pushed,
             files,
             metrics,
             publish,
@@ -199,10 +200,9 @@ impl PolicySource {
         delta: ResourceDelta,
         identities: Identities,
     ) -> anyhow::Result<ApplyStats> {
-        let trust_domain = self.trust_domain.clone();
         self.switch(move |pushed| {
-            let undo = pushed.apply(delta);
-            Ok(CompiledDelta { snapshot: pushed.compile(&trust_domain, &identities), undo })
+            let (snapshot, undo) = pushed.apply(delta, identities);
+            Ok(CompiledDelta { snapshot, undo })
         })
         .await
     }
@@ -253,7 +253,6 @@ impl PolicySource {
         let (snapshot, stats) = result?;
         self.metrics.policy_generation.store(generation.into(), Ordering::Relaxed);
         self.metrics.policy_applied(&stats);
-        let snapshot = Arc::new(snapshot);
         self.generations.record(generation, snapshot.clone());
         self.publish.send_replace(snapshot);
         Ok(stats)

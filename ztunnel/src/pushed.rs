@@ -11,8 +11,10 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
+use std::sync::Arc;
+
 use palisade_model::Snapshot;
-use palisade_model::compile::Identities;
+use palisade_model::compile::{Compiler, Identities};
 use palisade_model::key::ResourceKey;
 use palisade_model::load::{self, Located};
 
@@ -60,14 +62,22 @@ pub struct Undo {
     full: Option<BTreeMap<ResourceKey, Located>>,
     /// Each key the delta touched, with what it held before (None: absent).
     before: Vec<(ResourceKey, Option<Located>)>,
+    identities: Identities,
 }
 
-#[derive(Default)]
+/// The resources, and the incremental compiler that holds what their last snapshot was made
+/// of (a one-policy change at 10,000 workloads compiles in about a millisecond).
 pub struct Pushed {
     resources: BTreeMap<ResourceKey, Located>,
+    compiler: Compiler,
+    identities: Identities,
 }
 
 impl Pushed {
+    pub fn new(trust_domain: &str) -> Self {
+        Pushed { resources: BTreeMap::new(), compiler: Compiler::new(trust_domain), identities: Identities::default() }
+    }
+
     pub fn len(&self) -> usize {
         self.resources.len()
     }
@@ -76,42 +86,68 @@ impl Pushed {
         self.resources.is_empty()
     }
 
-    pub fn apply(&mut self, delta: ResourceDelta) -> Undo {
-        if delta.full {
-            let fresh = delta.put.into_iter().map(|l| (ResourceKey::of(&l.resource), l)).collect();
-            return Undo { full: Some(std::mem::replace(&mut self.resources, fresh)), before: vec![] };
-        }
-        let mut before = Vec::with_capacity(delta.put.len() + delta.removed.len());
-        for key in delta.removed {
-            let old = self.resources.remove(&key);
-            before.push((key, old));
-        }
-        for located in delta.put {
-            let key = ResourceKey::of(&located.resource);
-            let old = self.resources.insert(key.clone(), located);
-            before.push((key, old));
-        }
-        Undo { full: None, before }
+    /// Changes the resources by `delta`, compiles them with `identities`, and returns the
+    /// snapshot with what puts everything back ([`Self::undo`]).
+    pub fn apply(&mut self, delta: ResourceDelta, identities: Identities) -> (Arc<Snapshot>, Undo) {
+        let previous = std::mem::replace(&mut self.identities, identities);
+        let (upserts, removals, undo) = match delta.full {
+            true => {
+                let fresh: BTreeMap<_, _> = delta.put.into_iter().map(|l| (ResourceKey::of(&l.resource), l)).collect();
+                let removals = self.resources.keys().filter(|k| !fresh.contains_key(*k)).cloned().collect();
+                let upserts = fresh.values().cloned().collect();
+                let old = std::mem::replace(&mut self.resources, fresh);
+                (upserts, removals, Undo { full: Some(old), before: vec![], identities: previous })
+            }
+            false => {
+                let mut before = Vec::with_capacity(delta.put.len() + delta.removed.len());
+                for key in &delta.removed {
+                    before.push((key.clone(), self.resources.remove(key)));
+                }
+                for located in &delta.put {
+                    let key = ResourceKey::of(&located.resource);
+                    let old = self.resources.insert(key.clone(), located.clone());
+                    before.push((key, old));
+                }
+                (delta.put, delta.removed, Undo { full: None, before, identities: previous })
+            }
+        };
+        let snapshot = self.compiler.update(upserts, &removals, &self.identities);
+        (snapshot, undo)
     }
 
+    /// Puts the resources, the numbers and the compiler back as they were before the delta
+    /// `undo` came from.
     pub fn undo(&mut self, undo: Undo) {
-        if let Some(full) = undo.full {
-            self.resources = full;
-            return;
-        }
-        // In reverse, so a key touched twice ends as it first was.
-        for (key, old) in undo.before.into_iter().rev() {
-            match old {
-                Some(old) => self.resources.insert(key, old),
-                None => self.resources.remove(&key),
-            };
-        }
-    }
-
-    /// The snapshot of the whole set.
-    pub fn compile(&self, trust_domain: &str, identities: &Identities) -> Snapshot {
-        let resources: Vec<Located> = self.resources.values().cloned().collect();
-        palisade_model::compile::compile_with(&resources, trust_domain, identities)
+        self.identities = undo.identities;
+        let (upserts, removals) = match undo.full {
+            Some(full) => {
+                let removals = self.resources.keys().filter(|k| !full.contains_key(*k)).cloned().collect();
+                let upserts = full.values().cloned().collect();
+                self.resources = full;
+                (upserts, removals)
+            }
+            None => {
+                let (mut upserts, mut removals) = (Vec::new(), Vec::new());
+                // In reverse, so a key touched twice ends as it first was.
+                for (key, old) in undo.before.into_iter().rev() {
+                    match old {
+                        Some(old) => {
+                            self.resources.insert(key, old.clone());
+                            upserts
+                                .retain(|l: &Located| ResourceKey::of(&l.resource) != ResourceKey::of(&old.resource));
+                            upserts.push(old);
+                        }
+                        None => {
+                            self.resources.remove(&key);
+                            removals.push(key);
+                        }
+                    }
+                }
+                removals.retain(|k| !self.resources.contains_key(k));
+                (upserts, removals)
+            }
+        };
+        self.compiler.update(upserts, &removals, &self.identities);
     }
 }
 
@@ -133,22 +169,39 @@ mod tests {
         p.resources.values().map(|l| serde_yaml::to_string(&l.resource).unwrap()).collect()
     }
 
-    #[test]
-    fn a_delta_and_its_undo() {
-        let mut pushed = Pushed::default();
-        let (a, b) = (doc("a", "x"), doc("b", "x"));
-        let full = ResourceDelta::parse(true, [(key("a"), a.as_str()), (key("b"), b.as_str())], vec![]).unwrap();
-        pushed.apply(full);
-        let before = names(&pushed);
+    fn workload(name: &str, ip: &str) -> String {
+        format!(
+            "apiVersion: palisade.dev/v1alpha1\nkind: Workload\nmetadata: {{name: {name}, namespace: a}}\n\
+             spec: {{serviceAccount: {name}, node: n, addresses: [{ip}]}}\n"
+        )
+    }
 
-        let (a2, c) = (doc("a", "y"), doc("c", "x"));
-        let delta = ResourceDelta::parse(false, [(key("a"), a2.as_str()), (key("c"), c.as_str())], vec![key("b")]);
-        let undo = pushed.apply(delta.unwrap());
+    fn wkey(name: &str) -> ResourceKey {
+        ResourceKey { kind: "Workload".into(), namespace: Some("a".into()), name: name.into() }
+    }
+
+    #[test]
+    fn a_delta_and_its_undo_leave_resources_and_snapshot_as_they_were() {
+        let mut pushed = Pushed::new("cluster.local");
+        let (a, w) = (doc("a", "x"), workload("w", "10.0.0.1"));
+        let full = ResourceDelta::parse(true, [(key("a"), a.as_str()), (wkey("w"), w.as_str())], vec![]).unwrap();
+        let (first, _) = pushed.apply(full, Identities::default());
+        let before = names(&pushed);
+        let addr = "10.0.0.1".parse().unwrap();
+        assert!(first.identity_of(addr) >= palisade_model::compile::FIRST_WORKLOAD_IDENTITY);
+
+        let (a2, v) = (doc("a", "y"), workload("v", "10.0.0.2"));
+        let delta =
+            ResourceDelta::parse(false, [(key("a"), a2.as_str()), (wkey("v"), v.as_str())], vec![wkey("w")]).unwrap();
+        let (second, undo) = pushed.apply(delta, Identities::default());
+        assert_eq!(second.identity_of(addr), palisade_ebpf_common::IDENTITY_WORLD, "w is gone");
         let after = names(&pushed);
         assert_eq!(after.len(), 2);
-        assert!(after[0].contains("team: y") && after[1].contains("name: c"), "{after:?}");
+        assert!(after[0].contains("team: y"), "{after:?}");
         pushed.undo(undo);
         assert_eq!(names(&pushed), before, "the undo puts back exactly what was there");
+        let (again, _) = pushed.apply(ResourceDelta::default(), Identities::default());
+        assert_eq!(again.identity_of(addr), first.identity_of(addr), "and the compiler with them");
     }
 
     #[test]
