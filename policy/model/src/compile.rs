@@ -77,7 +77,7 @@ pub struct IdentityLabels {
     pub labels: BTreeMap<String, String>,
 }
 
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct Identity {
     pub id: u32,
     #[serde(flatten)]

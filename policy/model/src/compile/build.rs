@@ -13,7 +13,7 @@ use crate::cidr::Cidr;
 use crate::k8s;
 use crate::load::Located;
 use crate::matching::{PolicyRule, PortMatch};
-use crate::resource::{Action, Mode, Peer, Resource, Selector};
+use crate::resource::{Action, Metadata, Mode, Peer, Resource, Selector, WorkloadSpec};
 
 /// Compiles resources that [`crate::validate::validate`] accepted.
 pub fn compile(resources: &[Located]) -> Snapshot {
@@ -194,19 +194,27 @@ fn identity_labels(r: &Resource) -> Option<IdentityLabels> {
 
 /// Identities, workloads, addresses and namespaces of `resources` (the workloads in their
 /// order), numbered with `numbered`: the part of a snapshot that policies do not change
-/// (but for isolation, which [`super::cells`] adds). Also the number of each identity.
+/// (but for isolation, which [`super::cells`] adds).
 pub(super) fn base<'a>(
     resources: impl Iterator<Item = &'a Located> + Clone,
     trust_domain: &str,
     numbered: &Identities,
-) -> (Snapshot, BTreeMap<IdentityLabels, u32>) {
+) -> Snapshot {
     let mut namespace_defaults = HashMap::new();
     let mut namespace_labels: BTreeMap<String, BTreeMap<String, String>> = BTreeMap::new();
-    let labels_set: BTreeSet<IdentityLabels> = resources.clone().filter_map(|r| identity_labels(&r.resource)).collect();
+    // Each workload's identity labels, copied once.
+    let members: Vec<(IdentityLabels, &Metadata, &WorkloadSpec)> = resources
+        .clone()
+        .filter_map(|r| match &r.resource {
+            Resource::Workload { metadata, spec, .. } => Some((identity_labels(&r.resource)?, metadata, spec)),
+            _ => None,
+        })
+        .collect();
+    let labels_set: BTreeSet<&IdentityLabels> = members.iter().map(|(l, _, _)| l).collect();
     for l in &labels_set {
         namespace_labels.entry(l.namespace.clone()).or_default();
     }
-    for r in resources.clone() {
+    for r in resources {
         if let Resource::Namespace { metadata, spec, .. } = &r.resource {
             namespace_defaults.insert(metadata.name.clone(), spec.default_action);
             namespace_labels.insert(metadata.name.clone(), metadata.labels.clone());
@@ -216,10 +224,9 @@ pub(super) fn base<'a>(
     snapshot.namespaces =
         Arc::new(namespace_labels.iter().map(|(n, l)| (n.clone(), k8s::namespace_labels(n, l))).collect());
 
-    let id_by_labels = numbered.number(&labels_set);
+    let id_by_labels = numbered.number_each(&labels_set);
     let mut identities = BTreeMap::new();
-    for (labels, &id) in &id_by_labels {
-        let labels = labels.clone();
+    for (&labels, &id) in &id_by_labels {
         let ns_default = namespace_defaults.get(&labels.namespace).copied().unwrap_or_default();
         identities.insert(
             id,
@@ -229,18 +236,14 @@ pub(super) fn base<'a>(
                 default_reason: format!("namespace {} default {:?}", labels.namespace, ns_default),
                 egress_default_deny: false,
                 egress_default_reason: String::new(),
-                labels,
+                labels: labels.clone(),
                 addresses: vec![],
             },
         );
     }
     let (mut addresses, mut workload_at, mut workloads) = (HashMap::new(), HashMap::new(), Vec::new());
-    for r in resources {
-        let (Some(labels), Resource::Workload { metadata, spec, .. }) = (identity_labels(&r.resource), &r.resource)
-        else {
-            continue;
-        };
-        let id = id_by_labels[&labels];
+    for (labels, metadata, spec) in &members {
+        let id = id_by_labels[labels];
         for a in &spec.addresses {
             addresses.insert(canonical(*a), id);
             workload_at.insert(canonical(*a), workloads.len());
@@ -250,7 +253,7 @@ pub(super) fn base<'a>(
         }
         workloads.push(WorkloadEntry {
             name: metadata.name.clone(),
-            namespace: labels.namespace,
+            namespace: labels.namespace.clone(),
             node: spec.node.clone(),
             uid: spec.uid.clone(),
             addresses: spec.addresses.clone(),
@@ -262,7 +265,7 @@ pub(super) fn base<'a>(
     snapshot.addresses = Arc::new(addresses);
     snapshot.workload_at = Arc::new(workload_at);
     snapshot.workloads = Arc::new(workloads);
-    (snapshot, id_by_labels)
+    snapshot
 }
 
 /// Services and their indexes, then the cells of the Service VIPs: last, since they read
@@ -278,7 +281,7 @@ pub(super) fn finish_services<'a>(snapshot: &mut Snapshot, resources: impl Itera
 /// Compiles with the numbers of `numbered` (see [`Identities`]); identities it does not number
 /// get numbers above its largest.
 pub fn compile_with(resources: &[Located], trust_domain: &str, numbered: &Identities) -> Snapshot {
-    let (mut snapshot, _) = base(resources.iter(), trust_domain, numbered);
+    let mut snapshot = base(resources.iter(), trust_domain, numbered);
     let drafts = drafts(resources);
     let blocks: BTreeSet<Cidr> = drafts.iter().flat_map(Draft::blocks).collect();
     snapshot.cidrs = Arc::new(

@@ -81,6 +81,12 @@ impl Identities {
     /// the next ones above the map's largest (never a number the map gives to another
     /// identity, also one that is not wanted now: removing a workload frees nothing).
     pub fn number(&self, wanted: &BTreeSet<IdentityLabels>) -> BTreeMap<IdentityLabels, u32> {
+        let wanted: BTreeSet<&IdentityLabels> = wanted.iter().collect();
+        self.number_each(&wanted).into_iter().map(|(l, id)| (l.clone(), id)).collect()
+    }
+
+    /// As [`Self::number`], without copying the labels.
+    pub fn number_each<'a>(&self, wanted: &BTreeSet<&'a IdentityLabels>) -> BTreeMap<&'a IdentityLabels, u32> {
         let mut next = self.numbers.values().max().map_or(FIRST_WORKLOAD_IDENTITY, |m| m + 1);
         wanted
             .iter()
@@ -92,7 +98,7 @@ impl Identities {
                     next += 1;
                     next - 1
                 });
-                (l.clone(), id)
+                (*l, id)
             })
             .collect()
     }

@@ -30,9 +30,7 @@ use serde::Serialize;
 use super::build::{Draft, base, drafts_of, finish_services};
 use super::cells::{Contribution, Index, contribute, dependencies, isolated};
 use super::numbers::{CidrNumbers, RuleNumbers};
-use super::{
-    Cell, CellKey, CidrIdentity, Direction, Identities, Identity, IdentityLabels, PolicyEntry, Rules, Snapshot,
-};
+use super::{Cell, CellKey, CidrIdentity, Direction, Identities, Identity, PolicyEntry, Rules, Snapshot};
 use crate::key::ResourceKey;
 use crate::load::Located;
 use crate::resource::{Action, Mode, Resource};
@@ -79,7 +77,6 @@ pub struct Compiler {
     rule_numbers: RuleNumbers,
     cidrs: CidrNumbers,
     numbered: Identities,
-    numbers: BTreeMap<IdentityLabels, u32>,
     /// Identities (without isolation), workloads, addresses, namespaces, blocks.
     base: Snapshot,
     index: Index,
@@ -127,7 +124,6 @@ impl Compiler {
             rule_numbers: RuleNumbers::default(),
             cidrs: CidrNumbers::default(),
             numbered: Identities::default(),
-            numbers: BTreeMap::new(),
             index: Index::new(&base),
             base,
             contributors: HashMap::new(),
@@ -171,6 +167,7 @@ impl Compiler {
             self.insert(key, located, &mut changes);
         }
         self.number_drafts(&mut changes);
+        let old_base = self.base.identities.clone();
         if changes.base || *identities != self.numbered {
             changes.base = true;
             self.rebuild_base(identities, &mut changes);
@@ -194,7 +191,10 @@ impl Compiler {
         if reindex {
             self.reindex_waypoints();
         }
-        self.isolate(changes.base, &changes.isolation);
+        match changes.base {
+            true => self.isolate_all(&old_base, &changes.isolation),
+            false => self.isolate(&changes.isolation),
+        }
         Arc::new(self.snapshot())
     }
 
@@ -312,19 +312,21 @@ impl Compiler {
 
     /// Builds the base again; namespaces whose identities were renumbered are dirty.
     fn rebuild_base(&mut self, identities: &Identities, changes: &mut Changes) {
-        let (mut base, numbers) = base(self.inputs.values(), &self.trust_domain, identities);
-        for (labels, id) in &numbers {
-            if self.numbers.get(labels) != Some(id) {
-                changes.namespaces.insert(labels.namespace.clone());
+        let mut base = base(self.inputs.values(), &self.trust_domain, identities);
+        let (old, new) = (&self.base.identities, &base.identities);
+        for (id, i) in new.iter() {
+            if old.get(id).map(|o| &o.labels) != Some(&i.labels) {
+                changes.namespaces.insert(i.labels.namespace.clone());
             }
         }
-        for labels in self.numbers.keys().filter(|l| !numbers.contains_key(*l)) {
-            changes.namespaces.insert(labels.namespace.clone());
+        for (id, i) in old.iter() {
+            if new.get(id).map(|n| &n.labels) != Some(&i.labels) {
+                changes.namespaces.insert(i.labels.namespace.clone());
+            }
         }
         base.cidrs = self.base.cidrs.clone();
         self.index = Index::new(&base);
         self.base = base;
-        self.numbers = numbers;
         self.numbered = identities.clone();
     }
 
@@ -404,20 +406,33 @@ impl Compiler {
         };
     }
 
-    /// The base identities, each isolated by the first policy (in key order) that does: all
-    /// of them after the base changed, else those whose isolating policies changed.
-    fn isolate(&mut self, all: bool, changed: &BTreeSet<u32>) {
-        let one = |id: u32, base: &Arc<Identity>| {
-            let first = |d| {
-                let key = self.isolators.get(&(d, id)).and_then(|s| s.first());
-                key.map(|k| (k.kind.as_str(), k.name.as_str()))
-            };
-            isolated(base, first(Direction::Ingress), first(Direction::Egress))
+    /// A base identity isolated by the first policy (in key order) that does, per direction.
+    fn isolated(&self, id: u32, base: &Arc<Identity>) -> Arc<Identity> {
+        let first = |d| {
+            let key = self.isolators.get(&(d, id)).and_then(|s| s.first());
+            key.map(|k| (k.kind.as_str(), k.name.as_str()))
         };
-        if all {
-            self.identities = Arc::new(self.base.identities.iter().map(|(id, b)| (*id, one(*id, b))).collect());
-            return;
-        }
+        isolated(base, first(Direction::Ingress), first(Direction::Egress))
+    }
+
+    /// Every identity after the base was built again: the previous one where neither its base
+    /// (`old`) nor its isolating policies changed.
+    fn isolate_all(&mut self, old: &BTreeMap<u32, Arc<Identity>>, changed: &BTreeSet<u32>) {
+        let identities = self
+            .base
+            .identities
+            .iter()
+            .map(|(id, b)| {
+                let kept = self.identities.get(id).filter(|_| !changed.contains(id) && old.get(id) == Some(b));
+                (*id, kept.cloned().unwrap_or_else(|| self.isolated(*id, b)))
+            })
+            .collect();
+        self.identities = Arc::new(identities);
+    }
+
+    /// The identities whose isolating policies changed.
+    fn isolate(&mut self, changed: &BTreeSet<u32>) {
+        let one = |id: u32, base: &Arc<Identity>| self.isolated(id, base);
         let same = |a: &Identity, b: &Identity| {
             (a.default_deny, &a.default_reason, a.egress_default_deny, &a.egress_default_reason)
                 == (b.default_deny, &b.default_reason, b.egress_default_deny, &b.egress_default_reason)
