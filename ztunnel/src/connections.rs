@@ -15,6 +15,9 @@ struct Tracked {
     proven: Option<(String, String)>,
     dst: SocketAddr,
     close: watch::Sender<Option<String>>,
+    /// A tunnel from a waypoint (its SPIFFE ID): re-checked by whether that waypoint still
+    /// serves `dst` (it enforces the destination's policy itself).
+    waypoint: Option<String>,
 }
 
 #[derive(Default)]
@@ -55,8 +58,17 @@ impl Connections {
     pub fn register(self: &Arc<Self>, src: IpAddr, proven: Option<(String, String)>, dst: SocketAddr) -> Registration {
         let id = self.next.fetch_add(1, Ordering::Relaxed);
         let (close, closed) = watch::channel(None);
-        self.live.lock().expect("connections lock").insert(id, Tracked { src, proven, dst, close });
+        self.live.lock().expect("connections lock").insert(id, Tracked { src, proven, dst, close, waypoint: None });
         Registration { id, connections: self.clone(), closed }
+    }
+
+    /// Registers a tunnel that waypoint `identity` (at `src`) carries to `dst`.
+    pub fn register_from_waypoint(self: &Arc<Self>, src: IpAddr, identity: String, dst: SocketAddr) -> Registration {
+        let registration = self.register(src, None, dst);
+        if let Some(t) = self.live.lock().expect("connections lock").get_mut(&registration.id) {
+            t.waypoint = Some(identity);
+        }
+        registration
     }
 
     /// Closes every connection `snapshot` denies; returns how many.
@@ -64,6 +76,13 @@ impl Connections {
         let live = self.live.lock().expect("connections lock");
         let mut closed = 0;
         for t in live.values() {
+            if let Some(waypoint) = &t.waypoint {
+                if !snapshot.waypoints.accepts_from(t.dst.ip(), t.src, waypoint) {
+                    t.close.send_replace(Some(format!("closed: {waypoint} no longer serves {}", t.dst)));
+                    closed += 1;
+                }
+                continue;
+            }
             let proven = t.proven.as_ref().map(|(ns, sa)| (ns.as_str(), sa.as_str()));
             let d = snapshot.authorize(t.src, proven, t.dst.ip(), t.dst.port());
             if d.verdict.action == Action::Deny {

@@ -16,7 +16,7 @@ use palisade_mesh::hbone::{ALPN, HboneError, PORT, Progress, pump, pump_counted}
 use palisade_mesh::identity::SpiffeId;
 use palisade_mesh::secrets::SecretManager;
 use palisade_mesh::tls::server_config;
-use palisade_model::{Action, Snapshot};
+use palisade_model::{Action, Decision, Snapshot};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 
@@ -42,13 +42,17 @@ fn short(id: &SpiffeId) -> String {
     format!("{}/{}", id.namespace, id.service_account)
 }
 
-/// Carries one captured connection to a mesh workload through HBONE.
+/// Carries one captured connection to a mesh workload through HBONE: to the workload's own
+/// HBONE port, or `via` a waypoint (whose identity is then `dst_id`), the CONNECT authority
+/// staying the original destination.
+#[allow(clippy::too_many_arguments)]
 pub(super) async fn outbound(
     ctx: &ProxyCtx,
     pod: &PodNet,
     client: TcpStream,
     client_port: u16,
     dst: SocketAddr,
+    via: Option<SocketAddr>,
     dst_id: SpiffeId,
     decided: Decided,
 ) {
@@ -56,7 +60,8 @@ pub(super) async fn outbound(
     let started = Instant::now();
     ctx.metrics.connection_opened(Direction::Outbound);
     let _ = client.set_nodelay(true);
-    let endpoint = SocketAddr::new(dst.ip(), PORT);
+    // A waypoint's HBONE address, else the destination pod's own.
+    let endpoint = via.unwrap_or(SocketAddr::new(dst.ip(), PORT));
     let key = PoolKey { src: src_id.clone(), dst: dst_id.clone(), endpoint };
     let src = SocketAddr::new(pod.ip, client_port);
     let request = ConnectRequest { authority: dst, forwarded_for: src };
@@ -168,6 +173,31 @@ pub async fn serve_inbound(
     }
 }
 
+/// The decision for a tunnel from a waypoint that serves the destination
+/// ([`palisade_model::waypoint::WaypointIndex::accepts_from`]: the proven identity and the tunnel's
+/// source address are one of its workloads'). The destination's L4 policy is not evaluated
+/// against the waypoint's identity: the waypoint evaluated it against the original source's
+/// proven identity before forwarding (with its L7 policy), and the waypoint's own identity
+/// would answer a different question (is the waypoint allowed?) that would force every policy
+/// to name the waypoint. Istio differs here: its ztunnel evaluates a destination's
+/// workload-selected (L4) policies against the connection's peer, which for waypoint traffic
+/// is the waypoint, and asks users to attach policies to the waypoint instead; Palisade's
+/// waypoint enforces the destination's L4 policy itself, so no rule has to name it.
+fn waypoint_decision(snapshot: &Snapshot, src: IpAddr, dst: IpAddr) -> Decision {
+    let verdict = palisade_model::Verdict {
+        action: Action::Allow,
+        rule: palisade_ebpf_common::RULE_DEFAULT_ALLOW,
+        src_identity: snapshot.identity_of(src),
+        dst_identity: snapshot.identity_of(dst),
+    };
+    Decision { verdict, audit_deny: None, egress: None, ingress: None }
+}
+
+/// Whether `identity` is a waypoint workload's.
+fn is_waypoint(snapshot: &Snapshot, identity: &str) -> bool {
+    snapshot.waypoints.waypoints.values().flat_map(|w| &w.workloads).any(|w| w.identity == identity)
+}
+
 async fn handle(ctx: Arc<ProxyCtx>, pod: Arc<PodNet>, stream: InboundStream) {
     let started = Instant::now();
     let dst = match &stream.authority {
@@ -190,10 +220,24 @@ async fn handle(ctx: Arc<ProxyCtx>, pod: Arc<PodNet>, stream: InboundStream) {
         .unwrap_or(stream.peer_addr);
     let snapshot = ctx.snapshot.borrow().clone();
     let proven = (stream.peer.namespace.clone(), stream.peer.service_account.clone());
-    let decision = snapshot.authorize(stream.peer_addr.ip(), Some((&proven.0, &proven.1)), dst.ip(), dst.port());
+    let peer_id = stream.peer.to_string();
+    let from_waypoint = snapshot.waypoints.accepts_from(dst.ip(), stream.peer_addr.ip(), &peer_id);
+    let decision = match from_waypoint {
+        true => waypoint_decision(&snapshot, stream.peer_addr.ip(), dst.ip()),
+        false => snapshot.authorize(stream.peer_addr.ip(), Some((&proven.0, &proven.1)), dst.ip(), dst.port()),
+    };
     let verdict = &decision.verdict;
-    let allowed = verdict.action == Action::Allow;
-    let policy = snapshot.describe_rule(verdict.rule, verdict.dst_identity);
+    // A waypoint's identity carries others' traffic: it is accepted only by destinations that
+    // waypoint serves, never evaluated as a client of its own elsewhere.
+    let stray_waypoint = !from_waypoint && is_waypoint(&snapshot, &peer_id);
+    let allowed = verdict.action == Action::Allow && !stray_waypoint;
+    let policy = match (from_waypoint, stray_waypoint) {
+        (true, _) => format!(
+            "from a waypoint serving {dst}: the destination's L4 and L7 policy was enforced there against the original source"
+        ),
+        (_, true) => format!("refused: {peer_id} is a waypoint that does not serve {dst}"),
+        _ => snapshot.describe_rule(verdict.rule, verdict.dst_identity),
+    };
     ctx.metrics.verdict(Direction::Inbound, !allowed);
     let mut finished = Finished {
         direction: Direction::Inbound,
@@ -216,7 +260,10 @@ async fn handle(ctx: Arc<ProxyCtx>, pod: Arc<PodNet>, stream: InboundStream) {
         record(&ctx, finished);
         return;
     }
-    let mut registration = ctx.connections.register(stream.peer_addr.ip(), Some(proven), dst);
+    let mut registration = match from_waypoint {
+        true => ctx.connections.register_from_waypoint(stream.peer_addr.ip(), peer_id, dst),
+        false => ctx.connections.register(stream.peer_addr.ip(), Some(proven), dst),
+    };
     ctx.metrics.connection_opened(Direction::Inbound);
     match connect_from(&pod, dst).await {
         Err(e) => {

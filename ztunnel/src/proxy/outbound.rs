@@ -5,6 +5,14 @@
 //! A destination that is a Service's virtual address and port is first resolved to one of its
 //! endpoints ([`resolve_service`]); the connection then goes on exactly as one made to that
 //! endpoint directly.
+//!
+//! A Service served by a waypoint (`istio.io/use-waypoint`) is not resolved here: the
+//! connection goes over HBONE to one of the waypoint's workloads ([`waypoint_for`]), with the
+//! VIP:port as the CONNECT authority, requiring the waypoint's identity; the waypoint routes,
+//! enforces the destination's L4 and L7 policy against this pod's proven identity, and picks
+//! the endpoint. This pod's egress is checked here as for any Service (allowed when it allows
+//! some endpoint). As Istio's ztunnel does for a Service waypoint, only traffic addressed to
+//! the VIP takes this path: a connection made to an endpoint's own address goes straight to it.
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -12,6 +20,9 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use palisade_mesh::accept::Acceptor;
 use palisade_model::Action;
 use tokio::net::{TcpListener, TcpStream};
+
+use palisade_mesh::hbone::PORT;
+use palisade_mesh::identity::SpiffeId;
 
 use super::hbone::{self, workload_identity};
 use super::{Decided, PodNet, ProxyCtx, Refusal, carry, refuse, socket_reset};
@@ -37,6 +48,16 @@ pub async fn serve(listener: TcpListener, pod: Arc<PodNet>, ctx: Arc<ProxyCtx>) 
         let mut dst = orig_dst_addr(&orig);
         let mut dst_identity = orig.dst_identity;
         let snapshot = ctx.snapshot.borrow().clone();
+        if snapshot.service_at(dst).is_some() && snapshot.waypoints.for_vip(dst.ip()).is_some() {
+            let Some((via, waypoint_id)) = waypoint_for(&ctx, &pod, &client, &snapshot, dst) else { continue };
+            let (pod, ctx) = (pod.clone(), ctx.clone());
+            let dst_identity = orig.dst_identity;
+            tokio::spawn(async move {
+                let decided = Decided { src_identity: orig.src_identity, dst_identity, rule: orig.rule, audit: None };
+                hbone::outbound(&ctx, &pod, client, peer.port(), dst, Some(via), waypoint_id, decided).await
+            });
+            continue;
+        }
         if snapshot.service_at(dst).is_some() {
             let Some(endpoint) = resolve_service(&ctx, &pod, &client, &snapshot, dst) else { continue };
             dst = endpoint;
@@ -51,7 +72,7 @@ pub async fn serve(listener: TcpListener, pod: Arc<PodNet>, ctx: Arc<ProxyCtx>) 
         tokio::spawn(async move {
             let decided = Decided { src_identity: orig.src_identity, dst_identity, rule: orig.rule, audit: None };
             match tunnel_to {
-                Some(dst_id) => hbone::outbound(&ctx, &pod, client, peer.port(), dst, dst_id, decided).await,
+                Some(dst_id) => hbone::outbound(&ctx, &pod, client, peer.port(), dst, None, dst_id, decided).await,
                 None => {
                     if egress_allowed(&ctx, &pod, &client, dst) {
                         carry(&ctx, &pod, Direction::Outbound, client, peer, dst, decided, None).await
@@ -102,6 +123,74 @@ fn resolve_service(
     let why = Refusal { src_identity, dst_identity: format!("service:{}", choice.service.name), policy };
     refuse(ctx, client, Direction::Outbound, SocketAddr::new(pod.ip, 0), vip, why);
     None
+}
+
+/// Where a connection to `vip` (a VIP:port its waypoint serves) goes: one of the waypoint's
+/// workloads (round robin, first address of each), at HBONE's port, and the identity it must
+/// prove. `None` when this pod's egress allows no endpoint of the Service, when the waypoint
+/// has no workload, or when this pod cannot tunnel (no CA): the client is reset with a deny
+/// event, since going around the waypoint would skip the policy it enforces.
+fn waypoint_for(
+    ctx: &ProxyCtx,
+    pod: &PodNet,
+    client: &TcpStream,
+    snapshot: &palisade_model::Snapshot,
+    vip: SocketAddr,
+) -> Option<(SocketAddr, SpiffeId)> {
+    let waypoint = snapshot.waypoints.for_vip(vip.ip())?;
+    let (service, port) = snapshot.service_at(vip)?;
+    let refusal = |policy: String, src_identity: String| {
+        let why = Refusal { src_identity, dst_identity: format!("service:{}", service.name), policy };
+        refuse(ctx, client, Direction::Outbound, SocketAddr::new(pod.ip, 0), vip, why);
+    };
+    let own = snapshot.identity_name(snapshot.identity_of(pod.ip));
+    if ctx.mesh.is_none() || pod.identity.is_none() {
+        refusal(
+            format!("service {}: served by waypoint {}, which only HBONE reaches", service.name, waypoint.name),
+            own,
+        );
+        return None;
+    }
+    // Only this pod's egress: the destination's ingress is the waypoint's to enforce, against
+    // this pod's proven identity (the kernel's VIP cells read egress alone, likewise).
+    let proven = pod.identity.as_ref().map(|(id, _)| (id.namespace.as_str(), id.service_account.as_str()));
+    let mut denied = None;
+    let allowed = port.endpoints.iter().any(|e| {
+        let d = snapshot.authorize(pod.ip, proven, e.address.ip(), e.address.port());
+        let ok = matches!(d.egress, Some((Action::Allow, _)));
+        if !ok && denied.is_none() {
+            denied = Some((e, d));
+        }
+        ok
+    });
+    if !allowed {
+        let (src_identity, policy) = match denied {
+            Some((e, d)) => (
+                snapshot.identity_name(d.verdict.src_identity),
+                format!(
+                    "service {}: egress allows no endpoint (e.g. {} at {}: {})",
+                    service.name,
+                    e.workload,
+                    e.address,
+                    snapshot.describe_verdict(&d.verdict)
+                ),
+            ),
+            None => (own, format!("service {}: no endpoints", service.name)),
+        };
+        refusal(policy, src_identity);
+        return None;
+    }
+    let targets: Vec<_> =
+        waypoint.workloads.iter().filter_map(|w| Some((*w.addresses.first()?, &w.identity))).collect();
+    let parsed = |(addr, id): (std::net::IpAddr, &String)| Some((SocketAddr::new(addr, PORT), id.parse().ok()?));
+    let n = NEXT_ENDPOINT.fetch_add(1, Ordering::Relaxed);
+    match targets.get(n % targets.len().max(1)).copied().and_then(parsed) {
+        Some(target) => Some(target),
+        None => {
+            refusal(format!("service {}: waypoint {} has no workload", service.name, waypoint.name), own);
+            None
+        }
+    }
 }
 
 /// The exact egress evaluation for a destination outside the mesh. The kernel's cells may
