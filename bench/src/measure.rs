@@ -228,7 +228,8 @@ pub fn data_path(options: &Options) -> Result<Vec<Figure>> {
 }
 
 /// A synthetic policy: `workloads` workloads (100 per namespace), one Allow policy per
-/// workload, `rules` rules in all (each: one service account, one port).
+/// workload, `rules` rules in all (each: one service account, one port). Each `salt` gives
+/// every rule other ports, so a new salt is a whole new policy (every cell changes).
 pub fn scale_policy(workloads: usize, rules: usize, salt: usize) -> String {
     let per_ns = 100.min(workloads.max(1));
     let rules_per = (rules / workloads.max(1)).max(1);
@@ -251,7 +252,7 @@ pub fn scale_policy(workloads: usize, rules: usize, salt: usize) -> String {
             let from = (w + j + 1) % per_ns;
             y.push_str(&format!(
                 "  - {{from: [{{namespace: ns{ns}, serviceAccount: sa{from}}}], ports: [{}]}}\n",
-                8000 + j
+                8000 + j + 100 * (salt % 100)
             ));
         }
     }
