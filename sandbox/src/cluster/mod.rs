@@ -22,10 +22,12 @@ use crate::sys::{self, ip, ip_in, sysctl_in};
 
 mod control_plane;
 mod etcd_plane;
+mod waypoint;
 mod ztunnel;
 
 pub use control_plane::CONTROL_PLANE_ADDR;
 pub use etcd_plane::{ETCD_ADDR, replica_addr};
+pub use waypoint::{WAYPOINT_ADMIN, WaypointSpec};
 
 pub const PREFIX: &str = "plsd-";
 /// Where the CA listens: the fabric bridge's address, reachable from every node.
@@ -80,6 +82,10 @@ pub struct ClusterSpec {
     /// 0: one `palisade serve` over a directory. More: etcd and that many replicas on it
     /// (see `etcd_plane`).
     pub etcd_replicas: usize,
+    /// Waypoints (pods of their own, not enrolled), run with the `waypoint` binary when it is
+    /// given (and the cluster has a CA).
+    pub waypoints: Vec<WaypointSpec>,
+    pub waypoint: Option<PathBuf>,
 }
 
 impl ClusterSpec {
@@ -101,6 +107,8 @@ impl ClusterSpec {
             policy: String::new(),
             teardown_on_drop: true,
             etcd_replicas: 0,
+            waypoints: vec![],
+            waypoint: None,
         }
     }
 }
@@ -142,6 +150,9 @@ pub struct ClusterInfo {
     pub policy_file: PathBuf,
     pub nodes: Vec<NodeInfo>,
     pub pods: Vec<PodInfo>,
+    /// Waypoints' pods (not enrolled; see `waypoint`).
+    #[serde(default)]
+    pub waypoints: Vec<PodInfo>,
 }
 
 pub struct Cluster {
@@ -186,6 +197,7 @@ impl Cluster {
             policy_file: spec.state_dir.join("store").join("policy.yaml"),
             nodes: Vec::new(),
             pods: Vec::new(),
+            waypoints: Vec::new(),
         });
         cluster.extra_policy = spec.policy.clone();
         // Ours from here: everything made so far is removed if the build fails.
@@ -280,6 +292,7 @@ impl Cluster {
                 });
             }
         }
+        self.add_waypoint_pods(&spec.waypoints)?;
         self.write_policy_file(&self.extra_policy.clone())?;
         self.save()?;
         if let Some(bin) = &spec.ztunnel {
@@ -300,6 +313,9 @@ impl Cluster {
                 for pod in self.info.pods.clone() {
                     self.enroll(&pod.name)?;
                 }
+            }
+            if let (Some(waypoint), Some(_)) = (&spec.waypoint, &spec.palisade) {
+                self.start_waypoints(waypoint)?;
             }
         }
         Ok(())
@@ -421,7 +437,7 @@ impl Cluster {
     /// The workloads of the cluster as resources, followed by `extra`.
     pub fn policy_yaml(&self, extra: &str) -> String {
         let mut out = String::new();
-        for p in &self.info.pods {
+        for p in self.info.pods.iter().chain(&self.info.waypoints) {
             let labels: Vec<String> = p.labels.iter().map(|(k, v)| format!("{k}: {v}")).collect();
             out.push_str(&format!(
                 "apiVersion: palisade.dev/v1alpha1\nkind: Workload\nmetadata: {{name: {}, namespace: {}}}\n\
@@ -442,6 +458,7 @@ impl Cluster {
                 out.insert_str(at, &format!(", ports: [{}]", ports.join(", ")));
             }
         }
+        out.push_str(&self.waypoint_gateways_yaml());
         out.push_str(extra);
         out
     }

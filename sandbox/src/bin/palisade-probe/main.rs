@@ -7,6 +7,7 @@
 //! palisade-probe latency --to IP:PORT --rate R --conns C --duration-ms D [--size S]
 //! palisade-probe connrate --to IP:PORT --duration-ms D [--size S]
 //! palisade-probe connect-timing --to IP:PORT --count N
+//! palisade-probe http-serve … | http-get …            HTTP/1.1 (see `http`)
 //! ```
 //! The last three are the benchmark's load generators (see `load.rs`).
 //! `connect` sends N bytes of a deterministic pattern (one 64 KiB chunk every P ms when
@@ -21,6 +22,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::json;
 
+mod http;
 mod load;
 
 fn pattern(i: u64) -> u8 {
@@ -48,6 +50,8 @@ fn main() {
         Some("latency") => println!("{}", load::latency(&args)),
         Some("connrate") => println!("{}", load::connrate(&args)),
         Some("connect-timing") => println!("{}", load::connect_timing(&args)),
+        Some("http-serve") => http::serve(&args),
+        Some("http-get") => println!("{}", http::get(&args)),
         _ => {
             eprintln!(
                 "usage: palisade-probe serve --port P [--log FILE] | connect --to ADDR [--bytes N] [--timeout-ms T]"
