@@ -11,6 +11,7 @@ use prometheus_client::registry::Registry;
 use tokio::sync::{Semaphore, broadcast};
 
 use crate::access_log::AccessRecord;
+use crate::admission::Admission;
 use crate::balance::BackendState;
 use crate::metrics::Metrics;
 use crate::pool::Pool;
@@ -94,6 +95,8 @@ pub(crate) struct Inner {
     /// Serialises updates so two cannot interleave their backend bookkeeping.
     pub updating: Mutex<()>,
     pub pool: Pool,
+    /// The destination's L4 policy against the original client (none in tests of L7 alone).
+    pub admission: Option<Arc<dyn Admission>>,
     pub metrics: Metrics,
     pub access: broadcast::Sender<AccessRecord>,
     pub connections: Arc<Semaphore>,
@@ -132,7 +135,21 @@ impl Engine {
         settings: Settings,
         registry: &mut Registry,
     ) -> Result<Self, ConfigError> {
+        Self::with_admission(config, upstream, None, settings, registry)
+    }
+
+    /// As [`Engine::new`], checking `admission` before any request or connection is sent to an
+    /// endpoint: a refusal answers 403 (HTTP) or closes (TCP) and is access-logged with the
+    /// rule.
+    pub fn with_admission(
+        config: WaypointConfig,
+        upstream: Arc<dyn Upstream>,
+        admission: Option<Arc<dyn Admission>>,
+        settings: Settings,
+        registry: &mut Registry,
+    ) -> Result<Self, ConfigError> {
         let inner = Inner {
+            admission,
             connections: Arc::new(Semaphore::new(settings.max_connections)),
             mirrors: Arc::new(Semaphore::new(settings.max_mirrors)),
             settings,
@@ -189,6 +206,11 @@ impl Engine {
     /// oldest records.
     pub fn access_records(&self) -> broadcast::Receiver<AccessRecord> {
         self.inner.access.subscribe()
+    }
+
+    /// Whether a Service is configured at `vip` (the HBONE listener refuses other CONNECTs).
+    pub fn serves(&self, vip: SocketAddr) -> bool {
+        self.inner.snapshot().services.contains_key(&vip)
     }
 
     /// Downstream connections being served now.

@@ -13,9 +13,10 @@ use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use palisade_model::waypoint::config::{Backend, HashKey, LoadBalancer, Route, TrafficPolicy};
 
+use crate::admission::Refusal;
 use crate::balance::{BackendState, EndpointState, InFlight, hash64};
 use crate::body::ProxyBody;
-use crate::engine::Inner;
+use crate::engine::{Downstream, Inner};
 use crate::filters;
 use crate::limits::{Limit, Overflow};
 use crate::outlier::Outcome;
@@ -33,11 +34,14 @@ pub enum AttemptError {
     Send(#[from] SendError),
     #[error("the backend did not answer within the backend timeout")]
     Timeout,
+    #[error(transparent)]
+    Denied(Refusal),
 }
 
 /// Where and what a request's attempts send.
 pub(crate) struct Target<'a> {
     pub inner: &'a Inner,
+    pub down: &'a Downstream,
     pub state: &'a BackendState,
     pub traffic: &'a TrafficPolicy,
     pub route: &'a Route,
@@ -76,6 +80,19 @@ pub(crate) async fn attempt(t: &Target<'_>, body: &mut RequestBody) -> Attempted
                 retry_overflow: None,
             };
         };
+        if let Some(gate) = &t.inner.admission
+            && let Err(refusal) = gate.admit(t.down, &ep.endpoint)
+        {
+            // The destination's own policy refuses this client: no other endpoint is tried,
+            // as the client connecting directly would have been refused too.
+            return Attempted {
+                result: Err(AttemptError::Denied(refusal)),
+                endpoint: Some(ep),
+                in_flight: None,
+                tries,
+                retry_overflow: None,
+            };
+        }
         let in_flight = ep.start();
         let req = upstream_request(t.method, t.uri, t.headers, t.h2, req_body, ep.endpoint.address);
         let sent = t.inner.pool.send(t.state, &ep, t.traffic, t.h2, req);
@@ -89,7 +106,9 @@ pub(crate) async fn attempt(t: &Target<'_>, body: &mut RequestBody) -> Attempted
         let failure = match &result {
             Ok(r) => Some(Failure::Status(r.status().as_u16())),
             // Our own limit, not the endpoint's fault: neither outlier nor retry.
-            Err(AttemptError::Send(SendError::Overflow(_))) | Err(AttemptError::NoEndpoint) => None,
+            Err(AttemptError::Send(SendError::Overflow(_)))
+            | Err(AttemptError::NoEndpoint)
+            | Err(AttemptError::Denied(_)) => None,
             Err(AttemptError::Send(e)) if e.before_sending() => Some(Failure::NotSent),
             Err(_) => Some(Failure::Reset),
         };
@@ -201,6 +220,7 @@ pub(crate) fn hash_key(traffic: &TrafficPolicy, headers: &HeaderMap, peer: Socke
 /// a mirror must never slow or grow the real request.
 pub(crate) fn spawn_mirror(
     inner: &Arc<Inner>,
+    down: &Downstream,
     backends: &HashMap<String, Arc<BackendState>>,
     mirror: &Backend,
     request: (&Method, &Uri, &HeaderMap, bool),
@@ -216,6 +236,12 @@ pub(crate) fn spawn_mirror(
     };
     let (method, uri, headers, h2) = request;
     let Some(ep) = state.pick(None, &[]) else { return };
+    if let Some(gate) = &inner.admission
+        && let Err(refusal) = gate.admit(down, &ep.endpoint)
+    {
+        tracing::debug!(mirror = %mirror.name, %refusal, "request not mirrored");
+        return;
+    }
     let req = upstream_request(method, uri, headers, h2, copy, ep.endpoint.address);
     let inner = Arc::clone(inner);
     tokio::spawn(async move {

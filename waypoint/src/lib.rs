@@ -27,6 +27,8 @@
 //! outlier detection; `ServiceL7::traffic` is not read (the control plane gives the Service's
 //! default backend the same policy).
 pub mod access_log;
+pub mod admission;
+pub mod app;
 pub mod authz;
 pub mod balance;
 pub mod body;
@@ -34,15 +36,18 @@ pub mod detect;
 mod engine;
 pub mod filters;
 mod forward;
+pub mod hbone;
 pub mod limits;
 pub mod metrics;
 pub mod outlier;
+pub mod policy;
 pub mod pool;
 mod proxy;
 pub mod retry;
 pub mod route;
 mod serve;
 pub mod trace;
+pub mod tunnel;
 pub mod upstream;
 
 pub use engine::{ConfigError, Downstream, Engine, Settings};

@@ -192,12 +192,13 @@ pub(crate) async fn handle(
     };
     let h2 = parts.version == Version::HTTP_2;
     for mirror in mirrors {
-        spawn_mirror(&inner, &snapshot.backends, mirror, (&parts.method, &parts.uri, &parts.headers, h2), &body);
+        spawn_mirror(&inner, &down, &snapshot.backends, mirror, (&parts.method, &parts.uri, &parts.headers, h2), &body);
     }
 
     let deadline = route.request_timeout.map(|t| (ex.start + t, t));
     let target = Target {
         inner: &inner,
+        down: &down,
         state: &state,
         traffic: &traffic,
         route,
@@ -244,6 +245,12 @@ pub(crate) async fn handle(
             return ex.local(StatusCode::BAD_GATEWAY, "upstream reset\n");
         }
         Err(AttemptError::Timeout) => return ex.local(StatusCode::GATEWAY_TIMEOUT, "upstream timeout\n"),
+        Err(AttemptError::Denied(refusal)) => {
+            tracing::debug!(%refusal, "request refused by the destination's L4 policy");
+            ex.rec.authz_verdict = "deny";
+            ex.rec.authz_rule = Some(format!("l4:{}", refusal.rule));
+            return ex.local(StatusCode::FORBIDDEN, DENIED);
+        }
     };
 
     let (mut head, upstream_body) = resp.into_parts();

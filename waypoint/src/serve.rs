@@ -141,6 +141,14 @@ async fn passthrough<I: Io>(inner: &Inner, mut io: I, down: Downstream, activity
     rec.upstream_workload = Some(ep.endpoint.workload.clone());
     rec.upstream_identity = Some(ep.endpoint.identity.clone());
     rec.attempts = 1;
+    if let Some(gate) = &inner.admission
+        && let Err(refusal) = gate.admit(&down, &ep.endpoint)
+    {
+        tracing::debug!(%refusal, "TCP pass-through refused by the destination's L4 policy");
+        rec.authz_verdict = "deny";
+        rec.authz_rule = Some(format!("l4:{}", refusal.rule));
+        return emit(rec);
+    }
     let _in_flight = ep.start();
     let (mut upstream, _connection) = match inner.pool.open(state, &ep, &traffic).await {
         Ok(opened) => opened,

@@ -1,0 +1,116 @@
+//! The `waypoint` process: identity from the CA, configuration from the resources, the engine
+//! behind an HBONE listener, the admin listener; until SIGTERM/SIGINT, then a drain.
+//!
+//! Identity: the waypoint is a workload of its own (`--namespace`, `--service-account`). Its
+//! certificate manager (`mesh::secrets`, as ztunnel's for its pods) generates the key here,
+//! asks the CA to sign `spiffe://<td>/ns/<ns>/sa/<sa>` and renews at half life; the CA signs
+//! only if a Workload with that identity is scheduled on the node whose credential the
+//! request carries (`--credential-dir`), which holds for the waypoint's own Workload.
+pub mod admin;
+pub mod config;
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use anyhow::Context;
+use palisade_mesh::ca_client::CaClient;
+use palisade_mesh::hbone::pool::Pool;
+use palisade_mesh::identity::SpiffeId;
+use palisade_mesh::secrets::SecretManager;
+use palisade_mesh::tls::{Credential, CredentialSlot, TrustBundle};
+use palisade_model::load::ChangeDetector;
+use prometheus_client::registry::Registry;
+use tokio::net::TcpListener;
+
+use crate::hbone::{self, HboneUpstream};
+use crate::policy::{self, L4Policy};
+use crate::{Engine, Settings};
+use admin::AdminState;
+pub use config::Config;
+
+pub async fn run(config: Config) -> anyhow::Result<()> {
+    tracing::info!(config = %serde_json::to_string(&config)?, "starting waypoint");
+    let identity = SpiffeId::new(&config.trust_domain, &config.namespace, &config.service_account);
+    let name = config.waypoint_name();
+
+    // Listeners first, so a port conflict fails start-up before anything else is asked for.
+    let hbone_listener =
+        TcpListener::bind(config.listen).await.with_context(|| format!("bind HBONE listener {}", config.listen))?;
+    let admin_listener =
+        TcpListener::bind(config.admin).await.with_context(|| format!("bind admin listener {}", config.admin))?;
+    let mut registry = Registry::default();
+
+    let secrets = secrets(&config)?;
+    let wait = Duration::from_secs(config.certificate_wait_secs);
+    let credential = secrets.credential(&identity, wait).await.context("the waypoint's certificate")?;
+    tracing::info!(%identity, "waypoint certificate issued");
+
+    let mut changes = ChangeDetector::new(config.policy.clone());
+    let _ = changes.poll();
+    let loaded = {
+        let (paths, name, identity) = (config.policy.clone(), name.clone(), identity.clone());
+        tokio::task::spawn_blocking(move || policy::load(&paths, &name, &identity)).await?
+    }
+    .context("initial configuration")?;
+    tracing::info!(waypoint = %name, services = loaded.config.services.len(), "configuration in force");
+    let l4 = L4Policy::new(loaded.snapshot, &config.trust_domain);
+    let upstream =
+        HboneUpstream::new(Pool::new(Default::default()), identity.clone(), credential.clone(), secrets.watch_bundle());
+    let admission: Arc<dyn crate::admission::Admission> = l4.clone();
+    let engine =
+        Engine::with_admission(loaded.config, Arc::new(upstream), Some(admission), Settings::default(), &mut registry)
+            .context("initial configuration")?;
+
+    let (shutdown_tx, shutdown) = tokio::sync::watch::channel(false);
+    let admin_state = Arc::new(AdminState { registry, ready: false.into() });
+    let admin_task = tokio::spawn(admin::serve(admin_listener, admin_state.clone()));
+    let hbone_task =
+        tokio::spawn(hbone::serve(hbone_listener, engine.clone(), credential, secrets.watch_bundle(), shutdown));
+    let poll = Duration::from_millis(config.policy_poll_ms.max(10));
+    let policy_task =
+        tokio::spawn(policy::watch(config.policy.clone(), name.clone(), identity, changes, engine.clone(), l4, poll));
+    admin_state.ready.store(true, Ordering::Release);
+    tracing::info!(waypoint = %name, listen = %config.listen, "waypoint ready");
+
+    shutdown_signal().await;
+    tracing::info!(drain_secs = config.drain_secs, "shutting down: draining connections");
+    admin_state.ready.store(false, Ordering::Release);
+    let _ = shutdown_tx.send(true);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(config.drain_secs);
+    while engine.connections() > 0 && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    policy_task.abort();
+    hbone_task.abort();
+    admin_task.abort();
+    tracing::info!(still_active = engine.connections(), "exiting");
+    Ok(())
+}
+
+/// The credential shown to the CA, the initial trust bundle, and the certificate manager.
+fn secrets(config: &Config) -> anyhow::Result<Arc<SecretManager>> {
+    let dir = &config.credential_dir;
+    let read = |name: &str| {
+        std::fs::read_to_string(dir.join(name)).with_context(|| format!("read {}", dir.join(name).display()))
+    };
+    let node = Credential::from_pem(&read("node.pem")?, &read("node-key.pem")?)
+        .with_context(|| format!("credential in {}", dir.display()))?;
+    tracing::info!(credential = %node.uri, not_after = ?node.not_after, "CA credential loaded");
+    let bundle = TrustBundle::from_pem(&read("bundle.pem")?, &config.trust_domain)
+        .with_context(|| format!("{}", dir.join("bundle.pem").display()))?;
+    let client = CaClient::new(config.ca_addr, CredentialSlot::new(node));
+    let secrets = SecretManager::new(Arc::new(client), bundle);
+    secrets.refresh_bundle_every(Duration::from_secs(config.bundle_refresh_secs.max(1)));
+    Ok(secrets)
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+    let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+}
