@@ -387,3 +387,100 @@ fn etcd_two_replicas_serve_one_snapshot_and_a_ztunnel_fails_over() {
     let (back, other) = (get(&cluster, serving), get(&cluster, survivor));
     assert_eq!((back["revision"].as_u64(), &back["resources"]), (Some(applied), &other["resources"]));
 }
+
+/// `palisade serve --ca-listen`: the CA beside the control plane authorizes a node by the
+/// workloads of the resources in force, so a workload that exists only in etcd (no inventory
+/// file lists it) gets its certificate on its node once applied — and only there.
+#[test]
+fn the_ca_beside_the_control_plane_signs_for_workloads_applied_to_etcd() {
+    use palisade_mesh::ca_api::{SignRequest, new_key_and_csr};
+    use palisade_mesh::ca_client::{CaClient, CaClientError};
+    use palisade_mesh::identity::SpiffeId;
+    use palisade_mesh::tls::{Credential, CredentialSlot, TrustBundle};
+
+    support::require_root();
+    let state = StateDir::new();
+    let etcd = Etcd::start(&state.0).unwrap();
+    let palisade = palisade_sandbox::workspace_bin("palisade").unwrap();
+    let ca_dir = state.0.join("ca");
+    let run = |args: &[&str]| {
+        let out = Command::new(&palisade).arg("ca").arg("--dir").arg(&ca_dir).args(args).output().unwrap();
+        assert!(out.status.success(), "palisade ca {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    };
+    run(&["init"]);
+    for node in ["node1", "node2"] {
+        run(&["node-credential", "--node", node, "--out", state.0.join(node).to_str().unwrap()]);
+    }
+    let socket = state.0.join("palisade.sock");
+    let log_file = state.0.join("serve.log");
+    let ca_port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let ca_addr: std::net::SocketAddr = format!("127.0.0.1:{ca_port}").parse().unwrap();
+    let child = Command::new(&palisade)
+        .args(["serve", "--store", &format!("etcd://{}", etcd.endpoint().trim_start_matches("http://"))])
+        .arg("--ca-dir")
+        .arg(&ca_dir)
+        .args(["--listen", "127.0.0.1:0", "--ca-listen", &ca_addr.to_string()])
+        .arg("--admin-socket")
+        .arg(&socket)
+        .env("NO_COLOR", "1")
+        .stdout(std::fs::File::create(&log_file).unwrap())
+        .stderr(std::fs::File::create(state.0.join("serve.err")).unwrap())
+        .spawn()
+        .unwrap();
+    struct Kill(std::process::Child);
+    impl Drop for Kill {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let _server = Kill(child);
+
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let sign = |node: &str, id: &SpiffeId| {
+        let dir = state.0.join(node);
+        let read = |f: &str| std::fs::read_to_string(dir.join(f)).unwrap();
+        let credential = Credential::from_pem(&read("node.pem"), &read("node-key.pem")).unwrap();
+        let bundle = TrustBundle::from_pem(&read("bundle.pem"), "cluster.local").unwrap();
+        let client = CaClient::new(ca_addr, CredentialSlot::new(credential));
+        let (_key, csr_pem) = new_key_and_csr().unwrap();
+        let request = SignRequest { identity: id.clone(), csr_pem };
+        runtime.block_on(async {
+            tokio::time::timeout(Duration::from_secs(10), client.sign(&bundle, &request)).await.expect("CA answers")
+        })
+    };
+    let web = SpiffeId::new("cluster.local", "default", "web");
+    // Up, with nothing in the store: no workload is scheduled anywhere.
+    let deadline = Instant::now() + WAIT;
+    loop {
+        match sign("node1", &web) {
+            Err(CaClientError::Refused { status: 403, .. }) => break,
+            other => assert!(Instant::now() < deadline, "before any workload: {other:?}"),
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+
+    let file = state.0.join("web.yaml");
+    std::fs::write(
+        &file,
+        "apiVersion: palisade.dev/v1alpha1\nkind: Workload\nmetadata: {name: web, namespace: default}\n\
+         spec: {serviceAccount: web, node: node1, addresses: [10.1.0.5]}\n",
+    )
+    .unwrap();
+    let out = Command::new(&palisade)
+        .args(["apply", "-f", file.to_str().unwrap(), "--socket", socket.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "apply: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // Applied to etcd: node1 (its node) gets the certificate, node2 does not.
+    sign("node1", &web).unwrap_or_else(|e| panic!("web on node1 after apply: {e}"));
+    match sign("node2", &web) {
+        Err(CaClientError::Refused { status: 403, .. }) => {}
+        other => panic!("web is not on node2: {other:?}"),
+    }
+}

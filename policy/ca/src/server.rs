@@ -64,8 +64,13 @@ impl CaService {
     /// The service over an opened CA; reads the inventory once (a bad one is logged, and
     /// signing answers 503 until a good one appears).
     pub fn new(ca: CertificateAuthority, dir: PathBuf, inventory: Vec<PathBuf>) -> CaService {
+        Self::with_inventory(ca, dir, Inventory::new(inventory))
+    }
+
+    /// The service with an inventory kept by its owner (see [`Inventory::fed`]).
+    pub fn with_inventory(ca: CertificateAuthority, dir: PathBuf, inventory: Inventory) -> CaService {
         let trust_domain = ca.trust_domain().to_string();
-        CaService { ca: Mutex::new(ca), dir, trust_domain, inventory: Inventory::new(inventory) }
+        CaService { ca: Mutex::new(ca), dir, trust_domain, inventory }
     }
 
     /// Decides and signs one request from `node`. Blocking (file checks, signing).

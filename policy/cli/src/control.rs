@@ -37,6 +37,14 @@ pub enum ControlCommand {
         /// How often the store directory is checked for changes, in milliseconds.
         #[arg(long, default_value_t = 200)]
         poll_ms: u64,
+        /// Also serve the CA (what `palisade ca serve` does) on this address, authorizing
+        /// nodes by the workloads of the resources in force — needed with an etcd store,
+        /// whose workloads no inventory file lists.
+        #[arg(long)]
+        ca_listen: Option<SocketAddr>,
+        /// Lifetime of workload certificates, in seconds (with `--ca-listen`).
+        #[arg(long, default_value_t = 86_400)]
+        workload_ttl_secs: u64,
     },
     /// Create or replace the resources of FILEs (or directories), all or none.
     Apply {
@@ -139,7 +147,16 @@ fn ask(args: &ServerArgs, request: Request) -> anyhow::Result<Response> {
 
 pub fn run(command: ControlCommand) -> anyhow::Result<()> {
     match command {
-        ControlCommand::Serve { store, ca_dir, trust_domain, listen, admin_socket, poll_ms } => {
+        ControlCommand::Serve {
+            store,
+            ca_dir,
+            trust_domain,
+            listen,
+            admin_socket,
+            poll_ms,
+            ca_listen,
+            workload_ttl_secs,
+        } => {
             tracing_subscriber::fmt()
                 .with_env_filter(
                     tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
@@ -153,7 +170,8 @@ pub fn run(command: ControlCommand) -> anyhow::Result<()> {
                     let dir = Path::new(&store);
                     Arc::new(palisade_server::store::dir::DirStore::open(dir, Duration::from_millis(poll_ms))?)
                 };
-                let config = palisade_server::ServeConfig { listen, admin_socket, ca_dir };
+                let workload_ttl = Duration::from_secs(workload_ttl_secs);
+                let config = palisade_server::ServeConfig { listen, admin_socket, ca_dir, ca_listen, workload_ttl };
                 palisade_server::serve(config, store, ca).await?;
                 Ok(())
             })

@@ -42,6 +42,10 @@ pub struct ServeConfig {
     pub admin_socket: PathBuf,
     /// The CA directory, re-read for renewals and root rotations.
     pub ca_dir: PathBuf,
+    /// Also serve the CA here (see [`serve_ca`]); `None`: `palisade ca serve` runs apart.
+    pub ca_listen: Option<SocketAddr>,
+    /// Lifetime of the workload certificates the CA signs.
+    pub workload_ttl: std::time::Duration,
 }
 
 /// Serves until the process ends (or a listener fails).
@@ -52,6 +56,12 @@ pub async fn serve(
 ) -> Result<(), ServeError> {
     let control = Control::new(store);
     tokio::spawn(control.clone().follow_store());
+    if let Some(addr) = config.ca_listen {
+        let mut authority = palisade_ca::authority::CertificateAuthority::open(&config.ca_dir, ca.trust_domain())
+            .map_err(|e| ServeError::Tls(format!("CA: {e}")))?;
+        authority.workload_ttl = config.workload_ttl;
+        serve_ca(addr, authority, config.ca_dir.clone(), &control).await?;
+    }
     let tls = tls::serving(ca, config.ca_dir.clone())?;
     let listener = tokio::net::TcpListener::bind(config.listen).await.map_err(|source| ServeError::Io {
         what: "bind",
@@ -73,4 +83,41 @@ pub async fn serve(
         .serve_with_incoming(tokio_stream::wrappers::ReceiverStream::new(incoming))
         .await
         .map_err(|e| ServeError::Grpc(e.to_string()))
+}
+
+/// Serves the CA beside the control plane: its node authorization (which workload may get a
+/// certificate on which node) is fed from the resources in force, whatever the store, so a
+/// workload applied to etcd gets its certificate as soon as the nodes get its policy.
+async fn serve_ca(
+    addr: SocketAddr,
+    authority: palisade_ca::authority::CertificateAuthority,
+    ca_dir: PathBuf,
+    control: &Arc<Control>,
+) -> Result<(), ServeError> {
+    use palisade_ca::server::inventory::{Inventory, Schedule};
+    let service = Arc::new(palisade_ca::server::CaService::with_inventory(authority, ca_dir, Inventory::fed()));
+    let listener = tokio::net::TcpListener::bind(addr).await.map_err(|source| ServeError::Io {
+        what: "bind the CA on",
+        addr: addr.to_string(),
+        source,
+    })?;
+    let mut payloads = control.payload();
+    let fed = service.clone();
+    tokio::spawn(async move {
+        loop {
+            if let Some(p) = payloads.borrow_and_update().clone() {
+                fed.inventory.feed(Schedule::from_iter(p.documents.values().map(|d| &d.resource)));
+            }
+            if payloads.changed().await.is_err() {
+                return;
+            }
+        }
+    });
+    tokio::spawn(async move {
+        if let Err(e) = palisade_ca::server::serve(listener, service).await {
+            tracing::error!(error = %format!("{e:#}"), "the CA stopped");
+        }
+    });
+    tracing::info!(%addr, "the CA runs beside the control plane");
+    Ok(())
 }

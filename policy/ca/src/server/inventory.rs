@@ -27,9 +27,13 @@ pub struct Schedule {
 
 impl Schedule {
     pub fn from_resources(resources: &[Located]) -> Schedule {
+        Schedule::from_iter(resources.iter().map(|l| &l.resource))
+    }
+
+    pub fn from_iter<'a>(resources: impl IntoIterator<Item = &'a Resource>) -> Schedule {
         let mut schedule = Schedule::default();
         for r in resources {
-            if let Resource::Workload { metadata, spec, .. } = &r.resource
+            if let Resource::Workload { metadata, spec, .. } = r
                 && let Some(ns) = &metadata.namespace
             {
                 schedule
@@ -60,6 +64,8 @@ struct Refresh {
 
 pub struct Inventory {
     paths: Vec<PathBuf>,
+    /// Fed by its owner ([`Inventory::fed`]) rather than read from files.
+    fed: bool,
     current: RwLock<Option<Arc<Schedule>>>,
     /// Serialises refreshes; never held together with the CA's lock.
     refresh: Mutex<Refresh>,
@@ -78,10 +84,36 @@ impl Inventory {
                 unreadable: false,
             }),
             paths,
+            fed: false,
             errors: AtomicU64::new(0),
         };
         inventory.refresh(true);
         inventory
+    }
+
+    /// An inventory its owner keeps current with [`Inventory::feed`]: `palisade serve`
+    /// serving the CA feeds it the workloads of the resources in force, whatever the store
+    /// (etcd included), so the CA and the push never disagree on which workload is where.
+    pub fn fed() -> Inventory {
+        Inventory {
+            paths: vec![],
+            fed: true,
+            current: RwLock::new(None),
+            refresh: Mutex::new(Refresh {
+                changes: ChangeDetector::new(vec![]),
+                last_check: None,
+                last_error: Some("the control plane has no resources in force yet".into()),
+                unreadable: false,
+            }),
+            errors: AtomicU64::new(0),
+        }
+    }
+
+    /// Replaces the schedule of a [`fed`](Inventory::fed) inventory.
+    pub fn feed(&self, schedule: Schedule) {
+        tracing::debug!(workloads = schedule.workloads, nodes = schedule.by_node.len(), "workload inventory fed");
+        *self.current.write().expect("inventory lock") = Some(Arc::new(schedule));
+        self.refresh.lock().expect("inventory refresh lock").last_error = None;
     }
 
     /// The last good schedule, if any inventory was ever read.
@@ -102,6 +134,9 @@ impl Inventory {
     /// Re-reads the files if they changed. Unless `now`, does nothing when the last check is
     /// younger than [`REFRESH_EVERY`]. Blocking: call it from a blocking thread.
     pub fn refresh(&self, now: bool) {
+        if self.fed {
+            return;
+        }
         let mut state = self.refresh.lock().expect("inventory refresh lock");
         let loaded = self.current().is_some();
         // Without a good inventory every request would re-parse the files: keep to the pace.
