@@ -3,6 +3,13 @@
 //! the VIP it dialled; the engine detects HTTP/1.1 or HTTP/2, authorizes, routes, balances
 //! and forwards through an [`Upstream`], or passes other TCP through to the Service.
 //!
+//! The binary's parts, around the engine: `app` (flags, start-up, admin `/metrics` and
+//! `/ready`, drain), `hbone` (the HBONE listener that feeds the engine, and the HBONE
+//! [`Upstream`] through `palisade_mesh`'s pool with the waypoint's own identity), `tunnel` (a
+//! CONNECT stream as a byte stream), `policy` (resources loaded, validated and compiled, polled,
+//! last good kept; the L4 check) and `admission` (the hook through which the engine asks the
+//! destination's L4 policy about the original client before it sends to an endpoint).
+//!
 //! The path of one connection and one request, by module:
 //! - `serve`: engine-wide connection limit (refuse, never queue) → `detect` (h2c preface or
 //!   an HTTP/1.1 method, else TCP) → hyper-util's auto server with header size/count, header

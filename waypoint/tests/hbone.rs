@@ -92,3 +92,42 @@ async fn clients_without_a_mesh_certificate_are_refused_at_the_handshake() {
     assert_eq!(good, Ok(StatusCode::OK));
     assert_eq!(v1.hits(), 0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_policy_change_is_put_in_force_and_a_bad_one_keeps_the_last_good() {
+    let mut bed = Bed::new("reload").await;
+    let v1 = bed.destination(WEB_V1, "v1").await;
+    let v2 = bed.destination(WEB_V2, "v2").await;
+    bounded(30, bed.start_waypoint()).await;
+    let frontend = id("front", "frontend");
+    let cred = bed.issue(&frontend);
+    let fetch = |path: &'static str| {
+        let (bed, frontend, cred) = (&bed, frontend.clone(), cred.clone());
+        async move {
+            let io = bounded(10, bed.tunnel(FRONTEND, frontend, cred)).await.unwrap();
+            bounded(10, get(io, path, false)).await
+        }
+    };
+    assert!(fetch("/items/1").await.1.starts_with("v1 "));
+    // Everything to v2 now.
+    let all_to_v2 = std::fs::read_to_string(&bed.policy)
+        .unwrap()
+        .replace("  - backendRefs: [{name: web-v1, port: 80}]", "  - backendRefs: [{name: web-v2, port: 80}]");
+    std::fs::write(&bed.policy, &all_to_v2).unwrap();
+    let mut moved = false;
+    for _ in 0..100 {
+        if fetch("/items/1").await.1.starts_with("v2 ") {
+            moved = true;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert!(moved, "the route change was not put in force:\n{}", bed.log());
+    // A broken file: refused with its place named, the last good configuration stays.
+    std::fs::write(&bed.policy, format!("{all_to_v2}---\nkind: HTTPRoute\nmetadata: {{name: bad\n")).unwrap();
+    let refused = bed.wait_for_log(|log| log.contains("policy change refused")).await;
+    assert!(refused, "a broken policy file was not reported:\n{}", bed.log());
+    assert!(bed.log().contains("policy.yaml"), "the refusal does not name the file:\n{}", bed.log());
+    assert!(fetch("/items/1").await.1.starts_with("v2 "));
+    assert!(v1.hits() >= 1 && v2.hits() >= 2);
+}
