@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 
 use anyhow::{Context, Result, bail};
 
-pub use cluster::{Cluster, ClusterInfo, ClusterSpec, NodeInfo, PodInfo, PodTemplate};
+pub use cluster::{Cluster, ClusterInfo, ClusterSpec, NodeInfo, PodInfo, PodTemplate, WaypointSpec};
 
 /// A cluster id unique to this process and call: `t<pid>x<n>`. Tests running in parallel
 /// (separate processes under nextest, threads under cargo test) never share names.

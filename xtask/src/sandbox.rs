@@ -23,6 +23,11 @@ pub enum SandboxCommand {
         /// ztunnel is given both and fails over between them).
         #[arg(long, value_enum, default_value_t = StoreKind::Dir)]
         store: StoreKind,
+        /// Put Service SERVICE (default namespace, VIP 10.96.0.10, port 80 → 8080, selecting
+        /// the last node's pods, which get the label `service: SERVICE`) behind a waypoint
+        /// `SERVICE-waypoint` running on node 1 (`istio.io/use-waypoint` on the Service).
+        #[arg(long, value_name = "SERVICE")]
+        waypoint: Option<String>,
     },
     /// Remove every namespace, cgroup, process and file the sandbox made.
     Down,
@@ -51,7 +56,7 @@ pub fn state_dir() -> PathBuf {
 
 pub fn run(command: SandboxCommand) -> Result<()> {
     match command {
-        SandboxCommand::Up { nodes, pods, store } => {
+        SandboxCommand::Up { nodes, pods, store, waypoint } => {
             if nodes == 0 || nodes > 200 || pods > 200 {
                 bail!("--nodes must be 1..=200 and --pods 0..=200");
             }
@@ -62,6 +67,9 @@ pub fn run(command: SandboxCommand) -> Result<()> {
             spec.teardown_on_drop = false;
             if store == StoreKind::Etcd {
                 spec.etcd_replicas = ETCD_REPLICAS;
+            }
+            if let Some(service) = &waypoint {
+                with_waypoint(&mut spec, service)?;
             }
             let cluster = Cluster::up(spec)?;
             print_summary(&cluster);
@@ -105,6 +113,33 @@ pub fn run(command: SandboxCommand) -> Result<()> {
     }
 }
 
+/// VIP of the Service `sandbox up --waypoint` makes.
+pub const WAYPOINT_SERVICE_VIP: &str = "10.96.0.10";
+
+/// Adds a Service served by a waypoint to `spec` (see `Up::waypoint`).
+pub fn with_waypoint(spec: &mut ClusterSpec, service: &str) -> Result<()> {
+    let valid = !service.is_empty()
+        && service.len() <= 50
+        && service.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
+    if !valid {
+        bail!("--waypoint {service:?}: a Service name is lowercase letters, digits and '-' (at most 50)");
+    }
+    let Some(last) = spec.nodes.last_mut().filter(|pods| !pods.is_empty()) else {
+        bail!("--waypoint needs pods on the last node (they become the Service's endpoints)");
+    };
+    for pod in last {
+        pod.labels.insert("service".into(), service.into());
+    }
+    let waypoint = format!("{service}-waypoint");
+    spec.waypoints.push(cluster::WaypointSpec::new(&waypoint, "default", 1));
+    spec.waypoint = Some(palisade_sandbox::workspace_bin("waypoint")?);
+    spec.policy.push_str(&format!(
+        "apiVersion: v1\nkind: Service\nmetadata:\n  name: {service}\n  namespace: default\n  labels: {{istio.io/use-waypoint: {waypoint}}}\n\
+         spec:\n  clusterIP: {WAYPOINT_SERVICE_VIP}\n  selector: {{service: {service}}}\n  ports:\n  - {{name: http, port: 80, targetPort: 8080}}\n---\n"
+    ));
+    Ok(())
+}
+
 pub fn print_summary(cluster: &Cluster) {
     let info = &cluster.info;
     println!(
@@ -127,6 +162,16 @@ pub fn print_summary(cluster: &Cluster) {
         for p in info.pods.iter().filter(|p| p.node == n.name) {
             println!("    {:<10} {:<13} {}", p.name, p.ip, p.identity);
         }
+    }
+    for w in &info.waypoints {
+        println!(
+            "  waypoint {} on {} at {} ({}), log {}",
+            w.name,
+            w.node,
+            w.ip,
+            w.identity,
+            cluster.waypoint_log(&w.name).display()
+        );
     }
     println!("  cluster.json: {}", info.state_dir.join("cluster.json").display());
 }

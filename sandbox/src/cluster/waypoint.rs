@@ -53,6 +53,10 @@ impl Cluster {
             ip_in(&pod_ns, &["link", "set", "eth0", "up"])?;
             ip_in(&pod_ns, &["route", "add", &format!("10.244.{n}.1"), "dev", "eth0", "scope", "link"])?;
             ip_in(&pod_ns, &["route", "add", "default", "via", &format!("10.244.{n}.1"), "dev", "eth0"])?;
+            // The waypoint asks the CA (on the fabric) for its certificate itself, as ztunnels
+            // do from their nodes: the fabric routes this one address back through its node.
+            let fabric = netns_name(&self.info.id, "fab");
+            ip_in(&fabric, &["route", "add", &format!("{pod_ip}/32"), "via", &node.ip])?;
             let cgroup = self.info.cgroup.join(format!("waypoint-{}", w.name));
             std::fs::create_dir_all(&cgroup).with_context(|| format!("create {}", cgroup.display()))?;
             let labels = [
