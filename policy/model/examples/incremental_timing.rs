@@ -4,7 +4,7 @@
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use palisade_model::compile::{Compiler, Identities, compile_with};
+use palisade_model::compile::{Compiler, Identities, compile_with, identity_labels_of};
 use palisade_model::key::ResourceKey;
 use palisade_model::load::{Batch, Located, parse_into, parse_str};
 
@@ -63,7 +63,14 @@ fn main() {
         let text = chunk.iter().map(|d| format!("---\n{d}")).collect::<String>();
         parse_into(&mut batch, Path::new(&format!("x{i}.yaml")), &text);
     }
-    let ids = Identities::default();
+    // Numbered by the control plane's store, as ztunnel receives them (a new workload with
+    // known labels renumbers nothing). "other" is the label a workload below moves to.
+    let mut labels: Vec<_> = identity_labels_of(&batch.resources).into_iter().collect();
+    let mut moved = labels.iter().find(|l| l.namespace == "ns12").expect("ns12").clone();
+    moved.labels.insert("app".into(), "other".into());
+    moved.service_account = "sa34".into();
+    labels.push(moved);
+    let ids = Identities::new(labels.into_iter().enumerate().map(|(i, l)| (l, 256 + i as u32))).expect("numbers");
     let (full, _) = time("full compile_with", || compile_with(&batch.resources, "cluster.local", &ids));
     let mut compiler = Compiler::new("cluster.local");
     let (first, _) =

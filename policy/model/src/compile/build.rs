@@ -181,7 +181,7 @@ pub fn identity_labels_of(resources: &[Located]) -> BTreeSet<IdentityLabels> {
     resources.iter().filter_map(|r| identity_labels(&r.resource)).collect()
 }
 
-fn identity_labels(r: &Resource) -> Option<IdentityLabels> {
+pub(super) fn identity_labels(r: &Resource) -> Option<IdentityLabels> {
     match r {
         Resource::Workload { metadata, spec, .. } => Some(IdentityLabels {
             namespace: metadata.namespace.clone().unwrap_or_default(),

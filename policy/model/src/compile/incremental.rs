@@ -27,10 +27,14 @@ use std::sync::Arc;
 
 use serde::Serialize;
 
-use super::build::{Draft, base, drafts_of, finish_services};
+use super::build::{Draft, base, drafts_of, finish_services, identity_labels};
 use super::cells::{Contribution, Index, contribute, dependencies, isolated};
 use super::numbers::{CidrNumbers, RuleNumbers};
-use super::{Cell, CellKey, CidrIdentity, Direction, Identities, Identity, PolicyEntry, Rules, Snapshot};
+use super::{
+    Cell, CellKey, CidrIdentity, Direction, Identities, Identity, IdentityLabels, PolicyEntry, Rules, Snapshot,
+};
+
+mod workloads;
 use crate::key::ResourceKey;
 use crate::load::Located;
 use crate::resource::{Action, Mode, Resource};
@@ -77,6 +81,8 @@ pub struct Compiler {
     rule_numbers: RuleNumbers,
     cidrs: CidrNumbers,
     numbered: Identities,
+    /// Identities the map does not number (numbered by rank: a new one may shift them).
+    unnumbered: usize,
     /// Identities (without isolation), workloads, addresses, namespaces, blocks.
     base: Snapshot,
     index: Index,
@@ -99,6 +105,11 @@ pub struct Compiler {
 #[derive(Default)]
 struct Changes {
     base: bool,
+    /// A Namespace changed (the base is built again in full).
+    namespace_changed: bool,
+    /// Identities of the workloads changed (before and after), and their keys.
+    labels: BTreeSet<IdentityLabels>,
+    workload_keys: BTreeSet<ResourceKey>,
     /// Identities whose isolating policies may have changed.
     isolation: BTreeSet<u32>,
     namespaces: BTreeSet<String>,
@@ -124,6 +135,7 @@ impl Compiler {
             rule_numbers: RuleNumbers::default(),
             cidrs: CidrNumbers::default(),
             numbered: Identities::default(),
+            unnumbered: 0,
             index: Index::new(&base),
             base,
             contributors: HashMap::new(),
@@ -169,8 +181,14 @@ impl Compiler {
         self.number_drafts(&mut changes);
         let old_base = self.base.identities.clone();
         if changes.base || *identities != self.numbered {
+            let patched = changes.base
+                && !changes.namespace_changed
+                && self.patch_base(identities, &changes.labels, &changes.workload_keys);
+            match patched {
+                true => self.index = Index::new(&self.base),
+                false => self.rebuild_base(identities, &mut changes),
+            }
             changes.base = true;
-            self.rebuild_base(identities, &mut changes);
         }
         if self.cidrs.settle() {
             self.base.cidrs = Arc::new(self.cidrs.iter().map(|(cidr, id)| CidrIdentity { id, cidr }).collect());
@@ -202,6 +220,7 @@ impl Compiler {
         if let Some(old) = self.inputs.remove(key) {
             changes.base = true;
             changes.namespaces.insert(namespace_of(&old));
+            changes.note(key, &old);
         } else if self.services.remove(key).is_some() || self.gateways.remove(key).is_some() {
         } else if let Some((_, keys)) = self.policy_resources.remove(key) {
             for k in keys {
@@ -227,6 +246,7 @@ impl Compiler {
             Resource::Workload { .. } | Resource::Namespace { .. } => {
                 changes.base = true;
                 changes.namespaces.insert(namespace_of(&located));
+                changes.note(&key, &located);
                 self.inputs.insert(key, located);
             }
             Resource::Service { .. } => {
@@ -325,6 +345,7 @@ impl Compiler {
             }
         }
         base.cidrs = self.base.cidrs.clone();
+        self.unnumbered = base.identities.values().filter(|i| identities.get(&i.labels).is_none()).count();
         self.index = Index::new(&base);
         self.base = base;
         self.numbered = identities.clone();
@@ -490,6 +511,19 @@ fn waypoint_input(r: &Resource) -> bool {
         r,
         Resource::Service { .. } | Resource::Gateway { .. } | Resource::Workload { .. } | Resource::Namespace { .. }
     )
+}
+
+impl Changes {
+    /// A Workload or Namespace added or removed.
+    fn note(&mut self, key: &ResourceKey, l: &Located) {
+        match identity_labels(&l.resource) {
+            Some(labels) => {
+                self.labels.insert(labels);
+                self.workload_keys.insert(key.clone());
+            }
+            None => self.namespace_changed = true,
+        }
+    }
 }
 
 /// The namespace a Workload or Namespace resource belongs to (a Namespace: itself).

@@ -275,9 +275,20 @@ fn assert_same(step: usize, inc: &Snapshot, full: &Snapshot) {
     }
 }
 
-/// Sometimes identity numbers come from a map (as the control plane's store gives them).
+/// Numbers as the control plane's store gives them: every identity ever seen, for good.
+fn stored(store: &mut BTreeMap<IdentityLabels, u32>, c: &Compiler, upserts: &[Located]) -> Identities {
+    let mut all: Vec<Located> = c.resources().into_iter().cloned().collect();
+    all.extend(upserts.iter().cloned());
+    for l in identity_labels_of(&all) {
+        let next = 300 + store.len() as u32 * 3;
+        store.entry(l).or_insert(next);
+    }
+    Identities::new(store.iter().map(|(l, n)| (l.clone(), *n))).expect("distinct numbers")
+}
+
+/// Numbers from a map that numbers some identities only (the rest by rank above it).
 fn numbering(rng: &mut Rng, c: &Compiler) -> Identities {
-    if rng.chance(70) {
+    if rng.chance(50) {
         return Identities::default();
     }
     let owned: Vec<Located> = c.resources().into_iter().cloned().collect();
@@ -298,6 +309,7 @@ fn random_changes_compile_like_a_full_compile() {
     for seed in [0x9e37_79b9_7f4a_7c15_u64, 42, 7_777_777] {
         let mut rng = Rng(seed);
         let mut compiler = Compiler::new(TD);
+        let mut store = BTreeMap::new();
         for step in 0..200 {
             let mut upserts = Vec::new();
             let mut removals = Vec::new();
@@ -309,7 +321,12 @@ fn random_changes_compile_like_a_full_compile() {
                     upserts.push(random_resource(&mut rng));
                 }
             }
-            let ids = numbering(&mut rng, &compiler);
+            // Phases: the compiler's own numbers, a partial map, the store's map.
+            let ids = match step / 25 % 3 {
+                0 => Identities::default(),
+                1 => numbering(&mut rng, &compiler),
+                _ => stored(&mut store, &compiler, &upserts),
+            };
             let inc = compiler.update(upserts, &removals, &ids);
             let owned: Vec<Located> = compiler.resources().into_iter().cloned().collect();
             let full = compile_with(&owned, TD, &ids);
