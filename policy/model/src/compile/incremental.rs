@@ -2,9 +2,11 @@
 //! and compiles only what they touch into the next [`Snapshot`], which shares every unchanged
 //! part with the previous one.
 //!
-//! - The base (identities, workloads, addresses, namespaces) is rebuilt when a Workload or
-//!   Namespace changes; a namespace is *dirty* when one of its workloads or its Namespace
-//!   changed, or one of its identities got another number.
+//! - The base (identities, workloads, addresses, namespaces) changes with Workloads and
+//!   Namespaces: patched (only the changed workloads' identities built again, see
+//!   `workloads`) when the map numbers every identity, else built again in full. A namespace
+//!   is *dirty* when one of its workloads or its Namespace changed, or one of its identities
+//!   got another number.
 //! - Each enforced policy's contribution (its cells with the index of the rule that wrote
 //!   each, the identities it isolates, its approximations; see [`super::cells::contribute`])
 //!   is kept, and recomputed when the policy changed or something it reads did: a dirty
@@ -28,12 +30,13 @@ use std::sync::Arc;
 use serde::Serialize;
 
 use super::build::{Draft, base, drafts_of, finish_services, identity_labels};
-use super::cells::{Contribution, Index, contribute, dependencies, isolated};
+use super::cells::{Contribution, Index, contribute, dependencies};
 use super::numbers::{CidrNumbers, RuleNumbers};
 use super::{
     Cell, CellKey, CidrIdentity, Direction, Identities, Identity, IdentityLabels, PolicyEntry, Rules, Snapshot,
 };
 
+mod isolation;
 mod workloads;
 use crate::key::ResourceKey;
 use crate::load::Located;
@@ -425,50 +428,6 @@ impl Compiler {
             Some(cell) => self.cells.insert(key, cell),
             None => self.cells.remove(&key),
         };
-    }
-
-    /// A base identity isolated by the first policy (in key order) that does, per direction.
-    fn isolated(&self, id: u32, base: &Arc<Identity>) -> Arc<Identity> {
-        let first = |d| {
-            let key = self.isolators.get(&(d, id)).and_then(|s| s.first());
-            key.map(|k| (k.kind.as_str(), k.name.as_str()))
-        };
-        isolated(base, first(Direction::Ingress), first(Direction::Egress))
-    }
-
-    /// Every identity after the base was built again: the previous one where neither its base
-    /// (`old`) nor its isolating policies changed.
-    fn isolate_all(&mut self, old: &BTreeMap<u32, Arc<Identity>>, changed: &BTreeSet<u32>) {
-        let identities = self
-            .base
-            .identities
-            .iter()
-            .map(|(id, b)| {
-                let kept = self.identities.get(id).filter(|_| !changed.contains(id) && old.get(id) == Some(b));
-                (*id, kept.cloned().unwrap_or_else(|| self.isolated(*id, b)))
-            })
-            .collect();
-        self.identities = Arc::new(identities);
-    }
-
-    /// The identities whose isolating policies changed.
-    fn isolate(&mut self, changed: &BTreeSet<u32>) {
-        let one = |id: u32, base: &Arc<Identity>| self.isolated(id, base);
-        let same = |a: &Identity, b: &Identity| {
-            (a.default_deny, &a.default_reason, a.egress_default_deny, &a.egress_default_reason)
-                == (b.default_deny, &b.default_reason, b.egress_default_deny, &b.egress_default_reason)
-        };
-        let mut updates = Vec::new();
-        for id in changed {
-            let (Some(base), Some(now)) = (self.base.identities.get(id), self.identities.get(id)) else { continue };
-            let new = one(*id, base);
-            if !same(&new, now) {
-                updates.push((*id, new));
-            }
-        }
-        if !updates.is_empty() {
-            Arc::make_mut(&mut self.identities).extend(updates);
-        }
     }
 
     /// The waypoint index as [`super::compile_with`] computes it. Without a Gateway there is no
