@@ -377,6 +377,21 @@ impl Snapshot {
     }
 
     /// Whether `id` is a Service VIP's identity.
+    /// Whether `addresses` are endpoints of the Service `namespace/name`: all of them
+    /// (`Yes`), some (`Maybe`), none (`No`).
+    pub fn backs(&self, namespace: &str, name: &str, addresses: &[IpAddr]) -> Match {
+        let Some(service) = self.services.iter().find(|s| s.name.split_once('/') == Some((namespace, name))) else {
+            return Match::No;
+        };
+        let is_endpoint =
+            |a: &IpAddr| service.ports.iter().flat_map(|p| &p.endpoints).any(|e| canonical(e.address.ip()) == *a);
+        match addresses.iter().filter(|a| is_endpoint(a)).count() {
+            0 => Match::No,
+            n if n == addresses.len() => Match::Yes,
+            _ => Match::Maybe,
+        }
+    }
+
     pub fn is_service(&self, id: u32) -> bool {
         id >= FIRST_SERVICE_IDENTITY && self.services.iter().any(|s| s.id == id)
     }
@@ -495,6 +510,7 @@ impl Snapshot {
         };
         let principal = namespace.zip(service_account).map(|(ns, sa)| format!("{}/ns/{ns}/sa/{sa}", self.trust_domain));
         let src_in_block = |c: &Cidr| Match::from_bool(c.contains(src));
+        let src_backs = |ns: &str, name: &str| self.backs(ns, name, &[canonical(src)]);
         let src_facts = SourceFacts {
             principal: principal.as_deref(),
             namespace,
@@ -502,11 +518,13 @@ impl Snapshot {
             labels,
             namespace_labels: namespace.and_then(|n| self.namespaces.get(n)),
             in_block: &src_in_block,
+            backs: &src_backs,
         };
         let dst_ident = self.identity(dst_identity);
         let dst_labels = dst_ident.map(|i| &i.labels);
         let dst_principal = dst_labels.map(|l| self.principal(l));
         let dst_in_block = |c: &Cidr| Match::from_bool(c.contains(dst));
+        let dst_backs = |ns: &str, name: &str| self.backs(ns, name, &[canonical(dst)]);
         let dst_facts = SourceFacts {
             principal: dst_principal.as_deref(),
             namespace: dst_labels.map(|l| l.namespace.as_str()),
@@ -514,6 +532,7 @@ impl Snapshot {
             labels: dst_labels.map(|l| &l.labels),
             namespace_labels: dst_labels.and_then(|l| self.namespaces.get(&l.namespace)),
             in_block: &dst_in_block,
+            backs: &dst_backs,
         };
         let named = |name: &str| self.named_port(dst, name);
         let evaluate = |audit: bool| {

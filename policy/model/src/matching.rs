@@ -87,6 +87,14 @@ pub struct SourceFacts<'a> {
     pub namespace_labels: Option<&'a BTreeMap<String, String>>,
     /// Whether the peer's address is in a prefix.
     pub in_block: &'a dyn Fn(&Cidr) -> Match,
+    /// Whether the peer is an endpoint of the Service `namespace/name` (`Maybe` for an
+    /// identity some of whose workloads are and some are not).
+    pub backs: &'a dyn Fn(&str, &str) -> Match,
+}
+
+/// For facts about a peer that is no workload (an address block, the world): backs nothing.
+pub fn backs_nothing(_: &str, _: &str) -> Match {
+    Match::No
 }
 
 /// `*` matches any run of characters (including none).
@@ -148,6 +156,10 @@ pub fn peer_matches(peer: &Peer, src: &SourceFacts<'_>) -> Match {
     field(!peer.not_principals.is_empty(), Match::from_bool(!principal_matches(&peer.not_principals, principal)));
     field(!peer.ip_blocks.is_empty(), any_block(&peer.ip_blocks, src));
     field(!peer.not_ip_blocks.is_empty(), any_block(&peer.not_ip_blocks, src).not());
+    if let Some(service) = &peer.service {
+        // Compilation reads a namespace-less service peer in the policy's namespace.
+        field(true, peer.namespace.as_deref().map_or(Match::No, |ns| (src.backs)(ns, service)));
+    }
     m
 }
 
@@ -189,6 +201,7 @@ mod tests {
             labels: Some(&labels),
             namespace_labels: None,
             in_block: &yes,
+            backs: &backs_nothing,
         };
         let peer = |f: &dyn Fn(&mut Peer)| {
             let mut p = Peer::default();

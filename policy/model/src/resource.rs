@@ -381,9 +381,23 @@ pub struct Peer {
     pub ip_blocks: Vec<crate::cidr::Cidr>,
     #[serde(default)]
     pub not_ip_blocks: Vec<crate::cidr::Cidr>,
+    /// Egress only: the endpoints of this Service (of `namespace`, else the policy's own), and
+    /// through them its virtual address. A Service is a destination, never a source.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service: Option<String>,
 }
 
 impl Peer {
+    /// Whether the peer is read in the policy's own namespace because it names none: a label
+    /// selector (as Kubernetes reads a podSelector) or a Service.
+    pub fn reads_in_policy_namespace(&self) -> bool {
+        self.is_unscoped_label_selector()
+            || (self.service.is_some()
+                && self.namespace.is_none()
+                && self.namespaces.is_empty()
+                && self.namespace_selector.is_none())
+    }
+
     /// Whether the peer names workloads by their labels without saying in which namespaces:
     /// such a peer is read in the policy's own namespace, as Kubernetes reads a podSelector.
     pub fn is_unscoped_label_selector(&self) -> bool {
@@ -408,5 +422,6 @@ impl Peer {
             && self.not_principals.is_empty()
             && self.ip_blocks.is_empty()
             && self.not_ip_blocks.is_empty()
+            && self.service.is_none()
     }
 }

@@ -193,6 +193,10 @@ fn rule_shape(
             let message = format!("an empty peer matches nothing; omit `{peers_name}` to match any peer");
             out.error(at, &field.to_string(), message);
         }
+        if peer.service.is_some() && peers_name == "from" {
+            let message = "a Service is a destination, never a source: name it in an egress rule's `to`";
+            out.error(at, &format!("{field}.service"), message.into());
+        }
         for (list, patterns) in [("principals", &peer.principals), ("notPrincipals", &peer.not_principals)] {
             for (i, p) in patterns.iter().enumerate() {
                 if let Some(why) = principal_problem(p) {

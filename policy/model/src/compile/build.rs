@@ -45,7 +45,7 @@ fn scoped(peers: &[Peer], namespace: &str) -> Vec<Peer> {
         .iter()
         .map(|p| {
             let mut p = p.clone();
-            if p.is_unscoped_label_selector() {
+            if p.reads_in_policy_namespace() {
                 p.namespace = Some(namespace.to_string());
             }
             p
@@ -268,14 +268,13 @@ pub(super) fn base<'a>(
     snapshot
 }
 
-/// Services and their indexes, then the cells of the Service VIPs: last, since they read
-/// the egress defaults the other cells decide.
-pub(super) fn finish_services<'a>(snapshot: &mut Snapshot, resources: impl Iterator<Item = &'a Located> + Clone) {
+/// Services with their endpoints and indexes: before the policy cells, which read them for
+/// `service` peers.
+pub(super) fn service_entries<'a>(snapshot: &mut Snapshot, resources: impl Iterator<Item = &'a Located> + Clone) {
     let services = super::services::compile_services(resources);
     snapshot.service_index = Arc::new(super::services::index(&services));
     snapshot.service_ids = Arc::new(services.iter().map(|s| (s.vip, s.id)).collect());
     snapshot.services = Arc::new(services);
-    super::services::service_cells(snapshot);
 }
 
 /// Compiles with the numbers of `numbered` (see [`Identities`]); identities it does not number
@@ -298,8 +297,9 @@ pub fn compile_with(resources: &[Located], trust_domain: &str, numbered: &Identi
         next_rule += n;
     }
     snapshot.rules = Rules::new(&snapshot.policies);
+    service_entries(&mut snapshot, resources.iter());
     compile_cells(&mut snapshot);
-    finish_services(&mut snapshot, resources.iter());
+    super::services::service_cells(&mut snapshot);
     snapshot.waypoints = Arc::new(crate::waypoint::waypoint_index(resources, trust_domain));
     snapshot
 }

@@ -245,6 +245,10 @@ pub(super) fn contribute(snapshot: &Snapshot, index: &Index, policy: &PolicyEntr
                 .into_iter()
                 .filter(|c| {
                     let in_block = |b: &Cidr| c.in_block(b);
+                    let backs = |ns: &str, name: &str| match c.labels {
+                        Some(_) => snapshot.backs(ns, name, c.addresses),
+                        None => Match::No,
+                    };
                     let facts = SourceFacts {
                         principal: c.principal,
                         namespace: c.labels.map(|l| l.namespace.as_str()),
@@ -252,6 +256,7 @@ pub(super) fn contribute(snapshot: &Snapshot, index: &Index, policy: &PolicyEntr
                         labels: c.labels.map(|l| &l.labels),
                         namespace_labels: c.labels.and_then(|l| snapshot.namespaces.get(&l.namespace)),
                         in_block: &in_block,
+                        backs: &backs,
                     };
                     match (policy.action, rule_peers_match(rule, &facts)) {
                         (Action::Deny, m) => m == Match::Yes,

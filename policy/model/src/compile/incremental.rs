@@ -29,7 +29,7 @@ use std::sync::Arc;
 
 use serde::Serialize;
 
-use super::build::{Draft, base, drafts_of, finish_services, identity_labels};
+use super::build::{Draft, base, drafts_of, identity_labels, service_entries};
 use super::cells::{Contribution, Index, contribute, dependencies};
 use super::numbers::{CidrNumbers, RuleNumbers};
 use super::{
@@ -108,6 +108,8 @@ pub struct Compiler {
 #[derive(Default)]
 struct Changes {
     base: bool,
+    /// A Service changed: the endpoints `service` peers read are computed again.
+    services: bool,
     /// A Namespace changed (the base is built again in full).
     namespace_changed: bool,
     /// Identities of the workloads changed (before and after), and their keys.
@@ -197,6 +199,10 @@ impl Compiler {
             self.base.cidrs = Arc::new(self.cidrs.iter().map(|(cidr, id)| CidrIdentity { id, cidr }).collect());
             changes.policies.extend(self.everywhere.iter().cloned());
         }
+        // Endpoints before contributions: `service` peers read them.
+        if changes.services || changes.base {
+            service_entries(&mut self.base, self.services.values().chain(self.inputs.values()));
+        }
         if !changes.namespaces.is_empty() {
             changes.policies.extend(self.everywhere.iter().cloned());
             for ns in &changes.namespaces {
@@ -224,7 +230,10 @@ impl Compiler {
             changes.base = true;
             changes.namespaces.insert(namespace_of(&old));
             changes.note(key, &old);
-        } else if self.services.remove(key).is_some() || self.gateways.remove(key).is_some() {
+        } else if let Some(old) = self.services.remove(key) {
+            changes.services = true;
+            changes.namespaces.insert(namespace_of(&old));
+        } else if self.gateways.remove(key).is_some() {
         } else if let Some((_, keys)) = self.policy_resources.remove(key) {
             for k in keys {
                 // Upserted earlier in this update: not numbered yet.
@@ -253,6 +262,8 @@ impl Compiler {
                 self.inputs.insert(key, located);
             }
             Resource::Service { .. } => {
+                changes.services = true;
+                changes.namespaces.insert(namespace_of(&located));
                 self.services.insert(key, located);
             }
             Resource::Gateway { .. } => {
@@ -457,9 +468,11 @@ impl Compiler {
             addresses: self.base.addresses.clone(),
             workload_at: self.base.workload_at.clone(),
             waypoints: self.waypoints.clone(),
-            ..Snapshot::default()
+            services: self.base.services.clone(),
+            service_index: self.base.service_index.clone(),
+            service_ids: self.base.service_ids.clone(),
         };
-        finish_services(&mut snapshot, self.services.values().chain(self.inputs.values()));
+        super::services::service_cells(&mut snapshot);
         snapshot
     }
 }

@@ -85,8 +85,14 @@ const SEG_PEERS: [&str; 8] = [
     "{notNamespaces: [ns1]}",
 ];
 
+/// Egress only: a Service as destination (its endpoints).
+const SERVICE_PEERS: [&str; 2] = ["{service: svc0}", "{service: svc1, namespace: ns1}"];
+
 fn seg_rule(rng: &mut Rng, field: &str) -> String {
-    let peer = rng.pick(&SEG_PEERS);
+    let peer = match field == "to" && rng.chance(25) {
+        true => rng.pick(&SERVICE_PEERS),
+        false => rng.pick(&SEG_PEERS),
+    };
     let ports = rng.pick(&["[80]", "[80, 8080]", "[]", "[9090]"]);
     let not_ports = if rng.chance(15) { ", notPorts: [22]" } else { "" };
     format!("  - {{{field}: [{peer}], ports: {ports}{not_ports}}}\n")

@@ -162,3 +162,47 @@ fn validation_names_each_service_problem_at_its_field() {
             == 1
     );
 }
+
+/// `to: [{service: web}]`: the Service's endpoints (and through them its VIP), in the policy's
+/// namespace unless the peer names one; never a workload the Service does not select.
+#[test]
+fn egress_to_a_service_reaches_its_endpoints_and_nothing_else() {
+    let s = snapshot(
+        "apiVersion: palisade.dev/v1alpha1\nkind: SegmentationPolicy\nmetadata: {name: client-out, namespace: shop}\n\
+         spec:\n  selector: {matchLabels: {app: client}}\n  action: Allow\n  egress:\n  - to: [{service: web}]\n",
+    );
+    let client: IpAddr = "10.1.0.3".parse().unwrap();
+    let allowed = |dst: &str, port: u16| {
+        let dst: IpAddr = dst.parse().unwrap();
+        let exact = s.authorize(client, Some(("shop", "client")), dst, port).verdict.action == Action::Allow;
+        let kernel = s.verdict(client, dst, port).action == Action::Allow;
+        assert!(kernel || !exact, "the kernel denies what the exact evaluation allows: {dst}:{port}");
+        exact
+    };
+    assert!(allowed("10.1.0.1", 8080) && allowed("10.1.0.2", 9090), "both endpoints");
+    assert!(!allowed("10.2.0.9", 8080), "same labels, another namespace: not an endpoint");
+    assert!(!allowed("10.9.9.9", 80), "the world");
+    // The VIP: egress allows some endpoint, so the kernel lets connect() through.
+    assert_eq!(s.verdict(client, "10.96.0.10".parse().unwrap(), 80).action, Action::Allow);
+    let other = snapshot(
+        "apiVersion: palisade.dev/v1alpha1\nkind: SegmentationPolicy\nmetadata: {name: client-out, namespace: shop}\n\
+         spec:\n  selector: {matchLabels: {app: client}}\n  action: Allow\n  egress:\n  - to: [{service: web, namespace: other}]\n",
+    );
+    assert_eq!(
+        other.authorize(client, Some(("shop", "client")), "10.1.0.1".parse().unwrap(), 8080).verdict.action,
+        Action::Deny
+    );
+}
+
+#[test]
+fn a_service_as_a_source_is_an_error_and_an_unknown_one_a_warning() {
+    let f = findings(
+        "apiVersion: palisade.dev/v1alpha1\nkind: SegmentationPolicy\nmetadata: {name: p, namespace: shop}\n\
+         spec:\n  selector: {matchLabels: {app: web}}\n  action: Allow\n  rules:\n  - from: [{service: web}]\n  egress:\n  - to: [{service: nope}]\n",
+    );
+    assert!(f.iter().any(|f| f.contains("spec.rules[0].from[0].service") && f.contains("never a source")), "{f:#?}");
+    assert!(
+        f.iter().any(|f| f.contains("spec.egress[0].to[0].service") && f.contains("no Service shop/nope")),
+        "{f:#?}"
+    );
+}

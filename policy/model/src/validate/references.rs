@@ -35,6 +35,8 @@ struct Inventory<'a> {
     accounts: HashSet<(&'a str, &'a str)>,
     /// Names of the TCP container ports of every workload.
     port_names: HashSet<&'a str>,
+    /// (namespace, name) of every Service.
+    services: HashSet<(&'a str, &'a str)>,
 }
 
 impl<'a> Inventory<'a> {
@@ -49,10 +51,16 @@ impl<'a> Inventory<'a> {
             by_namespace_label: HashMap::new(),
             accounts: HashSet::new(),
             port_names: HashSet::new(),
+            services: HashSet::new(),
         };
         let mut defined = HashSet::new();
         for r in resources {
             match &r.resource {
+                Resource::Service { metadata, .. } => {
+                    if let Some(ns) = &metadata.namespace {
+                        inv.services.insert((ns, &metadata.name));
+                    }
+                }
                 Resource::Namespace { metadata, .. } => {
                     defined.insert(metadata.name.as_str());
                     inv.known.insert(&metadata.name);
@@ -224,6 +232,16 @@ fn peer_refs<'a>(
     peer: &'a Peer,
 ) {
     let unknown = |ns: &str| format!("namespace {ns:?} has no Namespace resource and no workloads (yet)");
+    if let Some(service) = &peer.service {
+        let ns = peer.namespace.as_deref().unwrap_or(policy_ns);
+        if !inv.services.contains(&(ns, service.as_str())) {
+            out.warning(
+                at,
+                &format!("{field}.service"),
+                format!("no Service {ns}/{service} (yet): this peer matches nothing"),
+            );
+        }
+    }
     if let Some(ns) = &peer.namespace
         && !inv.known(ns)
     {

@@ -147,7 +147,7 @@ fn rule_covers(ns: &str, deny: &Rule, allow: &Rule) -> bool {
 /// The namespace a peer's workloads are in, when it names one (a label selector alone is
 /// read in the policy's namespace).
 fn namespace_of<'a>(ns: &'a str, p: &'a Peer) -> Option<&'a str> {
-    p.namespace.as_deref().or_else(|| p.is_unscoped_label_selector().then_some(ns))
+    p.namespace.as_deref().or_else(|| p.reads_in_policy_namespace().then_some(ns))
 }
 
 fn peer_covers(ns: &str, d: &Peer, a: &Peer) -> bool {
