@@ -181,6 +181,9 @@ pub enum Clients {
     Workloads,
     /// Node credentials of the trust domain (`spiffe://<td>/node/<name>`): the CA's callers.
     Nodes,
+    /// Either: the control plane's callers (ztunnels with node credentials, waypoints with
+    /// their workload certificates; the server decides what each may do).
+    NodesOrWorkloads,
 }
 
 /// Requires a client chain to the bundle whose SPIFFE ID is in the trust domain.
@@ -220,6 +223,12 @@ impl ClientCertVerifier for SpiffeClientVerifier {
                 let uri = spiffe_uri_of(end_entity).map_err(|e| reject(e.to_string()))?;
                 if crate::ca_api::node_of_uri(&uri, &self.trust_domain).is_none() {
                     return Err(reject(format!("{uri} is not a node credential of {}", self.trust_domain)));
+                }
+            }
+            Clients::NodesOrWorkloads => {
+                let uri = spiffe_uri_of(end_entity).map_err(|e| reject(e.to_string()))?;
+                if crate::ca_api::node_of_uri(&uri, &self.trust_domain).is_none() {
+                    check_trust_domain(end_entity, &self.trust_domain)?;
                 }
             }
         }

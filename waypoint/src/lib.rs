@@ -39,6 +39,7 @@ pub mod app;
 pub mod authz;
 pub mod balance;
 pub mod body;
+pub mod control;
 pub mod detect;
 mod engine;
 pub mod filters;

@@ -10,8 +10,8 @@ use std::time::Duration;
 
 use palisade_mesh::identity::SpiffeId;
 use palisade_model::compile::{Identities, compile_with};
-use palisade_model::load::{ChangeDetector, LoadError, load_batch};
-use palisade_model::validate::{Invalid, validate_batch};
+use palisade_model::load::{ChangeDetector, LoadError, Located, load_batch, parse_str};
+use palisade_model::validate::{Invalid, validate, validate_batch};
 use palisade_model::waypoint::config::{BackendEndpoint, WaypointConfig};
 use palisade_model::waypoint::{compile_waypoints, waypoint_index};
 use palisade_model::{Action, Snapshot};
@@ -46,22 +46,42 @@ pub fn load(paths: &[PathBuf], name: &str, identity: &SpiffeId) -> Result<Loaded
     for warning in validate_batch(&batch)? {
         tracing::warn!(%warning, "policy warning");
     }
+    compile(&batch.resources, name, identity)
+}
+
+/// Validates and compiles resources pushed by the control plane (one YAML document per
+/// resource, named by its key in errors), as [`load`] does files. Blocking.
+pub fn load_documents<'a>(
+    documents: impl IntoIterator<Item = (String, &'a str)>,
+    name: &str,
+    identity: &SpiffeId,
+) -> Result<Loaded, PolicyError> {
+    let mut resources = Vec::new();
+    for (key, yaml) in documents {
+        resources.extend(parse_str(std::path::Path::new(&key), yaml)?);
+    }
+    validate(&resources)?;
+    compile(&resources, name, identity)
+}
+
+/// This waypoint's L7 configuration and the L4 snapshot, from validated resources.
+fn compile(resources: &[Located], name: &str, identity: &SpiffeId) -> Result<Loaded, PolicyError> {
     let trust_domain = &identity.trust_domain;
-    let mut configs = compile_waypoints(&batch.resources, trust_domain);
+    let mut configs = compile_waypoints(resources, trust_domain);
     let Some(config) = configs.remove(name) else {
         return Err(PolicyError::UnknownWaypoint { name: name.into(), known: configs.into_keys().collect() });
     };
     // The Gateway's workloads (its pods) must run as this process's identity: a waypoint
     // started with another Gateway's name would otherwise serve that Gateway's Services while
     // destinations accept only that Gateway's own identity.
-    let index = waypoint_index(&batch.resources, trust_domain);
+    let index = waypoint_index(resources, trust_domain);
     let own = identity.to_string();
     if let Some(w) = index.waypoints.get(name)
         && let Some(other) = w.workloads.iter().find(|w| w.identity != own)
     {
         return Err(PolicyError::NotOurIdentity { name: name.into(), runs_as: other.identity.clone(), identity: own });
     }
-    let snapshot = compile_with(&batch.resources, trust_domain, &Identities::default());
+    let snapshot = compile_with(resources, trust_domain, &Identities::default());
     Ok(Loaded { config, snapshot })
 }
 

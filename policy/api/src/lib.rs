@@ -7,6 +7,9 @@ pub mod v1 {
     tonic::include_proto!("palisade.v1");
 }
 
+#[cfg(feature = "client")]
+pub mod client;
+
 /// The service account of `palisade serve`'s identity,
 /// `spiffe://<trust domain>/ns/palisade-system/sa/palisade-server`.
 pub const SERVER_SERVICE_ACCOUNT: &str = "palisade-server";

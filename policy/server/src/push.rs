@@ -20,7 +20,7 @@ use tonic::{Request, Response, Status, Streaming};
 
 use crate::control::{Control, Nack, Session, now_ms};
 use crate::payload::{Delta, Documents};
-use crate::tls::NodeName;
+use crate::tls::Client;
 
 pub struct Push {
     pub control: Arc<Control>,
@@ -33,19 +33,23 @@ impl SnapshotDiscovery for Push {
     type StreamStream = Responses;
 
     async fn stream(&self, request: Request<Streaming<SnapshotRequest>>) -> Result<Response<Responses>, Status> {
-        let node = request
+        let client = request
             .extensions()
-            .get::<NodeName>()
-            .map(|n| n.0.clone())
+            .get::<Client>()
+            .cloned()
             .ok_or_else(|| Status::unauthenticated("no node credential"))?;
         let mut inbound = request.into_inner();
         let first = inbound.message().await?.ok_or_else(|| Status::invalid_argument("no request"))?;
-        if !first.node.is_empty() && first.node != node {
-            return Err(Status::permission_denied(format!(
-                "the credential is node {node:?}, the request names {:?}",
-                first.node
-            )));
-        }
+        let node = match client {
+            Client::Node(node) if first.node.is_empty() || first.node == node => node,
+            Client::Node(node) => {
+                return Err(Status::permission_denied(format!(
+                    "the credential is node {node:?}, the request names {:?}",
+                    first.node
+                )));
+            }
+            Client::Workload(id) => waypoint_client(&self.control, &id, &first.node)?,
+        };
         let (tx, rx) = mpsc::channel(1);
         let control = self.control.clone();
         tokio::spawn(async move {
@@ -63,6 +67,40 @@ impl SnapshotDiscovery for Push {
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 }
+
+/// The name under which a workload certificate may follow the stream: `waypoint <ns>/<name>`,
+/// as its request names it, when the resources in force have that waypoint (a Gateway of class
+/// palisade-waypoint) and every one of its workloads runs as `id`. Anything else is refused: a
+/// workload identity alone grants nothing here.
+fn waypoint_client(control: &Control, id: &palisade_mesh::identity::SpiffeId, named: &str) -> Result<String, Status> {
+    let refuse = |why: String| Err(Status::permission_denied(format!("{id}: {why}")));
+    let Some(waypoint) = named.strip_prefix(WAYPOINT_PREFIX) else {
+        return refuse(format!(
+            "a workload certificate may only subscribe as \"{WAYPOINT_PREFIX}<ns>/<name>\", not {named:?}"
+        ));
+    };
+    let Some(payload) = control.payload().borrow().clone() else {
+        return Err(Status::unavailable("no resources in force yet"));
+    };
+    let resources: Vec<palisade_model::load::Located> = payload
+        .documents
+        .values()
+        .map(|d| palisade_model::load::Located {
+            origin: palisade_model::load::Origin { file: "control-plane".into(), line: 0 },
+            resource: d.resource.clone(),
+        })
+        .collect();
+    let index = palisade_model::waypoint::waypoint_index(&resources, &id.trust_domain);
+    let own = id.to_string();
+    match index.waypoints.get(waypoint) {
+        Some(w) if !w.workloads.is_empty() && w.workloads.iter().all(|w| w.identity == own) => Ok(named.to_string()),
+        Some(_) => refuse(format!("the workloads of waypoint {waypoint} do not run as this identity")),
+        None => refuse(format!("no waypoint {waypoint} in the resources in force")),
+    }
+}
+
+/// How a waypoint names itself in its requests (and in `palisade get nodes`).
+pub const WAYPOINT_PREFIX: &str = "waypoint ";
 
 /// Serves one node's stream until it ends; returns why.
 async fn serve_node(

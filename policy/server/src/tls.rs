@@ -1,6 +1,8 @@
 //! The push endpoint's transport: TCP, then mutual TLS where the client must present a node
-//! credential of the trust domain (`spiffe://<td>/node/<name>`, as for the CA); the proven
-//! node name travels with each gRPC request ([`NodeName`]). The server presents
+//! credential of the trust domain (`spiffe://<td>/node/<name>`, as for the CA) or a workload
+//! certificate (a waypoint's: `push` admits it only as a waypoint whose workloads run as that
+//! identity); who the certificate proves travels with each gRPC request ([`Client`]). The
+//! server presents
 //! `spiffe://<td>/ns/palisade-system/sa/palisade-server`, issued from the CA directory.
 use std::io;
 use std::path::PathBuf;
@@ -36,20 +38,25 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Connections in their TLS handshake at once (overall, per source address).
 const MAX_HANDSHAKES: (usize, usize) = (256, 16);
 
-/// The node a connection's certificate proves, for the service.
-#[derive(Clone, Debug)]
-pub struct NodeName(pub String);
+/// Who a connection's certificate proves, for the service.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Client {
+    /// A node credential: the node's name.
+    Node(String),
+    /// A workload certificate (a waypoint's).
+    Workload(SpiffeId),
+}
 
-/// One node's mutual-TLS connection.
+/// One client's mutual-TLS connection.
 pub struct NodeConn {
     tls: TlsStream<TcpStream>,
-    node: String,
+    client: Client,
 }
 
 impl tonic::transport::server::Connected for NodeConn {
-    type ConnectInfo = NodeName;
-    fn connect_info(&self) -> NodeName {
-        NodeName(self.node.clone())
+    type ConnectInfo = Client;
+    fn connect_info(&self) -> Client {
+        self.client.clone()
     }
 }
 
@@ -93,7 +100,8 @@ fn acceptor_for(
 ) -> Result<TlsAcceptor, ServeError> {
     let tls = |e: String| ServeError::Tls(e);
     let bundle = TrustBundle::from_pem(bundle_pem, trust_domain).map_err(|e| tls(e.to_string()))?;
-    let config = server_config_for(credential, &bundle, Clients::Nodes, &[b"h2"]).map_err(|e| tls(e.to_string()))?;
+    let config =
+        server_config_for(credential, &bundle, Clients::NodesOrWorkloads, &[b"h2"]).map_err(|e| tls(e.to_string()))?;
     Ok(TlsAcceptor::from(config))
 }
 
@@ -158,7 +166,7 @@ fn issue(ca: &CertificateAuthority, trust_domain: &str) -> Result<Credential, Se
 }
 
 /// Accepts TCP connections and completes their handshakes off the accept loop; yields the
-/// connections of proven nodes.
+/// connections of proven nodes and workloads.
 pub fn incoming(listener: TcpListener, tls: Arc<ServingTls>) -> mpsc::Receiver<Result<NodeConn, io::Error>> {
     let trust_domain = tls.trust_domain.clone();
     let (tx, rx) = mpsc::channel(16);
@@ -176,15 +184,14 @@ pub fn incoming(listener: TcpListener, tls: Arc<ServingTls>) -> mpsc::Receiver<R
                     Err(_) => return tracing::info!(%peer, "control-plane client did not finish its TLS handshake"),
                 };
                 drop(permit);
-                let node = tls
-                    .get_ref()
-                    .1
-                    .peer_certificates()
-                    .and_then(|c| c.first())
-                    .and_then(|c| spiffe_uri_of(c).ok())
-                    .and_then(|uri| node_of_uri(&uri, &trust_domain).map(str::to_string));
-                if let Some(node) = node {
-                    let _ = tx.send(Ok(NodeConn { tls, node })).await;
+                let uri =
+                    tls.get_ref().1.peer_certificates().and_then(|c| c.first()).and_then(|c| spiffe_uri_of(c).ok());
+                let client = uri.and_then(|uri| match node_of_uri(&uri, &trust_domain) {
+                    Some(node) => Some(Client::Node(node.to_string())),
+                    None => uri.parse().ok().map(Client::Workload),
+                });
+                if let Some(client) = client {
+                    let _ = tx.send(Ok(NodeConn { tls, client })).await;
                 }
             });
         }

@@ -30,8 +30,12 @@ pub struct Config {
     #[arg(long, env = "PALISADE_CREDENTIAL_DIR", default_value = "/var/run/palisade/node")]
     pub credential_dir: PathBuf,
     /// Resources (YAML files or directories), polled for changes.
-    #[arg(long = "policy", env = "PALISADE_POLICY", value_delimiter = ',', required = true)]
+    #[arg(long = "policy", env = "PALISADE_POLICY", value_delimiter = ',', required_unless_present = "control_plane")]
     pub policy: Vec<PathBuf>,
+    /// The control plane (`palisade serve`), instead of `--policy` files; repeat for replicas.
+    /// The waypoint subscribes with its own certificate as `waypoint <ns>/<gateway>`.
+    #[arg(long = "control-plane", env = "PALISADE_CONTROL_PLANE", value_delimiter = ',', conflicts_with = "policy")]
+    pub control_plane: Vec<SocketAddr>,
     /// HBONE listener (the waypoint's clients are the source ztunnels).
     #[arg(long, env = "PALISADE_LISTEN", default_value = "0.0.0.0:15008")]
     pub listen: SocketAddr,

@@ -46,30 +46,73 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let credential = secrets.credential(&identity, wait).await.context("the waypoint's certificate")?;
     tracing::info!(%identity, "waypoint certificate issued");
 
-    let mut changes = ChangeDetector::new(config.policy.clone());
-    let _ = changes.poll();
-    let loaded = {
-        let (paths, name, identity) = (config.policy.clone(), name.clone(), identity.clone());
-        tokio::task::spawn_blocking(move || policy::load(&paths, &name, &identity)).await?
-    }
-    .context("initial configuration")?;
-    tracing::info!(waypoint = %name, services = loaded.config.services.len(), "configuration in force");
-    let l4 = L4Policy::new(loaded.snapshot, &config.trust_domain);
     let upstream =
         HboneUpstream::new(Pool::new(Default::default()), identity.clone(), credential.clone(), secrets.watch_bundle());
-    let admission: Arc<dyn crate::admission::Admission> = l4.clone();
-    let engine =
-        Engine::with_admission(loaded.config, Arc::new(upstream), Some(admission), Settings::default(), &mut registry)
-            .context("initial configuration")?;
-
     let (shutdown_tx, shutdown) = tokio::sync::watch::channel(false);
+    let (engine, policy_task) = if config.control_plane.is_empty() {
+        let mut changes = ChangeDetector::new(config.policy.clone());
+        let _ = changes.poll();
+        let loaded = {
+            let (paths, name, identity) = (config.policy.clone(), name.clone(), identity.clone());
+            tokio::task::spawn_blocking(move || policy::load(&paths, &name, &identity)).await?
+        }
+        .context("initial configuration")?;
+        tracing::info!(waypoint = %name, services = loaded.config.services.len(), "configuration in force");
+        let l4 = L4Policy::new(loaded.snapshot, &config.trust_domain);
+        let admission: Arc<dyn crate::admission::Admission> = l4.clone();
+        let engine = Engine::with_admission(
+            loaded.config,
+            Arc::new(upstream),
+            Some(admission),
+            Settings::default(),
+            &mut registry,
+        )
+        .context("initial configuration")?;
+        let poll = Duration::from_millis(config.policy_poll_ms.max(10));
+        let watch =
+            policy::watch(config.policy.clone(), name.clone(), identity.clone(), changes, engine.clone(), l4, poll);
+        (engine, tokio::spawn(watch))
+    } else {
+        // Nothing is served before the first configuration from the control plane is in force.
+        let l4 = L4Policy::new(Default::default(), &config.trust_domain);
+        let admission: Arc<dyn crate::admission::Admission> = l4.clone();
+        let engine = Engine::with_admission(
+            Default::default(),
+            Arc::new(upstream),
+            Some(admission),
+            Settings::default(),
+            &mut registry,
+        )
+        .context("empty configuration")?;
+        let subscriber = palisade_api::client::Subscriber {
+            addrs: config.control_plane.clone(),
+            name: crate::control::client_name(&name),
+            credential: credential.clone(),
+            bundle: secrets.watch_bundle(),
+            server: SpiffeId::new(
+                &config.trust_domain,
+                palisade_mesh::ca_api::CONTROL_PLANE_NAMESPACE,
+                palisade_api::SERVER_SERVICE_ACCOUNT,
+            ),
+        };
+        let sink = crate::control::WaypointSink {
+            content: Default::default(),
+            name: name.clone(),
+            identity: identity.clone(),
+            engine: engine.clone(),
+            l4,
+        };
+        let (first, in_force) = tokio::sync::oneshot::channel();
+        let task = tokio::spawn(subscriber.run(sink, first));
+        tracing::info!(control_plane = ?config.control_plane, "waiting for the first configuration");
+        let _ = in_force.await;
+        (engine, task)
+    };
+
     let admin_state = Arc::new(AdminState { registry, ready: false.into() });
     let admin_task = tokio::spawn(admin::serve(admin_listener, admin_state.clone()));
     let hbone_task =
         tokio::spawn(hbone::serve(hbone_listener, engine.clone(), credential, secrets.watch_bundle(), shutdown));
-    let poll = Duration::from_millis(config.policy_poll_ms.max(10));
-    let policy_task =
-        tokio::spawn(policy::watch(config.policy.clone(), name.clone(), identity, changes, engine.clone(), l4, poll));
     admin_state.ready.store(true, Ordering::Release);
     tracing::info!(waypoint = %name, listen = %config.listen, "waypoint ready");
 

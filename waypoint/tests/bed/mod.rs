@@ -275,8 +275,15 @@ impl Bed {
         self.net.addr(WAYPOINT, 15008)
     }
 
-    /// Starts the `waypoint` binary and waits for `/ready`.
+    /// Starts the `waypoint` binary on the bed's policy file and waits for `/ready`.
     pub async fn start_waypoint(&mut self) {
+        let policy = self.policy.to_string_lossy().into_owned();
+        self.start_waypoint_with(&["--policy", &policy]).await
+    }
+
+    /// Starts the `waypoint` binary with `source` (`--policy …` or `--control-plane …`) and
+    /// waits for `/ready`.
+    pub async fn start_waypoint_with(&mut self, source: &[&str]) {
         let log = std::fs::File::create(self.dir.join("waypoint.log")).unwrap();
         let child = Command::new(env!("CARGO_BIN_EXE_waypoint"))
             .args(["--gateway", "waypoint", "--namespace", "shop", "--service-account", "waypoint"])
@@ -284,8 +291,7 @@ impl Bed {
             .arg(self.net.addr(CA, 15012).to_string())
             .arg("--credential-dir")
             .arg(self.dir.join("node"))
-            .arg("--policy")
-            .arg(&self.policy)
+            .args(source)
             .arg("--listen")
             .arg(self.waypoint_hbone().to_string())
             .arg("--admin")
