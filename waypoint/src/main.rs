@@ -2,7 +2,8 @@
 //!
 //! ```text
 //! waypoint --gateway <name> --namespace <ns> --service-account <sa> \
-//!          --ca-addr <ip:port> --credential-dir <dir> --policy <files or dirs>[,…] \
+//!          --ca-addr <ip:port> --credential-dir <dir> \
+//!          (--policy <files or dirs>[,…] | --control-plane <ip:port>[,…]) \
 //!          [--trust-domain cluster.local] [--listen 0.0.0.0:15008] [--admin 127.0.0.1:15020]
 //! ```
 //! Every flag also reads an environment variable (`PALISADE_GATEWAY`, `PALISADE_NAMESPACE`,
@@ -16,6 +17,12 @@
 //!   `bundle.pem`, laid out as ztunnel's `--node-credential-dir`.
 //! - `--policy`: resources, loaded, validated and compiled like ztunnel's; polled every
 //!   `--policy-poll-ms` (200); a bad change is logged and the last good configuration stays.
+//! - `--control-plane`: instead of `--policy`, follow `palisade serve` (port 15010; repeat for
+//!   replicas): the waypoint subscribes with its own workload certificate as
+//!   `waypoint <ns>/<gateway>` (so `palisade get nodes` lists it), which the server admits only
+//!   when that Gateway's Workloads run as the waypoint's identity; each push is validated and
+//!   compiled as files are, ACKed once in force, NACKed otherwise. Nothing is served before the
+//!   first push is in force (no saved snapshot yet: see the report in issue 12).
 //! - `--listen`: HBONE (mutual TLS, CONNECT to the Service VIP:port the client dialled).
 //! - `--admin`: `/metrics` and `/ready` (200 once the certificate, the configuration and the
 //!   listener are in place).
