@@ -5,7 +5,7 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
-use palisade_sandbox::{Cluster, ClusterSpec, PodTemplate};
+use palisade_sandbox::{Cluster, ClusterSpec, PodTemplate, WaypointSpec};
 use serde_json::Value;
 
 const POLICY: &str = "\
@@ -25,14 +25,116 @@ spec:
     ports: [8080]
 ";
 
+/// The waypoint part: namespace `store` goes through the waypoint `store/waypoint`; `web`
+/// splits 90/10 between its versions, and nobody reaches `/admin…` on it.
+const WAYPOINT_RESOURCES: &str = "\
+apiVersion: v1
+kind: Namespace
+metadata: {name: store, labels: {istio.io/use-waypoint: waypoint}}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: web, namespace: store}
+spec: {clusterIP: 10.96.0.20, selector: {app: web}, ports: [{name: http, port: 80, targetPort: http}]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: web-v1, namespace: store}
+spec: {clusterIP: 10.96.0.21, selector: {app: web, version: v1}, ports: [{name: http, port: 80, targetPort: http}]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: web-v2, namespace: store}
+spec: {clusterIP: 10.96.0.22, selector: {app: web, version: v2}, ports: [{name: http, port: 80, targetPort: http}]}
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: web, namespace: store}
+spec:
+  parentRefs: [{group: \"\", kind: Service, name: web, port: 80}]
+  rules:
+  - backendRefs: [{name: web-v1, port: 80, weight: 90}, {name: web-v2, port: 80, weight: 10}]
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: no-admin, namespace: store}
+spec:
+  targetRefs: [{kind: Service, group: \"\", name: web}]
+  action: DENY
+  rules: [{to: [{operation: {paths: [\"/admin*\"]}}]}]
+---
+";
+
+/// A pod of `web` in `store`, version `version`, serving HTTP on 8080.
+fn web(version: &str) -> PodTemplate {
+    let mut t = PodTemplate::new(&format!("web-{version}"), "store", "web");
+    t.labels = [("app", "web"), ("version", version)].into_iter().map(|(k, v)| (k.into(), v.into())).collect();
+    t.ports = vec![("http".into(), 8080)];
+    t
+}
+
+/// Part 3: through the waypoint, from the captured frontend pod.
+fn waypoint_part(cluster: &Cluster, probe: &std::path::Path) -> Result<()> {
+    let mut servers = Vec::new();
+    for v in ["v1", "v2"] {
+        let mut child = cluster
+            .command(&format!("web-{v}"), probe)?
+            .args(["http-serve", "--port", "8080", "--name", v])
+            .stdout(Stdio::piped())
+            .spawn()?;
+        let mut ready = String::new();
+        BufReader::new(child.stdout.take().context("server stdout")?).read_line(&mut ready)?;
+        servers.push(child);
+    }
+    let get = |path: &str, count: usize| -> Result<Value> {
+        let out = cluster
+            .command("frontend", probe)?
+            .args(["http-get", "--to", "10.96.0.20:80", "--path", path, "--count", &count.to_string()])
+            .output()?;
+        Ok(serde_json::from_slice(&out.stdout)?)
+    };
+    println!(
+        "\n== 3. frontend -> store/web (10.96.0.20:80) through the waypoint store/waypoint: the frontend's ztunnel \
+         tunnels to the waypoint, which routes 90/10 (HTTPRoute web) and forwards over HBONE to v1 or v2"
+    );
+    let split = get("/", 1000)?;
+    let n = |k: &str| split["bodies"][k].as_u64().unwrap_or(0);
+    println!("   1000 GET /: v1 answered {}, v2 answered {} (statuses {})", n("v1"), n("v2"), split["statuses"]);
+    println!(
+        "\n== 4. frontend -> GET /admin on store/web: the waypoint's AuthorizationPolicy store/no-admin denies it"
+    );
+    let admin = get("/admin", 1)?;
+    println!("   statuses {}", admin["statuses"]);
+    std::thread::sleep(Duration::from_millis(300));
+    let log = std::fs::read_to_string(cluster.waypoint_log("waypoint")).unwrap_or_default();
+    let line = log.lines().find(|l| l.contains("path=/admin")).unwrap_or_default();
+    println!("   the waypoint's access log: {}", line.split_once("request ").map_or(line, |(_, rest)| rest));
+    for mut child in servers {
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+    ensure!(n("v1") + n("v2") == 1000 && (50..=150).contains(&n("v2")), "the 90/10 split did not happen: {split}");
+    ensure!(admin["statuses"]["403"] == 1, "GET /admin was not denied with 403: {admin}");
+    ensure!(line.contains("no-admin"), "the waypoint's access log does not name the rule: {line:?}");
+    Ok(())
+}
+
 pub fn run() -> Result<()> {
     crate::build()?;
     let state_dir = crate::root().join("target/demo");
     let mut spec = ClusterSpec::uniform("demo", state_dir, 2, 0);
     spec.nodes = vec![
         vec![PodTemplate::new("frontend", "shop", "frontend"), PodTemplate::new("scanner", "tools", "scanner")],
-        vec![PodTemplate::new("backend", "shop", "backend"), PodTemplate::new("db", "shop", "db")],
+        vec![
+            PodTemplate::new("backend", "shop", "backend"),
+            PodTemplate::new("db", "shop", "db"),
+            web("v1"),
+            web("v2"),
+        ],
     ];
+    spec.waypoints = vec![WaypointSpec::new("waypoint", "store", 1)];
+    spec.waypoint = Some(palisade_sandbox::workspace_bin("waypoint")?);
+    spec.policy = WAYPOINT_RESOURCES.into();
     spec.ztunnel = Some(palisade_sandbox::workspace_bin("ztunnel")?);
     spec.palisade = Some(palisade_sandbox::workspace_bin("palisade")?);
     println!("== Bringing up the sandbox (2 nodes, a CA, ztunnel on each, every pod enrolled with its certificate)");
@@ -111,6 +213,7 @@ pub fn run() -> Result<()> {
             .any(|f| f["observer"] == "kernel" && f["verdict"] == "deny" && f["src_identity"] == "tools/scanner"),
         "no kernel deny event for the scanner"
     );
+    waypoint_part(&cluster, &probe)?;
     println!("\nLive view: GET /flows?follow=1 on 127.0.0.1:15000 inside a node; metrics: GET /metrics.");
     let _ = server.kill();
     let _ = server.wait();
