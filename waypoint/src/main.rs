@@ -22,7 +22,8 @@
 //!   `waypoint <ns>/<gateway>` (so `palisade get nodes` lists it), which the server admits only
 //!   when that Gateway's Workloads run as the waypoint's identity; each push is validated and
 //!   compiled as files are, ACKed once in force, NACKed otherwise. Nothing is served before the
-//!   first push is in force (no saved snapshot yet: see the report in issue 12).
+//!   first push is in force, unless `--state-dir` holds the content last in force (saved after
+//!   each push), from which a waypoint starts while the control plane is unreachable.
 //! - `--listen`: HBONE (mutual TLS, CONNECT to the Service VIP:port the client dialled).
 //! - `--admin`: `/metrics` and `/ready` (200 once the certificate, the configuration and the
 //!   listener are in place).

@@ -77,6 +77,29 @@ async fn the_waypoint_follows_the_control_plane_with_its_own_identity() {
     assert!(listed.iter().any(|(n, v)| n == "waypoint shop/waypoint" && v.is_some()), "get nodes: {listed:?}");
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_waypoint_restarted_while_the_control_plane_is_unreachable_serves_the_saved_configuration() {
+    let mut bed = Bed::new("cp-saved").await;
+    let server = serve_control_plane(&bed).await;
+    let v1 = bed.destination(WEB_V1, "v1").await;
+    let state = bed.dir.join("state").to_string_lossy().into_owned();
+    let push = bed.net.addr(CA, PUSH_PORT).to_string();
+    bounded(30, bed.start_waypoint_with(&["--control-plane", &push, "--state-dir", &state])).await;
+    let frontend = id("front", "frontend");
+    let io = bounded(10, bed.tunnel(FRONTEND, frontend.clone(), bed.issue(&frontend))).await.unwrap();
+    assert_eq!(bounded(10, get(io, "/items/1", false)).await.0, StatusCode::OK);
+    bed.kill_waypoint();
+    drop(server);
+    // Nothing listens there: only the saved configuration can make the waypoint ready.
+    let nowhere = bed.net.addr(CA, PUSH_PORT + 1).to_string();
+    bounded(30, bed.start_waypoint_with(&["--control-plane", &nowhere, "--state-dir", &state])).await;
+    assert!(bed.log().contains("started from the content saved on disk"), "{}", bed.log());
+    let io = bounded(10, bed.tunnel(FRONTEND, frontend.clone(), bed.issue(&frontend))).await.unwrap();
+    let (status, body) = bounded(10, get(io, "/items/1", true)).await;
+    assert_eq!(status, StatusCode::OK, "{body}\n{}", bed.log());
+    assert_eq!(v1.hits(), 2);
+}
+
 struct Recorder(Content);
 
 impl Sink for Recorder {

@@ -36,6 +36,10 @@ pub struct Config {
     /// The waypoint subscribes with its own certificate as `waypoint <ns>/<gateway>`.
     #[arg(long = "control-plane", env = "PALISADE_CONTROL_PLANE", value_delimiter = ',', conflicts_with = "policy")]
     pub control_plane: Vec<SocketAddr>,
+    /// With `--control-plane`: the content in force is saved here, and a waypoint that starts
+    /// while the control plane is unreachable starts from it.
+    #[arg(long, env = "PALISADE_STATE_DIR")]
+    pub state_dir: Option<PathBuf>,
     /// HBONE listener (the waypoint's clients are the source ztunnels).
     #[arg(long, env = "PALISADE_LISTEN", default_value = "0.0.0.0:15008")]
     pub listen: SocketAddr,

@@ -95,17 +95,27 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
                 palisade_api::SERVER_SERVICE_ACCOUNT,
             ),
         };
-        let sink = crate::control::WaypointSink {
+        let mut sink = crate::control::WaypointSink {
             content: Default::default(),
             name: name.clone(),
             identity: identity.clone(),
             engine: engine.clone(),
             l4,
+            state_dir: config.state_dir.clone(),
+        };
+        let from_disk = match sink.start_from_disk().await {
+            Ok(done) => done,
+            Err(e) => {
+                tracing::error!(error = %e, "saved configuration unusable; waiting for the control plane");
+                false
+            }
         };
         let (first, in_force) = tokio::sync::oneshot::channel();
         let task = tokio::spawn(subscriber.run(sink, first));
-        tracing::info!(control_plane = ?config.control_plane, "waiting for the first configuration");
-        let _ = in_force.await;
+        if !from_disk {
+            tracing::info!(control_plane = ?config.control_plane, "waiting for the first configuration");
+            let _ = in_force.await;
+        }
         (engine, task)
     };
 

@@ -314,6 +314,14 @@ impl Bed {
         panic!("waypoint not ready after 10 s:\n{}", self.log());
     }
 
+    /// Kills the waypoint process (SIGKILL: nothing is saved on the way out).
+    pub fn kill_waypoint(&mut self) {
+        if let Some(mut child) = self.waypoint.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.dir.join("waypoint.log")).unwrap_or_default()
     }
