@@ -155,7 +155,8 @@ impl Compiler {
 
     /// Every resource held, in key order (what a from-scratch compile of the same set reads).
     pub fn resources(&self) -> Vec<&Located> {
-        let mut all: Vec<(&ResourceKey, &Located)> = self.inputs.iter().chain(self.services.iter()).collect();
+        let mut all: Vec<(&ResourceKey, &Located)> =
+            self.inputs.iter().chain(self.services.iter()).chain(self.gateways.iter()).collect();
         all.extend(self.policy_resources.iter().map(|(k, (l, _))| (k, l)));
         all.sort_by(|a, b| a.0.cmp(b.0));
         all.into_iter().map(|(_, l)| l).collect()
