@@ -131,3 +131,32 @@ async fn a_policy_change_is_put_in_force_and_a_bad_one_keeps_the_last_good() {
     assert!(fetch("/items/1").await.1.starts_with("v2 "));
     assert!(v1.hits() >= 1 && v2.hits() >= 2);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn other_tcp_passes_through_over_hbone_under_the_destinations_l4_policy() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut bed = Bed::new("tcp").await;
+    let (v1, v2) = (bed.echo_destination(WEB_V1, "v1").await, bed.echo_destination(WEB_V2, "v2").await);
+    bounded(30, bed.start_waypoint()).await;
+    let frontend = id("front", "frontend");
+    let mut io = bounded(10, bed.tunnel(FRONTEND, frontend.clone(), bed.issue(&frontend))).await.unwrap();
+    // Not HTTP: passed through to an endpoint of the Service, over HBONE.
+    io.write_all(b"\x00\x01 not http\n").await.unwrap();
+    io.shutdown().await.unwrap();
+    let mut echoed = Vec::new();
+    bounded(10, io.read_to_end(&mut echoed)).await.unwrap();
+    assert_eq!(echoed, b"\x00\x01 not http\n", "{}", bed.log());
+    assert_eq!(v1.hits() + v2.hits(), 1);
+    // A source the destination does not admit: closed, and no tunnel reaches a backend.
+    let intruder = id("other", "intruder");
+    let mut io = bounded(10, bed.tunnel(INTRUDER, intruder.clone(), bed.issue(&intruder))).await.unwrap();
+    io.write_all(b"\x00\x01 not http\n").await.unwrap();
+    let mut answer = Vec::new();
+    let _ = bounded(10, io.read_to_end(&mut answer)).await;
+    assert!(answer.is_empty(), "a refused source got {answer:?}");
+    assert_eq!(v1.hits() + v2.hits(), 1, "a refused source reached a backend");
+    let named = bed
+        .wait_for_log(|log| log.lines().any(|l| l.contains("protocol=\"tcp\"") && l.contains("authz_rule=\"l4:")))
+        .await;
+    assert!(named, "no access-log line names the L4 rule of the refused connection:\n{}", bed.log());
+}

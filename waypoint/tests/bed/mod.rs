@@ -349,8 +349,17 @@ impl Bed {
         Ok((status, String::from_utf8_lossy(&body).into()))
     }
 
-    /// A destination workload at `host` with identity `shop/web`.
+    /// A destination workload at `host` with identity `shop/web`, answering HTTP.
     pub async fn destination(&self, host: u8, name: &'static str) -> Destination {
+        self.destination_serving(host, name, false).await
+    }
+
+    /// A destination that echoes the bytes of each tunnel (a TCP service, not HTTP).
+    pub async fn echo_destination(&self, host: u8, name: &'static str) -> Destination {
+        self.destination_serving(host, name, true).await
+    }
+
+    async fn destination_serving(&self, host: u8, name: &'static str, echo: bool) -> Destination {
         let listener = TcpListener::bind(self.net.addr(host, 15008)).await.unwrap();
         let tls = server_config(self.issue(&id("shop", "web")), &self.bundle, &[b"h2"]).unwrap();
         let (peers, hits) = (Arc::new(Mutex::new(Vec::new())), Arc::new(AtomicU32::new(0)));
@@ -366,6 +375,13 @@ impl Bed {
                         return;
                     }
                     let Ok((send, recv)) = stream.accept() else { return };
+                    if echo {
+                        hits.fetch_add(1, Ordering::SeqCst);
+                        let (mut rd, mut wr) = tokio::io::split(TunnelIo::new(send, recv, ()));
+                        let _ = tokio::io::copy(&mut rd, &mut wr).await;
+                        let _ = tokio::io::AsyncWriteExt::shutdown(&mut wr).await;
+                        return;
+                    }
                     let service = service_fn(move |req: Request<Incoming>| {
                         hits.fetch_add(1, Ordering::SeqCst);
                         let body = format!("{name} {} {:?}", req.uri().path(), req.version());
