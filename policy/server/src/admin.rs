@@ -17,7 +17,6 @@ use crate::store::Revision;
 
 /// Largest request line (a batch of files): the loader's per-file limit, a few times over.
 const MAX_REQUEST_BYTES: usize = 64 << 20;
-/// Batches retried when the store moved between listing and writing.
 
 /// One input file as the CLI read it (its name is what errors point at).
 #[derive(Clone, Debug, Serialize, Deserialize)]

@@ -106,7 +106,7 @@ async fn serve_ca(
     tokio::spawn(async move {
         loop {
             if let Some(p) = payloads.borrow_and_update().clone() {
-                fed.inventory.feed(Schedule::from_iter(p.documents.values().map(|d| &d.resource)));
+                fed.inventory.feed(Schedule::of(p.documents.values().map(|d| &d.resource)));
             }
             if payloads.changed().await.is_err() {
                 return;

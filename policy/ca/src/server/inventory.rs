@@ -27,10 +27,10 @@ pub struct Schedule {
 
 impl Schedule {
     pub fn from_resources(resources: &[Located]) -> Schedule {
-        Schedule::from_iter(resources.iter().map(|l| &l.resource))
+        Schedule::of(resources.iter().map(|l| &l.resource))
     }
 
-    pub fn from_iter<'a>(resources: impl IntoIterator<Item = &'a Resource>) -> Schedule {
+    pub fn of<'a>(resources: impl IntoIterator<Item = &'a Resource>) -> Schedule {
         let mut schedule = Schedule::default();
         for r in resources {
             if let Resource::Workload { metadata, spec, .. } = r
