@@ -1,6 +1,7 @@
 //! The control-plane client: subscribes to `palisade serve` over mutual TLS with the node
-//! credential, puts every snapshot it receives in force, and ACKs it once the kernel maps are
-//! switched — or NACKs it with the reason, keeping the last good one in force.
+//! credential (the stream itself is `palisade_api::client`, shared with the waypoint), puts
+//! every snapshot it receives in force, and ACKs it once the kernel maps are switched — or
+//! NACKs it with the reason, keeping the last good one in force.
 //!
 //! The control plane being down changes nothing on the node: the last snapshot stays in force,
 //! the client reconnects with jittered exponential backoff (cycling through every
@@ -12,31 +13,24 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Duration;
 
-use palisade_api::v1::snapshot_discovery_client::SnapshotDiscoveryClient;
-use palisade_api::v1::{ErrorDetail, SnapshotRequest, SnapshotResponse};
+use palisade_api::client::{Sink, Subscriber};
+use palisade_api::v1::SnapshotResponse;
 use palisade_mesh::identity::SpiffeId;
-use palisade_mesh::tls::{Credential, CredentialSlot, TrustBundle, client_config, no_sni};
+use palisade_mesh::tls::{Credential, CredentialSlot, TrustBundle, client_config};
 use palisade_model::compile::{Identities, IdentitiesError};
 use palisade_model::key::ResourceKey;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::watch;
 
 use crate::policy_source::PolicySource;
 use crate::pushed::ResourceDelta;
 
 mod saved;
 
-const BACKOFF_MIN: Duration = Duration::from_millis(100);
-const BACKOFF_MAX: Duration = Duration::from_secs(15);
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
-
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
     #[error("node credential in {dir}: {message}")]
     Credential { dir: PathBuf, message: String },
-    #[error("control plane {addr}: {message}")]
-    Stream { addr: SocketAddr, message: String },
 }
 
 /// The content in force from the control plane: the documents by key, the identity numbers,
@@ -59,6 +53,7 @@ pub struct ConfigClient {
     state_dir: PathBuf,
     /// What is in force (empty version: nothing from the control plane yet).
     current: Current,
+    policy: PolicySource,
     /// Set once this process handed the node over to a successor (upgrade): it keeps following
     /// the control plane, so the connections it still carries are re-checked against new
     /// policies, but it no longer writes the state directory's files, which are the
@@ -73,6 +68,7 @@ impl ConfigClient {
         credential_dir: &Path,
         trust_domain: &str,
         state_dir: PathBuf,
+        policy: PolicySource,
     ) -> Result<Self, ClientError> {
         let bad = |message: String| ClientError::Credential { dir: credential_dir.to_path_buf(), message };
         let read =
@@ -96,6 +92,7 @@ impl ConfigClient {
             server,
             state_dir,
             current: Current::default(),
+            policy,
             handed_over: Arc::default(),
         })
     }
@@ -106,11 +103,11 @@ impl ConfigClient {
 
     /// Puts the content saved on disk in force, if there is one (start-up while the control
     /// plane is unreachable). Returns whether it did.
-    pub async fn start_from_disk(&mut self, policy: &mut PolicySource) -> anyhow::Result<bool> {
+    pub async fn start_from_disk(&mut self) -> anyhow::Result<bool> {
         let Some(saved) = self.saved().load()? else { return Ok(false) };
         let delta = ResourceDelta::parse(true, saved.documents.iter().map(|(k, y)| (k.clone(), y.as_str())), vec![])
             .map_err(|e| anyhow::anyhow!("saved snapshot: {e}"))?;
-        let stats = policy.put_delta_in_force(delta, saved.identities.clone()).await?;
+        let stats = self.policy.put_delta_in_force(delta, saved.identities.clone()).await?;
         tracing::info!(version = %saved.version, generation = stats.generation, "started from the snapshot saved on disk");
         self.current = saved;
         Ok(true)
@@ -118,7 +115,7 @@ impl ConfigClient {
 
     /// Puts one response in force: journals it (unless handed over), compiles, switches the
     /// maps. On error nothing changed (the journal entry is taken back).
-    async fn take(&mut self, policy: &mut PolicySource, response: SnapshotResponse) -> anyhow::Result<()> {
+    async fn take(&mut self, response: SnapshotResponse) -> anyhow::Result<()> {
         let documents: Vec<(ResourceKey, String)> =
             response.documents.into_iter().map(|d| (key_from_wire(d.key.unwrap_or_default()), d.yaml)).collect();
         let removed: Vec<ResourceKey> = response.removed.into_iter().map(key_from_wire).collect();
@@ -170,7 +167,7 @@ impl ConfigClient {
             }
             (true, false) => Some(self.saved().append(&next, &documents, &removed)?),
         };
-        let stats = match policy.put_delta_in_force(delta, next.identities.clone()).await {
+        let stats = match self.policy.put_delta_in_force(delta, next.identities.clone()).await {
             Ok(stats) => stats,
             Err(e) => {
                 if let Some(entry) = journal {
@@ -185,99 +182,29 @@ impl ConfigClient {
         Ok(())
     }
 
-    /// Follows the control plane forever. `first` is told once the first snapshot is in force.
-    pub async fn run(mut self, mut policy: PolicySource, first: tokio::sync::oneshot::Sender<()>) {
-        let mut first = Some(first);
-        let mut backoff = BACKOFF_MIN;
-        for attempt in 0usize.. {
-            let addr = self.addrs[attempt % self.addrs.len()];
-            match self.session(addr, &mut policy, &mut first, &mut backoff).await {
-                Ok(()) => tracing::warn!(%addr, "control-plane stream closed; reconnecting"),
-                Err(e) => {
-                    tracing::warn!(error = %e, retry_ms = backoff.as_millis() as u64, "control plane unreachable; the last snapshot stays in force")
-                }
-            }
-            tokio::time::sleep(jitter(backoff)).await;
-            backoff = (backoff * 2).min(BACKOFF_MAX);
+    fn subscriber(&self) -> Subscriber {
+        Subscriber {
+            addrs: self.addrs.clone(),
+            name: self.node.clone(),
+            credential: self.credential.clone(),
+            bundle: self.bundle.clone(),
+            server: self.server.clone(),
         }
     }
+}
 
-    async fn session(
-        &mut self,
-        addr: SocketAddr,
-        policy: &mut PolicySource,
-        first: &mut Option<tokio::sync::oneshot::Sender<()>>,
-        backoff: &mut Duration,
-    ) -> Result<(), ClientError> {
-        let failed = |message: String| ClientError::Stream { addr, message };
-        let bundle = self.bundle.borrow().clone();
-        let config = client_config(Some(self.credential.clone()), &bundle, Some(self.server.clone()), &[b"h2"])
-            .map_err(|e| failed(e.to_string()))?;
-        let tls = tokio_rustls::TlsConnector::from(config);
-        let connector = tower::service_fn(move |_: tonic::transport::Uri| {
-            let tls = tls.clone();
-            async move {
-                let tcp = tokio::net::TcpStream::connect(addr).await?;
-                let stream = tls.connect(no_sni(), tcp).await?;
-                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(stream))
-            }
-        });
-        let channel = tonic::transport::Endpoint::from_static("http://control-plane")
-            .connect_timeout(CONNECT_TIMEOUT)
-            .http2_keep_alive_interval(Duration::from_secs(10))
-            .keep_alive_timeout(Duration::from_secs(5))
-            .connect_with_connector(connector)
-            .await
-            .map_err(|e| failed(format!("{e:?}")))?;
-        let mut client = SnapshotDiscoveryClient::new(channel)
-            .max_decoding_message_size(palisade_api::MAX_MESSAGE_BYTES)
-            .max_encoding_message_size(palisade_api::MAX_MESSAGE_BYTES);
-        let (tx, rx) = mpsc::channel(4);
-        let hello = SnapshotRequest {
-            node: self.node.clone(),
-            version_info: self.current.version.clone(),
-            ..Default::default()
-        };
-        tx.send(hello).await.map_err(|e| failed(e.to_string()))?;
-        let mut responses = client
-            .stream(tokio_stream::wrappers::ReceiverStream::new(rx))
-            .await
-            .map_err(|e| failed(e.to_string()))?
-            .into_inner();
-        tracing::info!(%addr, version = %self.current.version, "subscribed to the control plane");
-        *backoff = BACKOFF_MIN;
-        if !self.current.version.is_empty()
-            && let Some(first) = first.take()
-        {
-            let _ = first.send(());
-        }
-        while let Some(response) = responses.message().await.map_err(|e| failed(e.to_string()))? {
-            let mut answer = SnapshotRequest {
-                node: self.node.clone(),
-                response_nonce: response.nonce.clone(),
-                ..Default::default()
-            };
-            let version = response.version_info.clone();
-            match self.take(policy, response).await {
-                Ok(()) => {
-                    if let Some(first) = first.take() {
-                        let _ = first.send(());
-                    }
-                }
-                Err(e) => {
-                    let message = format!("{e:#}");
-                    tracing::error!(%version, error = %message, "snapshot rejected (NACK); the last good one stays in force");
-                    answer.error_detail = Some(ErrorDetail { message });
-                }
-            }
-            answer.version_info = self.current.version.clone();
-            tx.send(answer).await.map_err(|e| failed(e.to_string()))?;
-            // After the answer: folding the journal into the whole file is not on the path.
-            if !self.handed_over.load(Ordering::Relaxed) {
-                self.saved().compact_if_large(&self.current);
-            }
+impl Sink for ConfigClient {
+    async fn apply(&mut self, response: SnapshotResponse) -> Result<(), String> {
+        self.take(response).await.map_err(|e| format!("{e:#}"))?;
+        // Folding the journal into the whole file happens once it outgrows it: rarely.
+        if !self.handed_over.load(Ordering::Relaxed) {
+            self.saved().compact_if_large(&self.current);
         }
         Ok(())
+    }
+
+    fn version(&self) -> String {
+        self.current.version.clone()
     }
 }
 
@@ -286,7 +213,7 @@ impl ConfigClient {
 /// serves without a policy.
 pub async fn start(
     config: &crate::config::Config,
-    mut policy: PolicySource,
+    policy: PolicySource,
     handed_over: Arc<AtomicBool>,
     bundle: Option<watch::Receiver<TrustBundle>>,
 ) -> anyhow::Result<tokio::task::JoinHandle<()>> {
@@ -296,12 +223,13 @@ pub async fn start(
         &config.node_credential_dir,
         &config.trust_domain,
         config.state_dir.clone(),
+        policy,
     )?;
     client.handed_over = handed_over;
     if let Some(bundle) = bundle {
         client.bundle = bundle;
     }
-    let from_disk = match client.start_from_disk(&mut policy).await {
+    let from_disk = match client.start_from_disk().await {
         Ok(done) => done,
         Err(e) => {
             tracing::error!(error = %format!("{e:#}"), "saved snapshot unusable; waiting for the control plane");
@@ -309,7 +237,7 @@ pub async fn start(
         }
     };
     let (first, in_force) = tokio::sync::oneshot::channel();
-    let task = tokio::spawn(client.run(policy, first));
+    let task = tokio::spawn(client.subscriber().run(client, first));
     if !from_disk {
         tracing::info!(control_plane = ?config.control_plane, "waiting for the first snapshot");
         let _ = in_force.await;
@@ -317,8 +245,6 @@ pub async fn start(
     Ok(task)
 }
 
-/// Between half and all of `d`, so that nodes that lost the control plane together do not
-/// come back together.
 /// The wire's numbers, checked (each number given once, in the workload range): a bad table
 /// is NACKed rather than compiled.
 fn identities_from_wire(wire: Vec<palisade_api::v1::NumberedIdentity>) -> Result<Identities, IdentitiesError> {
@@ -330,11 +256,6 @@ fn identities_from_wire(wire: Vec<palisade_api::v1::NumberedIdentity>) -> Result
         };
         (labels, w.id)
     }))
-}
-
-fn jitter(d: Duration) -> Duration {
-    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |t| t.subsec_nanos());
-    d / 2 + d.mul_f64(f64::from(nanos % 1000) / 2000.0)
 }
 
 fn key_from_wire(k: palisade_api::v1::ResourceKey) -> ResourceKey {
