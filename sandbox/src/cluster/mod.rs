@@ -553,7 +553,9 @@ impl Cluster {
             ("palisade serve replica 1", "serve-1.log"),
         ];
         let others = others.map(|(name, file)| (name.to_string(), self.info.state_dir.join(file)));
-        for (name, log) in logs.chain(others) {
+        let waypoints =
+            self.info.waypoints.iter().map(|w| (format!("waypoint {}", w.name), self.waypoint_log(&w.name)));
+        for (name, log) in logs.chain(others).chain(waypoints) {
             let Ok(text) = std::fs::read_to_string(&log) else { continue };
             let lines: Vec<&str> = text.lines().collect();
             let tail = &lines[lines.len().saturating_sub(30)..];
