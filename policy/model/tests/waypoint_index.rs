@@ -1,6 +1,6 @@
 //! The waypoint index a snapshot carries (what ztunnel routes and accepts by) is the same from
 //! a full compile and from the incremental compiler, through changes to each kind it reads:
-//! a Service's label, the Gateway, a waypoint's Workload, an endpoint's Workload.
+//! a route's backends, the Gateway, a waypoint's Workload, an endpoint's Workload.
 use std::net::IpAddr;
 use std::path::Path;
 
@@ -55,6 +55,35 @@ fn incremental_and_full_compiles_give_the_same_waypoint_index() {
     assert!(!index.accepts_from(ip("10.0.2.1"), ip("10.0.1.2"), &format!("spiffe://{TD}/ns/front/sa/frontend")));
     // Not an endpoint of a Service the waypoint serves (the frontend is in `front`).
     assert!(!index.accepts_from(ip("10.0.4.1"), ip("10.0.1.2"), &waypoint_id));
+
+    // A route's backend may select workloads its Service does not: a tunnel to them from the
+    // waypoint is accepted too (here a canary Service, in a namespace without the label).
+    let extra = parse_str(
+        Path::new("canary.yaml"),
+        "apiVersion: v1\nkind: Namespace\nmetadata: {name: lab, labels: {}}\n---\n\
+         apiVersion: gateway.networking.k8s.io/v1\nkind: Gateway\nmetadata: {name: wp, namespace: lab}\n\
+         spec: {gatewayClassName: palisade-waypoint, listeners: [{name: mesh, port: 15008, protocol: HBONE}]}\n---\n\
+         apiVersion: palisade.dev/v1alpha1\nkind: Workload\nmetadata: {name: wp-0, namespace: lab}\n\
+         spec: {serviceAccount: wp, node: n1, addresses: [10.0.9.1], labels: {gateway.networking.k8s.io/gateway-name: wp}}\n---\n\
+         apiVersion: palisade.dev/v1alpha1\nkind: Workload\nmetadata: {name: api-0, namespace: lab}\n\
+         spec: {serviceAccount: api, node: n1, addresses: [10.0.9.2], labels: {app: api}}\n---\n\
+         apiVersion: palisade.dev/v1alpha1\nkind: Workload\nmetadata: {name: canary-0, namespace: lab}\n\
+         spec: {serviceAccount: api, node: n1, addresses: [10.0.9.3], labels: {app: canary}}\n---\n\
+         apiVersion: v1\nkind: Service\nmetadata: {name: api, namespace: lab, labels: {istio.io/use-waypoint: wp}}\n\
+         spec: {clusterIP: 10.96.9.1, selector: {app: api}, ports: [{port: 80}]}\n---\n\
+         apiVersion: v1\nkind: Service\nmetadata: {name: canary, namespace: lab}\n\
+         spec: {clusterIP: 10.96.9.2, selector: {app: canary}, ports: [{port: 80}]}\n---\n\
+         apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {name: api, namespace: lab}\n\
+         spec: {parentRefs: [{group: \"\", kind: Service, name: api}], rules: [{backendRefs: [{name: canary, port: 80}]}]}\n",
+    )
+    .expect("the canary resources parse");
+    let route = ResourceKey::of(&extra.last().unwrap().resource);
+    let lab_wp = format!("spiffe://{TD}/ns/lab/sa/wp");
+    let index = step(&mut compiler, extra, &[]);
+    assert!(index.accepts_from(ip("10.0.9.3"), ip("10.0.9.1"), &lab_wp), "the route's backend");
+    assert!(index.for_vip(ip("10.96.9.2")).is_none(), "the backend's own VIP is not behind the waypoint");
+    let index = step(&mut compiler, vec![], &[route]);
+    assert!(!index.accepts_from(ip("10.0.9.3"), ip("10.0.9.1"), &lab_wp), "no route, no backend");
 
     // The waypoint's Workload moves to another address.
     let mut moved = find(&resources, "Workload", "waypoint-0");

@@ -97,9 +97,9 @@ pub struct Compiler {
     /// The Allow policies that select each identity, per direction, in policy order: the
     /// first isolates it.
     isolators: HashMap<(Direction, u32), BTreeSet<Arc<PolicyKey>>>,
-    /// Gateways (the waypoint kinds the ztunnel's index reads), and that index: recomputed
-    /// only on an update with a Service, Gateway, Workload or Namespace, and only read at all
-    /// when some Gateway exists.
+    /// Gateways and HTTPRoutes (the waypoint kinds the ztunnel's index reads: waypoints, and
+    /// the backends their routes send to), and that index: recomputed only on an update with
+    /// one of the kinds it reads, and only read at all when some Gateway exists.
     gateways: BTreeMap<ResourceKey, Located>,
     waypoints: Arc<crate::waypoint::WaypointIndex>,
 }
@@ -267,7 +267,7 @@ impl Compiler {
                 changes.namespaces.insert(namespace_of(&located));
                 self.services.insert(key, located);
             }
-            Resource::Gateway { .. } => {
+            Resource::Gateway { .. } | Resource::HttpRoute { .. } => {
                 self.gateways.insert(key, located);
             }
             Resource::SegmentationPolicy { .. } | Resource::NetworkPolicy { .. } => {
@@ -445,7 +445,7 @@ impl Compiler {
     /// The waypoint index as [`super::compile_with`] computes it. Without a Gateway there is no
     /// waypoint, so nothing is read (the common case stays free at any scale).
     fn reindex_waypoints(&mut self) {
-        if self.gateways.is_empty() {
+        if !self.gateways.values().any(|l| matches!(l.resource, Resource::Gateway { .. })) {
             self.waypoints = Arc::default();
             return;
         }
@@ -482,7 +482,11 @@ impl Compiler {
 fn waypoint_input(r: &Resource) -> bool {
     matches!(
         r,
-        Resource::Service { .. } | Resource::Gateway { .. } | Resource::Workload { .. } | Resource::Namespace { .. }
+        Resource::Service { .. }
+            | Resource::Gateway { .. }
+            | Resource::HttpRoute { .. }
+            | Resource::Workload { .. }
+            | Resource::Namespace { .. }
     )
 }
 

@@ -98,17 +98,64 @@ pub fn waypoint_index(resources: &[Located], trust_domain: &str) -> WaypointInde
         workloads.sort_by(|a, b| a.workload.cmp(&b.workload));
         index.waypoints.insert(key.clone(), WaypointRef { name: key.clone(), workloads });
     }
-    for (meta, spec, vip) in services(resources) {
+    let services = services(resources);
+    for (meta, spec, vip) in &services {
         let ns = meta.namespace.as_deref().unwrap_or_default();
         let Ok(waypoint) = att.waypoint_of(ns, &meta.name) else { continue };
-        index.vips.insert(vip, waypoint.to_string());
+        index.vips.insert(*vip, waypoint.to_string());
         for (_, w) in selected(ns, spec, resources) {
             for a in &w.addresses {
                 index.endpoints.entry(canonical(*a)).or_default().insert(waypoint.to_string());
             }
         }
     }
+    route_backends(resources, &att, &services, &mut index);
     index
+}
+
+/// The backends (and mirrors) of routes on a served Service receive the waypoint's tunnels
+/// too, though they may select workloads the Service itself does not (validation keeps them
+/// Services of the route's namespace).
+fn route_backends(
+    resources: &[Located],
+    att: &Attachments<'_>,
+    services: &[(&Metadata, &ServiceSpec, IpAddr)],
+    index: &mut WaypointIndex,
+) {
+    for r in resources {
+        let Resource::HttpRoute { metadata, spec, .. } = &r.resource else { continue };
+        let ns = metadata.namespace.as_deref().unwrap_or_default();
+        let waypoints: BTreeSet<String> = spec
+            .parent_refs
+            .iter()
+            .filter(|p| {
+                p.kind() == "Service"
+                    && matches!(p.group(), "" | "core")
+                    && p.namespace.as_deref().is_none_or(|n| n == ns)
+            })
+            .filter_map(|p| att.waypoint_of(ns, &p.name).ok().map(str::to_string))
+            .collect();
+        if waypoints.is_empty() {
+            continue;
+        }
+        let mirrors = |rule: &HttpRouteRule| -> Vec<String> {
+            rule.filters.iter().filter_map(|f| f.request_mirror.as_ref().map(|m| m.backend_ref.name.clone())).collect()
+        };
+        let names: BTreeSet<String> = spec
+            .rules
+            .iter()
+            .flat_map(|rule| rule.backend_refs.iter().map(|b| b.name.clone()).chain(mirrors(rule)))
+            .collect();
+        for (_, svc, _) in
+            services.iter().filter(|(m, _, _)| m.namespace.as_deref() == Some(ns) && names.contains(&m.name))
+        {
+            for (_, w) in selected(ns, svc, resources) {
+                for a in &w.addresses {
+                    index.endpoints.entry(canonical(*a)).or_default().extend(waypoints.iter().cloned());
+                }
+            }
+        }
+    }
 }
 
 /// Services with a virtual address, in `namespace/name` order.
