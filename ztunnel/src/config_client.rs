@@ -40,7 +40,8 @@ pub struct Current {
     pub version: String,
     pub digest: String,
     pub documents: BTreeMap<ResourceKey, String>,
-    pub identities: Identities,
+    /// Shared with the compiler: 10,000 identities are not copied per change.
+    pub identities: Arc<Identities>,
 }
 
 pub struct ConfigClient {
@@ -119,37 +120,20 @@ impl ConfigClient {
         let documents: Vec<(ResourceKey, String)> =
             response.documents.into_iter().map(|d| (key_from_wire(d.key.unwrap_or_default()), d.yaml)).collect();
         let removed: Vec<ResourceKey> = response.removed.into_iter().map(key_from_wire).collect();
-        let wire = identities_from_wire(response.identities);
-        let identities = match response.full {
-            true => wire,
-            // A delta carries the numbers this stream has not carried before.
-            false => wire.and_then(|new| {
-                Identities::new(
-                    self.current
-                        .identities
-                        .iter()
-                        .map(|(l, n)| (l.clone(), n))
-                        .chain(new.iter().map(|(l, n)| (l.clone(), n))),
-                )
-            }),
-        }
-        .map_err(|e| anyhow::anyhow!("identity numbers: {e}"))?;
-        let mut next = Current {
-            version: response.version_info,
-            digest: response.content_digest,
-            documents: match response.full {
-                true => BTreeMap::new(),
-                false => self.current.documents.clone(),
-            },
-            identities,
+        let wire = identities_from_wire(response.identities).map_err(|e| anyhow::anyhow!("identity numbers: {e}"))?;
+        let identities = match (response.full, wire.is_empty()) {
+            (true, _) => Arc::new(wire.clone()),
+            // A delta carries the numbers this stream has not carried before (most carry none).
+            (false, true) => self.current.identities.clone(),
+            (false, false) => {
+                let all = self.current.identities.iter().chain(wire.iter()).map(|(l, n)| (l.clone(), n));
+                Arc::new(Identities::new(all).map_err(|e| anyhow::anyhow!("identity numbers: {e}"))?)
+            }
         };
-        for key in &removed {
-            next.documents.remove(key);
-        }
-        next.documents.extend(documents.iter().cloned());
+        let (version, digest) = (response.version_info, response.content_digest);
         // The same content under a new version (a restarted server): nothing to rewrite.
-        if response.full && !next.digest.is_empty() && next.digest == self.current.digest {
-            self.current = next;
+        if response.full && !digest.is_empty() && digest == self.current.digest {
+            self.current.version = version;
             return Ok(());
         }
         let delta = ResourceDelta::parse(
@@ -162,12 +146,18 @@ impl ConfigClient {
         let journal = match (writes, response.full) {
             (false, _) => None,
             (true, true) => {
-                self.saved().save_whole(&next)?;
+                let whole = Current {
+                    version: version.clone(),
+                    digest: digest.clone(),
+                    documents: documents.iter().cloned().collect(),
+                    identities: identities.clone(),
+                };
+                self.saved().save_whole(&whole)?;
                 None
             }
-            (true, false) => Some(self.saved().append(&next, &documents, &removed)?),
+            (true, false) => Some(self.saved().append((&version, &digest), &documents, &removed, &wire)?),
         };
-        let stats = match self.policy.put_delta_in_force(delta, next.identities.clone()).await {
+        let stats = match self.policy.put_delta_in_force(delta, identities.clone()).await {
             Ok(stats) => stats,
             Err(e) => {
                 if let Some(entry) = journal {
@@ -176,9 +166,17 @@ impl ConfigClient {
                 return Err(e);
             }
         };
-        tracing::info!(version = %next.version, generation = stats.generation, cells = stats.cells,
+        tracing::info!(%version, generation = stats.generation, cells = stats.cells,
             compile_ms = stats.compile_ms, apply_ms = stats.elapsed_ms, "snapshot from the control plane in force");
-        self.current = next;
+        // In force: the documents change in place (a copy of 20,000 of them per change costs).
+        if response.full {
+            self.current.documents.clear();
+        }
+        for key in &removed {
+            self.current.documents.remove(key);
+        }
+        self.current.documents.extend(documents);
+        (self.current.version, self.current.digest, self.current.identities) = (version, digest, identities);
         Ok(())
     }
 

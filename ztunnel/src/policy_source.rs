@@ -198,7 +198,7 @@ impl PolicySource {
     pub async fn put_delta_in_force(
         &mut self,
         delta: ResourceDelta,
-        identities: Identities,
+        identities: Arc<Identities>,
     ) -> anyhow::Result<ApplyStats> {
         self.switch(move |pushed| {
             let (snapshot, undo) = pushed.apply(delta, identities);

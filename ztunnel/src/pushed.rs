@@ -62,7 +62,7 @@ pub struct Undo {
     full: Option<BTreeMap<ResourceKey, Located>>,
     /// Each key the delta touched, with what it held before (None: absent).
     before: Vec<(ResourceKey, Option<Located>)>,
-    identities: Identities,
+    identities: Arc<Identities>,
 }
 
 /// The resources, and the incremental compiler that holds what their last snapshot was made
@@ -70,12 +70,12 @@ pub struct Undo {
 pub struct Pushed {
     resources: BTreeMap<ResourceKey, Located>,
     compiler: Compiler,
-    identities: Identities,
+    identities: Arc<Identities>,
 }
 
 impl Pushed {
     pub fn new(trust_domain: &str) -> Self {
-        Pushed { resources: BTreeMap::new(), compiler: Compiler::new(trust_domain), identities: Identities::default() }
+        Pushed { resources: BTreeMap::new(), compiler: Compiler::new(trust_domain), identities: Arc::default() }
     }
 
     pub fn len(&self) -> usize {
@@ -88,7 +88,7 @@ impl Pushed {
 
     /// Changes the resources by `delta`, compiles them with `identities`, and returns the
     /// snapshot with what puts everything back ([`Self::undo`]).
-    pub fn apply(&mut self, delta: ResourceDelta, identities: Identities) -> (Arc<Snapshot>, Undo) {
+    pub fn apply(&mut self, delta: ResourceDelta, identities: Arc<Identities>) -> (Arc<Snapshot>, Undo) {
         let previous = std::mem::replace(&mut self.identities, identities);
         let (upserts, removals, undo) = match delta.full {
             true => {
@@ -185,7 +185,7 @@ mod tests {
         let mut pushed = Pushed::new("cluster.local");
         let (a, w) = (doc("a", "x"), workload("w", "10.0.0.1"));
         let full = ResourceDelta::parse(true, [(key("a"), a.as_str()), (wkey("w"), w.as_str())], vec![]).unwrap();
-        let (first, _) = pushed.apply(full, Identities::default());
+        let (first, _) = pushed.apply(full, Arc::default());
         let before = names(&pushed);
         let addr = "10.0.0.1".parse().unwrap();
         assert!(first.identity_of(addr) >= palisade_model::compile::FIRST_WORKLOAD_IDENTITY);
@@ -193,14 +193,14 @@ mod tests {
         let (a2, v) = (doc("a", "y"), workload("v", "10.0.0.2"));
         let delta =
             ResourceDelta::parse(false, [(key("a"), a2.as_str()), (wkey("v"), v.as_str())], vec![wkey("w")]).unwrap();
-        let (second, undo) = pushed.apply(delta, Identities::default());
+        let (second, undo) = pushed.apply(delta, Arc::default());
         assert_eq!(second.identity_of(addr), palisade_ebpf_common::IDENTITY_WORLD, "w is gone");
         let after = names(&pushed);
         assert_eq!(after.len(), 2);
         assert!(after[0].contains("team: y"), "{after:?}");
         pushed.undo(undo);
         assert_eq!(names(&pushed), before, "the undo puts back exactly what was there");
-        let (again, _) = pushed.apply(ResourceDelta::default(), Identities::default());
+        let (again, _) = pushed.apply(ResourceDelta::default(), Arc::default());
         assert_eq!(again.identity_of(addr), first.identity_of(addr), "and the compiler with them");
     }
 

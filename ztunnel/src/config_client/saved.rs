@@ -7,6 +7,7 @@
 use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use palisade_model::compile::Identities;
 use palisade_model::key::ResourceKey;
@@ -44,8 +45,9 @@ struct Entry {
     digest: String,
     put: Vec<Doc>,
     removed: Vec<ResourceKey>,
-    /// Every number after the delta (a few hundred bytes per hundred identities).
-    identities: Identities,
+    /// The numbers the delta added (a number never changes, so replay adds them).
+    #[serde(default)]
+    added: Identities,
 }
 
 /// Where an appended entry starts, to take it back.
@@ -74,7 +76,7 @@ impl SavedFiles {
             version: whole.version,
             digest: whole.digest,
             documents: whole.documents.into_iter().map(|d| (d.key, d.yaml)).collect(),
-            identities: whole.identities,
+            identities: Arc::new(whole.identities),
         };
         if let Some(yaml) = whole.resources_yaml {
             current.documents = split_legacy(&self.whole, &yaml)?;
@@ -96,7 +98,10 @@ impl SavedFiles {
             current.documents.extend(entry.put.into_iter().map(|d| (d.key, d.yaml)));
             current.version = entry.version;
             current.digest = entry.digest;
-            current.identities = entry.identities;
+            if !entry.added.is_empty() {
+                let all = current.identities.iter().chain(entry.added.iter()).map(|(l, n)| (l.clone(), n));
+                current.identities = Arc::new(Identities::new(all)?);
+            }
         }
         Ok(Some(current))
     }
@@ -107,7 +112,7 @@ impl SavedFiles {
             version: current.version.clone(),
             digest: current.digest.clone(),
             documents: current.documents.iter().map(|(k, y)| Doc { key: k.clone(), yaml: y.clone() }).collect(),
-            identities: current.identities.clone(),
+            identities: (*current.identities).clone(),
             resources_yaml: None,
         };
         let tmp = self.whole.with_extension("tmp");
@@ -123,19 +128,21 @@ impl SavedFiles {
         Ok(())
     }
 
-    /// Appends one delta (`next` is the content after it).
+    /// Appends one delta: the version and digest after it, what it puts and removes, the
+    /// numbers it adds.
     pub fn append(
         &self,
-        next: &Current,
+        (version, digest): (&str, &str),
         put: &[(ResourceKey, String)],
         removed: &[ResourceKey],
+        added: &Identities,
     ) -> anyhow::Result<Appended> {
         let entry = Entry {
-            version: next.version.clone(),
-            digest: next.digest.clone(),
+            version: version.into(),
+            digest: digest.into(),
             put: put.iter().map(|(k, y)| Doc { key: k.clone(), yaml: y.clone() }).collect(),
             removed: removed.to_vec(),
-            identities: next.identities.clone(),
+            added: added.clone(),
         };
         let mut line = serde_json::to_vec(&entry)?;
         line.push(b'\n');
@@ -192,12 +199,9 @@ mod tests {
         current.documents.insert(key("a"), "a: 1\n".into());
         files.save_whole(&current).unwrap();
 
-        current.version = "2".into();
-        current.documents.insert(key("b"), "b: 1\n".into());
-        files.append(&current, &[(key("b"), "b: 1\n".into())], &[]).unwrap();
-        current.version = "3".into();
-        current.documents.remove(&key("a"));
-        let third = files.append(&current, &[], &[key("a")]).unwrap();
+        let none = Identities::default();
+        files.append(("2", "d2"), &[(key("b"), "b: 1\n".into())], &[], &none).unwrap();
+        let third = files.append(("3", "d3"), &[], &[key("a")], &none).unwrap();
         let loaded = files.load().unwrap().unwrap();
         assert_eq!(loaded.version, "3");
         assert_eq!(loaded.documents.keys().cloned().collect::<Vec<_>>(), [key("b")]);

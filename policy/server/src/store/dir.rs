@@ -134,6 +134,13 @@ impl Inner {
         let managed_dir = self.root.join(MANAGED);
         // Only the batch's keys are looked up among resources defined elsewhere (borrowed,
         // so a large store costs no allocation per resource).
+        let names: HashSet<String> = changes
+            .iter()
+            .map(|c| match c {
+                Change::Put(r) => r.metadata().name.clone(),
+                Change::Delete(k) => k.name.clone(),
+            })
+            .collect();
         let touched: HashSet<(String, Option<String>, String)> = changes
             .iter()
             .map(|c| match c {
@@ -150,6 +157,9 @@ impl Inner {
                 continue;
             }
             let meta = resource.metadata();
+            if !names.contains(&meta.name) {
+                continue;
+            }
             let key = (resource.kind().to_string(), meta.namespace.clone(), meta.name.clone());
             if touched.contains(&key) {
                 elsewhere.insert(ResourceKey::of(resource), origin.to_string());
@@ -275,11 +285,21 @@ mod identities;
 #[cfg(test)]
 mod tests;
 
-/// The store's files as last parsed, by path: a file whose text did not change is not parsed
-/// again (a `git pull` into a 10,000-workload repository re-parses the files it changed, and
-/// an `apply` none but its own).
+/// The store's files as last parsed, by path: a file whose metadata (inode, size, change and
+/// modification times) did not move is not read again (a `git pull` into a 10,000-workload
+/// repository re-parses the files it changed, and an `apply` none but its own). Writers of
+/// this directory replace files by renaming (git, ConfigMap updates, `apply`), which gives a
+/// new inode.
 #[derive(Default)]
-struct Parsed(std::collections::HashMap<PathBuf, (u64, Arc<Vec<Located>>)>);
+struct Parsed(std::collections::HashMap<PathBuf, (FileStamp, Arc<Vec<Located>>)>);
+
+type FileStamp = (u64, u64, i64, i64, i64, i64);
+
+fn stamp(file: &Path) -> Option<FileStamp> {
+    use std::os::unix::fs::MetadataExt;
+    let m = std::fs::metadata(file).ok()?;
+    Some((m.ino(), m.size(), m.mtime(), m.mtime_nsec(), m.ctime(), m.ctime_nsec()))
+}
 
 impl Parsed {
     /// Every file of `root` (the loader's rules), each file's resources in file order.
@@ -287,19 +307,15 @@ impl Parsed {
         let mut next = std::collections::HashMap::new();
         let mut out = Vec::new();
         for file in load::policy_files(std::slice::from_ref(&root.to_path_buf()))? {
-            let text = load::read_bounded(&file)?;
-            let hash = {
-                use std::hash::{Hash, Hasher};
-                let mut h = std::collections::hash_map::DefaultHasher::new();
-                text.hash(&mut h);
-                h.finish()
-            };
-            let parsed = match self.0.get(&file) {
-                Some((seen, parsed)) if *seen == hash => parsed.clone(),
-                _ => Arc::new(load::parse_str(&file, &text)?),
+            let seen = stamp(&file);
+            let parsed = match (self.0.get(&file), seen) {
+                (Some((before, parsed)), Some(now)) if *before == now => parsed.clone(),
+                _ => Arc::new(load::parse_str(&file, &load::read_bounded(&file)?)?),
             };
             out.push(parsed.clone());
-            next.insert(file, (hash, parsed));
+            if let Some(now) = seen {
+                next.insert(file, (now, parsed));
+            }
         }
         self.0 = next;
         Ok(out)
