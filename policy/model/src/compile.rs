@@ -204,6 +204,19 @@ pub struct Snapshot {
     /// connection to a Service, and whose tunnels an endpoint's ztunnel accepts for it.
     #[serde(serialize_with = "shared")]
     pub waypoints: Arc<crate::waypoint::WaypointIndex>,
+    /// What may differ from the snapshot the same [`Compiler`] built before this one (`None`:
+    /// unknown, compare everything). The kernel write reads it to diff only what moved.
+    #[serde(skip)]
+    pub changed: Option<Arc<Changed>>,
+}
+
+/// The cells that may differ from the previous snapshot of a [`Compiler`], and whether
+/// anything the kernel's address table holds may (identities, their default flags, address
+/// blocks, VIPs).
+#[derive(Clone, Debug, Default)]
+pub struct Changed {
+    pub cells: Vec<CellKey>,
+    pub addresses: bool,
 }
 
 impl Default for Snapshot {
@@ -224,6 +237,7 @@ impl Default for Snapshot {
             addresses: Arc::default(),
             workload_at: Arc::default(),
             waypoints: Arc::default(),
+            changed: None,
         }
     }
 }

@@ -5,13 +5,13 @@
 //! An image is exact: it is built from what was written (or read back from the kernel when
 //! this process does not know, after a start or a failed write), so the difference is the
 //! whole and only work of a switch.
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 use aya::maps::lpm_trie::Key;
 use aya::maps::{HashMap as BpfHashMap, LpmTrie, MapData};
 use palisade_ebpf_common::*;
 use palisade_model::Snapshot;
-use palisade_model::compile::{Cell, CellKey, Direction};
+use palisade_model::compile::{Cell, CellKey, Changed, Direction};
 
 use super::{KernelError, map_err};
 
@@ -78,7 +78,42 @@ pub(super) fn identities_of(snapshot: &Snapshot) -> HashMap<IdKey, IdentityValue
         .collect()
 }
 
+/// What may have moved in a bank since it was written: the cells named by the compiler's
+/// change sets since, and whether the address table may have.
+#[derive(Debug, Default)]
+pub(super) struct Pending {
+    cells: HashSet<CellKey>,
+    addresses: bool,
+}
+
+impl Pending {
+    pub fn and(mut self, changed: &Changed) -> Pending {
+        self.cells.extend(changed.cells.iter().copied());
+        self.addresses |= changed.addresses;
+        self
+    }
+}
+
 impl Image {
+    /// The writes that bring this image to `snapshot`, looking only at what `moved` names
+    /// (the address table whole when it may have moved: 10,000 entries, not 100,000 cells).
+    pub fn changes_in(&self, moved: &Pending, snapshot: &Snapshot) -> Changes {
+        let mut changes = Changes::default();
+        if moved.addresses {
+            let ids = identities_of(snapshot);
+            changes.ids_delete = self.ids.keys().filter(|k| !ids.contains_key(*k)).copied().collect();
+            changes.ids_put = ids.iter().filter(|(k, v)| self.ids.get(*k) != Some(*v)).map(|(k, v)| (*k, *v)).collect();
+        }
+        for key in &moved.cells {
+            match (snapshot.cells.get(key).map(cell_value), self.cells.get(key)) {
+                (Some(new), old) if old != Some(&new) => changes.cells_put.push((*key, new)),
+                (None, Some(_)) => changes.cells_delete.push(*key),
+                _ => {}
+            }
+        }
+        changes
+    }
+
     /// The writes that make this image hold `ids` and `cells` (a snapshot's): O(size) lookups
     /// in user space, and only the differences for the kernel.
     pub fn changes_to(&self, ids: &HashMap<IdKey, IdentityValue>, cells: &HashMap<CellKey, Cell>) -> Changes {
@@ -285,5 +320,97 @@ mod tests {
         assert_eq!(cell_key(&PolicyKey { proto: 17, ..p }), None);
         let ip = ip_key(0, (120, [1, 2, 3, 4]));
         assert_eq!((ip.prefix_len(), ip.data().bank), (152, 0));
+    }
+
+    fn located(text: &str) -> palisade_model::load::Located {
+        palisade_model::load::parse_str(std::path::Path::new("t.yaml"), text).unwrap().remove(0)
+    }
+
+    /// The kernel write driven by the compiler's change sets (two banks, each brought from two
+    /// snapshots back) leaves every bank exactly as a full comparison would, along a run of
+    /// policy, workload, namespace and Service changes.
+    #[test]
+    fn diffing_only_what_the_compiler_says_moved_writes_what_a_full_diff_writes() {
+        use palisade_model::compile::{Compiler, Identities};
+        use palisade_model::key::ResourceKey;
+        let workload = |n: usize, app: &str| {
+            located(&format!(
+                "apiVersion: palisade.dev/v1alpha1\nkind: Workload\nmetadata: {{name: w{n}, namespace: ns{}}}\n\
+                 spec: {{serviceAccount: sa{n}, node: n, labels: {{app: {app}}}, addresses: [10.0.{}.{}], \
+                 ports: [{{name: http, containerPort: 8080}}]}}\n",
+                n % 2,
+                n / 200,
+                n % 200 + 1
+            ))
+        };
+        let policy = |k: usize, port: u16, action: &str, egress: bool| {
+            let rules = match egress {
+                true => format!("  egress:\n  - to: [{{service: web}}]\n    ports: [{port}]\n"),
+                false => format!("  rules:\n  - from: [{{namespace: ns1}}]\n    ports: [{port}]\n"),
+            };
+            located(&format!(
+                "apiVersion: palisade.dev/v1alpha1\nkind: SegmentationPolicy\nmetadata: {{name: p{k}, namespace: ns0}}\n\
+                 spec:\n  selector: {{matchLabels: {{app: a{}}}}}\n  action: {action}\n{rules}",
+                k % 3
+            ))
+        };
+        let service = located(
+            "apiVersion: v1\nkind: Service\nmetadata: {name: web, namespace: ns0}\n\
+             spec: {clusterIP: 10.96.0.1, selector: {app: a1}, ports: [{port: 80, targetPort: http}]}\n",
+        );
+        let namespace = |label: &str| {
+            located(&format!("apiVersion: v1\nkind: Namespace\nmetadata: {{name: ns1, labels: {{team: {label}}}}}\n"))
+        };
+        let mut compiler = Compiler::new("cluster.local");
+        let numbers = Identities::default();
+        let mut exact: [Option<Image>; 2] = [None, None];
+        let mut driven: [Option<Image>; 2] = [None, None];
+        let mut pending: [Option<Pending>; 2] = [None, None];
+        let mut seed = 7u64;
+        let mut next = |n: u64| {
+            seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            (seed >> 33) % n
+        };
+        for step in 0..120usize {
+            let (upserts, removals): (Vec<_>, Vec<ResourceKey>) = match (step, next(6)) {
+                (0, _) => {
+                    ((0..40).map(|n| workload(n, ["a0", "a1", "a2"][n % 3])).chain([service.clone()]).collect(), vec![])
+                }
+                (_, 0) => (vec![workload(next(50) as usize, ["a0", "a1", "a2"][next(3) as usize])], vec![]),
+                (_, 1) => (vec![], vec![ResourceKey::of(&workload(next(50) as usize, "a0").resource)]),
+                (_, 2) => (vec![namespace(["x", "y"][next(2) as usize])], vec![]),
+                (_, 3) => (vec![], vec![ResourceKey::of(&policy(next(6) as usize, 0, "Allow", false).resource)]),
+                _ => {
+                    let k = next(6) as usize;
+                    let action = ["Allow", "Deny"][next(2) as usize];
+                    (vec![policy(k, 8000 + next(3) as u16, action, k.is_multiple_of(2))], vec![])
+                }
+            };
+            let snapshot = compiler.update(upserts, &removals, &numbers);
+            let b = step % 2;
+            // The full comparison.
+            let mut full = exact[b].take().unwrap_or_default();
+            let changes = full.changes_to(&identities_of(&snapshot), &snapshot.cells);
+            full.apply(&changes);
+            // The driven one, as PolicyMaps::apply does it.
+            let mut image = driven[b].take().unwrap_or_default();
+            let moved = match (pending[b].take(), snapshot.changed.as_deref()) {
+                (Some(p), Some(c)) => Some(p.and(c)),
+                _ => None,
+            };
+            let changes = match &moved {
+                Some(m) => image.changes_in(m, &snapshot),
+                None => image.changes_to(&identities_of(&snapshot), &snapshot.cells),
+            };
+            image.apply(&changes);
+            assert_eq!(image, full, "step {step}: the driven bank differs from the full comparison");
+            pending[b] = Some(Pending::default());
+            pending[1 - b] = match (pending[1 - b].take(), snapshot.changed.as_deref()) {
+                (Some(p), Some(c)) => Some(p.and(c)),
+                _ => None,
+            };
+            exact[b] = Some(full);
+            driven[b] = Some(image);
+        }
     }
 }

@@ -28,7 +28,7 @@ use aya::maps::{Array, HashMap, LpmTrie, MapData};
 use palisade_ebpf_common::*;
 use palisade_model::Snapshot;
 
-use super::policy_banks::{self, Image};
+use super::policy_banks::{self, Image, Pending};
 use super::{KernelError, map_err};
 
 /// Time given to programs that read the generation before the last switch to finish their
@@ -76,6 +76,9 @@ pub struct PolicyMaps {
     flags: u32,
     /// What each bank holds; `None` when this process does not know (read back before writing).
     banks: [Option<Image>; 2],
+    /// Per bank, what may have moved since it was last written, from the compiler's change
+    /// sets (`None`: unknown, diff everything).
+    pending: [Option<Pending>; 2],
     /// When this process last switched; `None` before its first switch (a predecessor may have
     /// switched a moment ago).
     last_switch: Option<Instant>,
@@ -102,6 +105,7 @@ impl PolicyMaps {
             generation,
             flags,
             banks: [None, None],
+            pending: [None, None],
             last_switch: None,
             retired: Arc::default(),
         }
@@ -142,18 +146,32 @@ impl PolicyMaps {
             Some(image) => (image, false),
             None => (policy_banks::read_back(&mut self.identities, &mut self.cells, bank)?, true),
         };
-        let ids = policy_banks::identities_of(snapshot);
-        let changes = image.changes_to(&ids, &snapshot.cells);
+        // What moved since this bank was written: its own pending set and this snapshot's
+        // change set; without both (file mode, a start, a failure), everything is compared.
+        let b = bank as usize;
+        let moved = match (self.pending[b].take().filter(|_| !read_back), snapshot.changed.as_deref()) {
+            (Some(pending), Some(changed)) => Some(pending.and(changed)),
+            _ => None,
+        };
+        let changes = match &moved {
+            Some(moved) => image.changes_in(moved, snapshot),
+            None => image.changes_to(&policy_banks::identities_of(snapshot), &snapshot.cells),
+        };
         policy_banks::write(&mut self.identities, &mut self.cells, bank, &changes)?;
         image.apply(&changes);
-        self.banks[bank as usize] = Some(image);
+        self.banks[b] = Some(image);
+        self.pending[b] = Some(Pending::default());
+        self.pending[1 - b] = match (self.pending[1 - b].take(), snapshot.changed.as_deref()) {
+            (Some(pending), Some(changed)) => Some(pending.and(changed)),
+            _ => None,
+        };
         // The switch. Should it fail, the bank written stays as the image says, not in force.
         self.config.set(0, Config { generation, flags: self.flags }, 0).map_err(map_err("CONFIG"))?;
         self.last_switch = Some(Instant::now());
         self.generation = generation;
         Ok(ApplyStats {
             generation,
-            identities: ids.len(),
+            identities: image_len(&self.banks[b]),
             cells: snapshot.cells.len(),
             written: changes.written(),
             deleted: changes.deleted(),
@@ -167,4 +185,8 @@ impl PolicyMaps {
     pub fn generation(&self) -> u32 {
         self.generation
     }
+}
+
+fn image_len(image: &Option<Image>) -> usize {
+    image.as_ref().map_or(0, |i| i.ids.len())
 }

@@ -299,7 +299,7 @@ pub fn compile_with(resources: &[Located], trust_domain: &str, numbered: &Identi
     snapshot.rules = Rules::new(&snapshot.policies);
     service_entries(&mut snapshot, resources.iter());
     compile_cells(&mut snapshot);
-    super::services::service_cells(&mut snapshot);
+    let _ = super::services::service_cells(&mut snapshot);
     snapshot.waypoints = Arc::new(crate::waypoint::waypoint_index(resources, trust_domain));
     snapshot
 }

@@ -33,7 +33,7 @@ use super::build::{Draft, base, drafts_of, identity_labels, service_entries};
 use super::cells::{Contribution, Index, contribute, dependencies};
 use super::numbers::{CidrNumbers, RuleNumbers};
 use super::{
-    Cell, CellKey, CidrIdentity, Direction, Identities, Identity, IdentityLabels, PolicyEntry, Rules, Snapshot,
+    Cell, CellKey, Changed, CidrIdentity, Direction, Identities, Identity, IdentityLabels, PolicyEntry, Rules, Snapshot,
 };
 
 mod isolation;
@@ -92,6 +92,8 @@ pub struct Compiler {
     contributors: HashMap<CellKey, Vec<Contributor>>,
     cells: HashMap<CellKey, Cell>,
     approximations: BTreeMap<String, usize>,
+    /// The VIP cells of the last snapshot (computed again on every update).
+    service_cells: Vec<CellKey>,
     /// `base.identities` with isolation.
     identities: Arc<BTreeMap<u32, Arc<Identity>>>,
     /// The Allow policies that select each identity, per direction, in policy order: the
@@ -147,6 +149,7 @@ impl Compiler {
             cells: HashMap::new(),
             approximations: BTreeMap::new(),
             identities: Arc::default(),
+            service_cells: Vec::new(),
             isolators: HashMap::new(),
             gateways: BTreeMap::new(),
             waypoints: Arc::default(),
@@ -196,7 +199,8 @@ impl Compiler {
             }
             changes.base = true;
         }
-        if self.cidrs.settle() {
+        let blocks_moved = self.cidrs.settle();
+        if blocks_moved {
             self.base.cidrs = Arc::new(self.cidrs.iter().map(|(cidr, id)| CidrIdentity { id, cidr }).collect());
             changes.policies.extend(self.everywhere.iter().cloned());
         }
@@ -213,9 +217,11 @@ impl Compiler {
         for key in std::mem::take(&mut changes.policies) {
             self.recontribute(&key, &mut changes);
         }
-        for key in std::mem::take(&mut changes.touched) {
-            self.merge(key);
+        let touched: Vec<CellKey> = std::mem::take(&mut changes.touched).into_iter().collect();
+        for key in &touched {
+            self.merge(*key);
         }
+        let addresses = changes.base || changes.services || blocks_moved || !changes.isolation.is_empty();
         if reindex {
             self.reindex_waypoints();
         }
@@ -223,7 +229,7 @@ impl Compiler {
             true => self.isolate_all(&old_base, &changes.isolation),
             false => self.isolate(&changes.isolation),
         }
-        Arc::new(self.snapshot())
+        Arc::new(self.snapshot(touched, addresses))
     }
 
     fn remove(&mut self, key: &ResourceKey, changes: &mut Changes) {
@@ -454,7 +460,9 @@ impl Compiler {
         self.waypoints = Arc::new(crate::waypoint::waypoint_index(&resources, &self.trust_domain));
     }
 
-    fn snapshot(&self) -> Snapshot {
+    /// The snapshot, with what may differ from the previous one: the cells merged again, the
+    /// VIP cells of both, and whether the address table moved.
+    fn snapshot(&mut self, mut cells: Vec<CellKey>, addresses: bool) -> Snapshot {
         let policies: Vec<Arc<PolicyEntry>> = self.policies.values().map(|s| s.entry.clone()).collect();
         let mut snapshot = Snapshot {
             trust_domain: self.trust_domain.clone(),
@@ -472,8 +480,12 @@ impl Compiler {
             services: self.base.services.clone(),
             service_index: self.base.service_index.clone(),
             service_ids: self.base.service_ids.clone(),
+            changed: None,
         };
-        super::services::service_cells(&mut snapshot);
+        let service_cells = super::services::service_cells(&mut snapshot);
+        cells.extend(std::mem::replace(&mut self.service_cells, service_cells.clone()));
+        cells.extend(service_cells);
+        snapshot.changed = Some(Arc::new(Changed { cells, addresses }));
         snapshot
     }
 }

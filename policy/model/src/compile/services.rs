@@ -158,9 +158,10 @@ pub fn compile_services<'a>(resources: impl IntoIterator<Item = &'a Located> + C
 /// allowed ones; when it allows none, the egress default denies an isolated source, and a Deny
 /// cell the rest (a Deny rule on every endpoint). The kernel reads no wildcard cell for a VIP,
 /// so these decide alone, and allow whenever the exact evaluation allows some endpoint.
-pub(super) fn service_cells(snapshot: &mut Snapshot) {
+/// Returns the keys it wrote.
+pub(super) fn service_cells(snapshot: &mut Snapshot) -> Vec<CellKey> {
     if snapshot.services.is_empty() {
-        return;
+        return vec![];
     }
     let mut cells = Vec::new();
     let egress: Vec<_> = snapshot.policies.iter().filter(|p| p.direction == Direction::Egress).collect();
@@ -191,7 +192,9 @@ pub(super) fn service_cells(snapshot: &mut Snapshot) {
             }
         }
     }
+    let keys = cells.iter().map(|(k, _)| *k).collect();
     snapshot.cells.extend(cells);
+    keys
 }
 
 impl Snapshot {
