@@ -8,6 +8,8 @@
 //! palisade-probe connrate --to IP:PORT --duration-ms D [--size S]
 //! palisade-probe connect-timing --to IP:PORT --count N
 //! palisade-probe http-serve … | http-get …            HTTP/1.1 (see `http`)
+//! palisade-probe http-serve-x … | http-many … | slowloris …  resilience tests (see `http_more`)
+//! palisade-probe h2-serve … | h2-get …                 gRPC-shaped HTTP/2 (see `grpc`)
 //! ```
 //! The last three are the benchmark's load generators (see `load.rs`).
 //! `connect` sends N bytes of a deterministic pattern (one 64 KiB chunk every P ms when
@@ -22,7 +24,9 @@ use std::time::{Duration, Instant};
 
 use serde_json::json;
 
+mod grpc;
 mod http;
+mod http_more;
 mod load;
 
 fn pattern(i: u64) -> u8 {
@@ -52,6 +56,11 @@ fn main() {
         Some("connect-timing") => println!("{}", load::connect_timing(&args)),
         Some("http-serve") => http::serve(&args),
         Some("http-get") => println!("{}", http::get(&args)),
+        Some("http-serve-x") => http_more::serve(&args),
+        Some("http-many") => println!("{}", http_more::many(&args)),
+        Some("slowloris") => println!("{}", http_more::slowloris(&args)),
+        Some("h2-serve") => grpc::serve(&args),
+        Some("h2-get") => println!("{}", grpc::get(&args)),
         _ => {
             eprintln!(
                 "usage: palisade-probe serve --port P [--log FILE] | connect --to ADDR [--bytes N] [--timeout-ms T]"
