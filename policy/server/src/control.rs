@@ -21,7 +21,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
 pub use crate::payload::Payload;
-use crate::payload::{documents, updated};
+use crate::payload::documents;
 use crate::store::{Change, Listing, Revision, Store, StoreError};
 
 /// One node as the server sees it (`palisade get nodes`).
@@ -249,8 +249,7 @@ impl Control {
             }
             false => previous.identities.clone(),
         };
-        let docs = updated(&previous.documents, &changed, &removed)?;
-        self.publish(Payload::new(content.revision, Arc::new(docs), identities, Some(&previous))?);
+        self.publish(Payload::changed(&previous, content.revision, &changed, &removed, identities)?);
         Ok(())
     }
 

@@ -21,10 +21,13 @@ pub struct Doc {
     pub yaml: String,
     /// SHA-256 of `yaml`.
     pub digest: [u8; 32],
+    /// SHA-256 of the key and `digest`: this document's share of the set's digest.
+    entry: [u8; 32],
 }
 
-/// The resource set, by key (sorted: the digest and every delta read it in one order).
-pub type Documents = BTreeMap<ResourceKey, Arc<Doc>>;
+/// The resource set, by key (sorted: every delta walks two of them side by side). Keys are
+/// shared, so a new set that changes one document copies pointers, not 60,000 strings.
+pub type Documents = BTreeMap<Arc<ResourceKey>, Arc<Doc>>;
 
 #[derive(Debug)]
 pub struct Payload {
@@ -37,17 +40,62 @@ pub struct Payload {
     pub identities: Arc<Identities>,
     /// SHA-256 of the identities' serialised form (kept to reuse while they do not change).
     identities_digest: [u8; 32],
-    /// SHA-256 of the documents (key and digest, in key order) and the identities, hex: what
-    /// a node compares to know it already runs this content.
+    /// The XOR of every document's `entry`: a digest of the set that one change updates in
+    /// constant time (it detects changes of our own content; it is no defence against a
+    /// forger, who would need to write to the store anyway).
+    documents_digest: [u8; 32],
+    /// SHA-256 of the documents' and the identities' digests, hex: what a node compares to
+    /// know it already runs this content.
     pub digest: String,
 }
 
 impl Payload {
-    /// `previous`: the payload this one follows, whose identities' digest is reused when the
-    /// identities are the same (serialising 10,000 of them is not free).
+    /// The payload of a whole set. `previous`: the payload this one follows, whose
+    /// identities' digest is reused when the identities are the same.
     pub fn new(
         revision: Revision,
         documents: Arc<Documents>,
+        identities: Arc<Identities>,
+        previous: Option<&Payload>,
+    ) -> Result<Self, String> {
+        let mut sum = [0; 32];
+        for doc in documents.values() {
+            xor(&mut sum, &doc.entry);
+        }
+        Self::assemble(revision, documents, sum, identities, previous)
+    }
+
+    /// `previous` with `changed` put (created or replaced) and `removed` taken out: one
+    /// rendering per changed resource, and the set's digest updated by the documents that
+    /// left and came.
+    pub fn changed(
+        previous: &Payload,
+        revision: Revision,
+        changed: &[&Resource],
+        removed: &[ResourceKey],
+        identities: Arc<Identities>,
+    ) -> Result<Self, String> {
+        let mut documents = (*previous.documents).clone();
+        let mut sum = previous.documents_digest;
+        for key in removed {
+            if let Some(old) = documents.remove(key) {
+                xor(&mut sum, &old.entry);
+            }
+        }
+        for resource in changed {
+            let doc = Arc::new(render(resource)?);
+            xor(&mut sum, &doc.entry);
+            if let Some(old) = documents.insert(Arc::new(ResourceKey::of(resource)), doc) {
+                xor(&mut sum, &old.entry);
+            }
+        }
+        Self::assemble(revision, Arc::new(documents), sum, identities, Some(previous))
+    }
+
+    fn assemble(
+        revision: Revision,
+        documents: Arc<Documents>,
+        documents_digest: [u8; 32],
         identities: Arc<Identities>,
         previous: Option<&Payload>,
     ) -> Result<Self, String> {
@@ -56,26 +104,39 @@ impl Payload {
             None => sha256(&serde_json::to_vec(&*identities).map_err(|e| format!("cannot serialise identities: {e}"))?),
         };
         let mut context = ring::digest::Context::new(&ring::digest::SHA256);
-        for (key, doc) in documents.iter() {
-            for part in [key.kind.as_str(), key.namespace.as_deref().unwrap_or(""), key.name.as_str()] {
-                context.update(part.as_bytes());
-                context.update(b"\0");
-            }
-            context.update(&doc.digest);
-        }
+        context.update(&documents_digest);
         // Numbers move nothing in the YAML, but they are content: a node must recompile for them.
-        context.update(b"\n# identities\n");
         context.update(&identities_digest);
         let digest = context.finish().as_ref().iter().map(|b| format!("{b:02x}")).collect();
-        Ok(Payload { version: revision.to_string(), revision, documents, identities, identities_digest, digest })
+        Ok(Payload {
+            version: revision.to_string(),
+            revision,
+            documents,
+            identities,
+            identities_digest,
+            documents_digest,
+            digest,
+        })
     }
 }
 
+fn xor(sum: &mut [u8; 32], entry: &[u8; 32]) {
+    sum.iter_mut().zip(entry).for_each(|(s, e)| *s ^= e);
+}
+
 pub fn render(resource: &Resource) -> Result<Doc, String> {
-    let yaml =
-        serde_yaml::to_string(resource).map_err(|e| format!("{}: cannot serialise: {e}", ResourceKey::of(resource)))?;
+    let key = ResourceKey::of(resource);
+    let yaml = serde_yaml::to_string(resource).map_err(|e| format!("{key}: cannot serialise: {e}"))?;
     let digest = sha256(yaml.as_bytes());
-    Ok(Doc { resource: resource.clone(), yaml, digest })
+    let mut context = ring::digest::Context::new(&ring::digest::SHA256);
+    for part in [key.kind.as_str(), key.namespace.as_deref().unwrap_or(""), key.name.as_str()] {
+        context.update(part.as_bytes());
+        context.update(b"\0");
+    }
+    context.update(&digest);
+    let mut entry = [0; 32];
+    entry.copy_from_slice(context.finish().as_ref());
+    Ok(Doc { resource: resource.clone(), yaml, digest, entry })
 }
 
 /// The documents of `resources`, reusing `previous`'s where the resource is unchanged.
@@ -87,19 +148,7 @@ pub fn documents(resources: &[Located], previous: Option<&Documents>) -> Result<
             Some(doc) if doc.resource == located.resource => doc.clone(),
             _ => Arc::new(render(&located.resource)?),
         };
-        out.insert(key, doc);
-    }
-    Ok(out)
-}
-
-/// `previous` with `changed` put (created or replaced) and `removed` taken out.
-pub fn updated(previous: &Documents, changed: &[&Resource], removed: &[ResourceKey]) -> Result<Documents, String> {
-    let mut out = previous.clone();
-    for key in removed {
-        out.remove(key);
-    }
-    for resource in changed {
-        out.insert(ResourceKey::of(resource), Arc::new(render(resource)?));
+        out.insert(Arc::new(key), doc);
     }
     Ok(out)
 }
@@ -115,14 +164,14 @@ fn sha256(bytes: &[u8]) -> [u8; 32] {
 #[derive(Debug, Default)]
 pub struct Delta {
     pub full: bool,
-    pub put: Vec<(ResourceKey, Arc<Doc>)>,
-    pub removed: Vec<ResourceKey>,
+    pub put: Vec<(Arc<ResourceKey>, Arc<Doc>)>,
+    pub removed: Vec<Arc<ResourceKey>>,
 }
 
 impl Delta {
     /// From `acked` (what the node has in force, as this stream knows it; `None`: unknown,
-    /// send everything) to `now`. Unchanged documents are the same `Arc` in both maps, so
-    /// the walk compares pointers, not texts.
+    /// send everything) to `now`: one walk of both sorted sets side by side, where unchanged
+    /// documents are the same `Arc`.
     pub fn between(acked: Option<&Documents>, now: &Documents) -> Delta {
         let Some(acked) = acked else {
             return Delta {
@@ -132,13 +181,37 @@ impl Delta {
             };
         };
         let mut delta = Delta::default();
-        for (key, doc) in now {
-            match acked.get(key) {
-                Some(old) if Arc::ptr_eq(old, doc) || old.digest == doc.digest => {}
-                _ => delta.put.push((key.clone(), doc.clone())),
+        let (mut old, mut new) = (acked.iter().peekable(), now.iter().peekable());
+        loop {
+            match (old.peek(), new.peek()) {
+                (None, None) => break,
+                (Some((k, _)), None) => {
+                    delta.removed.push((*k).clone());
+                    old.next();
+                }
+                (None, Some((k, d))) => {
+                    delta.put.push(((*k).clone(), (*d).clone()));
+                    new.next();
+                }
+                (Some((ko, dold)), Some((kn, dnew))) => match ko.cmp(kn) {
+                    std::cmp::Ordering::Less => {
+                        delta.removed.push((*ko).clone());
+                        old.next();
+                    }
+                    std::cmp::Ordering::Greater => {
+                        delta.put.push(((*kn).clone(), (*dnew).clone()));
+                        new.next();
+                    }
+                    std::cmp::Ordering::Equal => {
+                        if !Arc::ptr_eq(dold, dnew) && dold.digest != dnew.digest {
+                            delta.put.push(((*kn).clone(), (*dnew).clone()));
+                        }
+                        old.next();
+                        new.next();
+                    }
+                },
             }
         }
-        delta.removed = acked.keys().filter(|k| !now.contains_key(*k)).cloned().collect();
         delta
     }
 }
@@ -175,10 +248,16 @@ mod tests {
         assert!(delta.put[0].1.yaml.contains("team: x"));
 
         // a is removed.
-        let third = updated(&second, &[], std::slice::from_ref(&a)).unwrap();
-        let delta = Delta::between(Some(&second), &third);
+        let none = Arc::new(Identities::default());
+        let payload = Payload::new(2, Arc::new(second.clone()), none.clone(), None).unwrap();
+        let third = Payload::changed(&payload, 3, &[], std::slice::from_ref(&a), none.clone()).unwrap();
+        let delta = Delta::between(Some(&second), &third.documents);
         assert!(delta.put.is_empty());
-        assert_eq!(delta.removed, [a]);
+        assert_eq!(delta.removed, [Arc::new(a)]);
+        // The digest updated by the change equals the digest of the set computed whole.
+        let whole = Payload::new(3, third.documents.clone(), none, None).unwrap();
+        assert_eq!(third.digest, whole.digest);
+        assert_ne!(third.digest, payload.digest);
     }
 
     #[test]

@@ -7,7 +7,6 @@
 //! The first response of a stream carries the whole resource set; every later one only what
 //! differs from the set of the last response the node ACKed on this stream (a NACKed one
 //! leaves the node where it was, so the next delta is computed from there again).
-use std::collections::HashSet;
 use std::pin::Pin;
 use std::sync::Arc;
 
@@ -21,6 +20,7 @@ use tonic::{Request, Response, Status, Streaming};
 use crate::control::{Control, Nack, Session, now_ms};
 use crate::payload::{Delta, Documents};
 use crate::tls::Client;
+use palisade_model::compile::Identities;
 
 pub struct Push {
     pub control: Arc<Control>,
@@ -116,10 +116,10 @@ async fn serve_node(
     let mut nacked: Option<String> = None;
     let mut nonce = 0u64;
     // What the node has in force as this stream knows it (None: unknown, send everything).
-    let mut acked: Option<(Arc<Documents>, HashSet<u32>)> = None;
+    let mut acked: Option<(Arc<Documents>, Arc<Identities>)> = None;
     if let Some(p) = payloads.borrow().as_ref().filter(|p| p.version == in_force) {
         // The node runs this very version (a reconnection): deltas can start from it.
-        acked = Some((p.documents.clone(), p.identities.iter().map(|(_, id)| id).collect()));
+        acked = Some((p.documents.clone(), p.identities.clone()));
     }
     loop {
         let current = payloads.borrow_and_update().clone();
@@ -138,7 +138,7 @@ async fn serve_node(
                     .iter()
                     .map(|(key, doc)| Document { key: Some(wire_key(key)), yaml: doc.yaml.clone() })
                     .collect(),
-                removed: delta.removed.iter().map(wire_key).collect(),
+                removed: delta.removed.iter().map(|k| wire_key(k)).collect(),
             };
             if tx.send(Ok(response)).await.is_err() {
                 return "the node went away".into();
@@ -165,7 +165,7 @@ async fn serve_node(
                 }
                 None => {
                     tracing::debug!(%node, version = %in_force, "node ACKed");
-                    acked = Some((p.documents.clone(), p.identities.iter().map(|(_, id)| id).collect()));
+                    acked = Some((p.documents.clone(), p.identities.clone()));
                     control.update_node(node, session, |s| {
                         s.version = Some(in_force.clone());
                         s.acked_at_ms = Some(now_ms());
@@ -185,13 +185,14 @@ async fn serve_node(
     }
 }
 
-/// The payload's numbers as the wire carries them: all, or those not in `known`.
-fn wire_identities(
-    ids: &palisade_model::compile::Identities,
-    known: Option<&HashSet<u32>>,
-) -> Vec<palisade_api::v1::NumberedIdentity> {
+/// The payload's numbers as the wire carries them: all, or those `known` does not have (none
+/// when they are the very same table, as they are for most changes).
+fn wire_identities(ids: &Arc<Identities>, known: Option<&Arc<Identities>>) -> Vec<palisade_api::v1::NumberedIdentity> {
+    if known.is_some_and(|k| Arc::ptr_eq(k, ids)) {
+        return vec![];
+    }
     ids.iter()
-        .filter(|(_, id)| known.is_none_or(|k| !k.contains(id)))
+        .filter(|(labels, id)| known.is_none_or(|k| k.get(labels) != Some(*id)))
         .map(|(l, id)| palisade_api::v1::NumberedIdentity {
             id,
             namespace: l.namespace.clone(),
