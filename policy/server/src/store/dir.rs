@@ -120,7 +120,7 @@ impl Inner {
     fn list(&self) -> Result<Listing, StoreError> {
         let mut state = self.lock();
         let files = state.parsed.load(&self.root).map_err(|e| self.backend(e.to_string()))?;
-        let resources = files.iter().flat_map(|f| f.iter().cloned()).collect();
+        let resources = files.iter().flat_map(|(_, f)| f.iter().cloned()).collect();
         Ok(Listing { revision: state.revision, resources })
     }
 
@@ -151,18 +151,21 @@ impl Inner {
             .collect();
         let mut managed: BTreeMap<ResourceKey, Resource> = BTreeMap::new();
         let mut elsewhere: BTreeMap<ResourceKey, String> = BTreeMap::new();
-        for Located { origin, resource } in files.iter().flat_map(|f| f.iter()) {
-            if origin.file.starts_with(&managed_dir) {
-                managed.insert(ResourceKey::of(resource), resource.clone());
+        for (file, resources) in &files {
+            // Whose the file is, once per file, not per resource.
+            if file.starts_with(&managed_dir) {
+                managed.extend(resources.iter().map(|l| (ResourceKey::of(&l.resource), l.resource.clone())));
                 continue;
             }
-            let meta = resource.metadata();
-            if !names.contains(&meta.name) {
-                continue;
-            }
-            let key = (resource.kind().to_string(), meta.namespace.clone(), meta.name.clone());
-            if touched.contains(&key) {
-                elsewhere.insert(ResourceKey::of(resource), origin.to_string());
+            for Located { origin, resource } in resources.iter() {
+                let meta = resource.metadata();
+                if !names.contains(&meta.name) {
+                    continue;
+                }
+                let key = (resource.kind().to_string(), meta.namespace.clone(), meta.name.clone());
+                if touched.contains(&key) {
+                    elsewhere.insert(ResourceKey::of(resource), origin.to_string());
+                }
             }
         }
         for change in changes {
@@ -303,7 +306,7 @@ fn stamp(file: &Path) -> Option<FileStamp> {
 
 impl Parsed {
     /// Every file of `root` (the loader's rules), each file's resources in file order.
-    fn load(&mut self, root: &Path) -> Result<Vec<Arc<Vec<Located>>>, load::LoadError> {
+    fn load(&mut self, root: &Path) -> Result<Vec<(PathBuf, Arc<Vec<Located>>)>, load::LoadError> {
         let mut next = std::collections::HashMap::new();
         let mut out = Vec::new();
         for file in load::policy_files(std::slice::from_ref(&root.to_path_buf()))? {
@@ -312,7 +315,7 @@ impl Parsed {
                 (Some((before, parsed)), Some(now)) if *before == now => parsed.clone(),
                 _ => Arc::new(load::parse_str(&file, &load::read_bounded(&file)?)?),
             };
-            out.push(parsed.clone());
+            out.push((file.clone(), parsed.clone()));
             if let Some(now) = seen {
                 next.insert(file, (now, parsed));
             }
