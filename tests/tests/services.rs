@@ -135,3 +135,40 @@ fn service_vip_reaches_the_allowed_endpoints_round_robin_and_follows_the_snapsho
     assert_eq!(seen.values().sum::<usize>(), 9, "{seen:?}");
     assert_eq!(seen["web-c"], 3, "web-c is an endpoint now: {seen:?}");
 }
+
+/// An endpoint whose workload stopped listening is left out of the choice after a failed
+/// connection (passive health): the connections after it all reach the other endpoint, and
+/// once it listens again (and its bench time is over) it is chosen again.
+#[test]
+fn a_failing_endpoint_is_left_out_and_comes_back() {
+    let cluster = mesh_with(
+        vec![
+            vec![pod("client", &[("app", "client")], None), pod("web-a", &[("role", "web")], Some(8080))],
+            vec![pod("web-b", &[("role", "web")], Some(9090))],
+        ],
+        &service("{role: web}"),
+    );
+    let b = serve(&cluster, "web-b", 9090);
+    // web-a listens on nothing: a connection that lands there fails (its ztunnel answers 503).
+    let mut failures = 0;
+    let started = std::time::Instant::now();
+    for i in 0..12 {
+        if connect(&cluster, "client", VIP, 2000 + i)["verified"] != true {
+            failures += 1;
+        }
+    }
+    // Benched 1 s, then 2 s, 4 s…: over t seconds, at most 2 + log2(t + 1) tries land there.
+    let t = started.elapsed().as_secs_f64();
+    let bound = 2 + (t + 1.0).log2().ceil() as usize;
+    assert!(failures <= bound, "round robin would fail every other connection; failed {failures} of 12 in {t:.1} s");
+    assert!(b.connections().len() >= 10, "web-b took the others");
+    // web-a back: chosen again once its bench time (at most a few seconds here) is over.
+    let a = serve(&cluster, "web-a", 8080);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while a.connections().is_empty() {
+        assert!(std::time::Instant::now() < deadline, "web-a never chosen again");
+        let r = connect(&cluster, "client", VIP, 3000);
+        assert_eq!(r["verified"], true, "{r}");
+        std::thread::sleep(std::time::Duration::from_millis(300));
+    }
+}

@@ -78,6 +78,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         snapshot: snapshot.clone(),
         mesh,
         connections: Arc::default(),
+        health: Default::default(),
     });
     tokio::spawn(crate::connections::revalidate_on_change(ctx.connections.clone(), snapshot.clone()));
     let pods = Arc::new(Pods::new(kernel.capture, ctx.clone(), &config.state_dir));

@@ -86,6 +86,7 @@ pub(super) async fn outbound(
     };
     match mesh.pool.connect(key, credential.clone(), &bundle, || connect_from(pod, endpoint), request).await {
         Ok(tunnel) => {
+            ctx.health.succeeded(dst);
             finished.peer = Some(dst_id.to_string());
             let pumped = pump(client, tunnel.send, tunnel.recv).await;
             drop(tunnel.slot);
@@ -96,6 +97,10 @@ pub(super) async fn outbound(
         Err(e) => {
             ctx.metrics.proxy_error(Direction::Outbound);
             let _ = socket_reset(&client);
+            // Unreachable, or its workload refused (503): not a policy answer (401).
+            if !matches!(&e, HboneError::Status { status, .. } if *status == StatusCode::UNAUTHORIZED) {
+                ctx.health.failed(dst);
+            }
             match &e {
                 // The handshake completed, so the destination proved `dst_id`, then refused.
                 HboneError::Status { status, .. } => {

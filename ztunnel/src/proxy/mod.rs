@@ -5,6 +5,7 @@
 //! Proxies create their upstream sockets inside the pod's network namespace, so the
 //! destination sees the pod's address, exactly as without the mesh.
 pub mod hbone;
+mod health;
 pub mod inbound;
 pub mod outbound;
 
@@ -39,6 +40,8 @@ pub struct ProxyCtx {
     pub mesh: Option<hbone::Mesh>,
     /// Connections at their destination, re-checked on policy changes.
     pub connections: Arc<crate::connections::Connections>,
+    /// Which Service endpoints recently failed (left out of the choice for a while).
+    pub health: health::EndpointHealth,
 }
 
 /// One enrolled pod as the proxies see it.
@@ -88,12 +91,14 @@ async fn carry(
     let mut src = client_addr;
     let (sent, received, error) = match connect_from(pod, dst).await {
         Err(e) => {
+            ctx.health.failed(dst);
             ctx.metrics.proxy_error(direction);
             // Reset, so the client sees a refusal rather than an orderly empty stream.
             let _ = socket_reset(&client);
             (0, 0, Some(format!("connect {dst}: {e}")))
         }
         Ok(mut upstream) => {
+            ctx.health.succeeded(dst);
             if direction == Direction::Outbound {
                 src = upstream.local_addr().unwrap_or(src);
             }

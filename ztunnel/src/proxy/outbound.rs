@@ -88,7 +88,7 @@ pub async fn serve(listener: TcpListener, pod: Arc<PodNet>, ctx: Arc<ProxyCtx>) 
 static NEXT_ENDPOINT: AtomicUsize = AtomicUsize::new(0);
 
 /// One endpoint of the Service at `vip` (its VIP:port) that the exact evaluation allows this pod
-/// to reach (its egress and the endpoint's ingress); the endpoints come with the snapshot, so a
+/// to reach (its egress and the endpoint's ingress), healthy if any is; the endpoints come with the snapshot, so a
 /// connection in flight keeps the one it got. None allowed (or none at all): the client is
 /// reset, with a deny event that names the Service, and `None`.
 fn resolve_service(
@@ -101,8 +101,14 @@ fn resolve_service(
     let proven = pod.identity.as_ref().map(|(id, _)| (id.namespace.as_str(), id.service_account.as_str()));
     let choice = snapshot.service_choice(pod.ip, proven, vip)?;
     if !choice.allowed.is_empty() {
+        // Healthy ones first ([`super::health`]); all of them when none is.
+        let healthy: Vec<_> = choice.allowed.iter().filter(|e| ctx.health.healthy(e.address)).collect();
+        let pool: Vec<_> = match healthy.is_empty() {
+            true => choice.allowed.iter().collect(),
+            false => healthy,
+        };
         let n = NEXT_ENDPOINT.fetch_add(1, Ordering::Relaxed);
-        return Some(choice.allowed[n % choice.allowed.len()].address);
+        return Some(pool[n % pool.len()].address);
     }
     let (src_identity, policy) = match &choice.first_denied {
         Some((endpoint, d)) => (
