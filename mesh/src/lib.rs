@@ -6,4 +6,5 @@ pub mod ca_client;
 pub mod hbone;
 pub mod identity;
 pub mod secrets;
+pub mod signal;
 pub mod tls;

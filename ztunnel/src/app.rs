@@ -107,7 +107,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     tracing::info!(node = %config.node, "ztunnel ready");
 
     let drain = tokio::select! {
-        _ = shutdown_signal() => {
+        _ = palisade_mesh::signal::shutdown() => {
             tracing::info!(drain_secs = config.drain_secs, "shutting down: draining connections");
             pods.stop_accepting();
             Duration::from_secs(config.drain_secs)
@@ -228,14 +228,4 @@ fn mesh(config: &Config, ca_addr: std::net::SocketAddr) -> anyhow::Result<crate:
 fn process_limits() {
     crate::limits::init_process();
     tokio::spawn(crate::limits::trim_memory_after_activity());
-}
-
-async fn shutdown_signal() {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
-    let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = int.recv() => {}
-    }
 }

@@ -126,7 +126,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     admin_state.ready.store(true, Ordering::Release);
     tracing::info!(waypoint = %name, listen = %config.listen, "waypoint ready");
 
-    shutdown_signal().await;
+    palisade_mesh::signal::shutdown().await;
     tracing::info!(drain_secs = config.drain_secs, "shutting down: draining connections");
     admin_state.ready.store(false, Ordering::Release);
     let _ = shutdown_tx.send(true);
@@ -156,14 +156,4 @@ fn secrets(config: &Config) -> anyhow::Result<Arc<SecretManager>> {
     let secrets = SecretManager::new(Arc::new(client), bundle);
     secrets.refresh_bundle_every(Duration::from_secs(config.bundle_refresh_secs.max(1)));
     Ok(secrets)
-}
-
-async fn shutdown_signal() {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
-    let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = int.recv() => {}
-    }
 }
