@@ -183,10 +183,12 @@ impl Control {
                 *content = Content { revision: listing.revision, resources: listing.resources };
             }
             // The batch joins the resources in place (no copy of a large set); undone on failure.
-            let (kept, replaced): (Vec<Located>, Vec<Located>) = std::mem::take(&mut content.resources)
-                .into_iter()
-                .partition(|l| !keys.contains(&ResourceKey::of(&l.resource)));
-            content.resources = kept;
+            // A key is built only for a resource whose name is one of the batch's.
+            let names: HashSet<&str> = keys.iter().map(|k| k.name.as_str()).collect();
+            let replaced_by_batch = |l: &Located| {
+                names.contains(l.resource.metadata().name.as_str()) && keys.contains(&ResourceKey::of(&l.resource))
+            };
+            let replaced: Vec<Located> = content.resources.extract_if(.., |l| replaced_by_batch(l)).collect();
             let joined = content.resources.len();
             if !delete {
                 content.resources.extend(batch.iter().cloned());
