@@ -298,6 +298,9 @@ struct Parsed(std::collections::HashMap<PathBuf, (FileStamp, Arc<Vec<Located>>)>
 
 type FileStamp = (u64, u64, i64, i64, i64, i64);
 
+/// A file and its resources, in file order.
+type ParsedFile = (PathBuf, Arc<Vec<Located>>);
+
 fn stamp(file: &Path) -> Option<FileStamp> {
     use std::os::unix::fs::MetadataExt;
     let m = std::fs::metadata(file).ok()?;
@@ -306,7 +309,7 @@ fn stamp(file: &Path) -> Option<FileStamp> {
 
 impl Parsed {
     /// Every file of `root` (the loader's rules), each file's resources in file order.
-    fn load(&mut self, root: &Path) -> Result<Vec<(PathBuf, Arc<Vec<Located>>)>, load::LoadError> {
+    fn load(&mut self, root: &Path) -> Result<Vec<ParsedFile>, load::LoadError> {
         let mut next = std::collections::HashMap::new();
         let mut out = Vec::new();
         for file in load::policy_files(std::slice::from_ref(&root.to_path_buf()))? {
