@@ -12,7 +12,9 @@
 //!    which a denied connection succeeded or an allowed one failed (upgrade; kill -9 + restart);
 //! 9. hostile peers: legitimate p99 latency and success while a handshake flood runs against
 //!    15008, beside the same run without it, and ztunnel RSS before, during and after;
-//! 10. control plane: `apply` until every node ACKed (its maps switched), p50 and p99.
+//! 10. control plane: `apply` until every node ACKed (its maps switched), p50 and p99;
+//! 11. the waypoint: HTTP/1.1 at a fixed rate with and without it (latency, its vCPU and RSS);
+//! 12. the waypoint's maximum req/s against haproxy in the same role.
 //!
 //! No figure is asserted anywhere: the report states them, `BENCHMARKS.md` keeps the latest.
 mod control_plane;
@@ -22,6 +24,7 @@ mod procfs;
 mod report;
 mod restart;
 pub mod stats;
+mod waypoint;
 
 use std::path::PathBuf;
 
@@ -51,6 +54,9 @@ pub struct Sizes {
     pub restart_streams: usize,
     /// Applies through the control plane, each timed until every node ACKed.
     pub applies: usize,
+    /// Closed-loop connections and seconds of the waypoint's maximum req/s run.
+    pub waypoint_max_conns: usize,
+    pub waypoint_max_secs: u64,
 }
 
 impl Sizes {
@@ -69,6 +75,8 @@ impl Sizes {
             scale_rules: 100_000,
             restart_streams: 32,
             applies: 100,
+            waypoint_max_conns: 16,
+            waypoint_max_secs: 10,
         }
     }
 
@@ -83,6 +91,7 @@ impl Sizes {
             idle_pods: [0, 10, 30],
             scale_workloads: 2_000,
             scale_rules: 20_000,
+            waypoint_max_secs: 5,
             ..Sizes::full()
         }
     }
@@ -102,6 +111,8 @@ impl Sizes {
             scale_rules: 200,
             restart_streams: 2,
             applies: 3,
+            waypoint_max_conns: 2,
+            waypoint_max_secs: 1,
         }
     }
 }
@@ -122,6 +133,7 @@ pub enum Section {
     Restart,
     Hostile,
     ControlPlane,
+    Waypoint,
 }
 
 /// Runs every measurement and returns the report (not yet written).
@@ -143,6 +155,9 @@ pub fn run(options: &Options) -> anyhow::Result<Report> {
     }
     if runs(Section::ControlPlane) {
         figures.extend(control_plane::apply_to_enforced(options)?);
+    }
+    if runs(Section::Waypoint) {
+        figures.extend(waypoint::waypoint(options)?);
     }
     Ok(Report::new(options, figures, started.elapsed()))
 }

@@ -11,9 +11,19 @@ use crate::cmd;
 /// highly available control plane: the tests and `sandbox up --store etcd` run the real one),
 /// etcd-client (`etcdctl`, to look into that store), protobuf-compiler and libprotobuf-dev
 /// (`protoc` and the well-known `.proto` files it imports: the `etcd-client` crate generates
-/// its gRPC code from etcd's protos at build time).
-const PACKAGES: &[&str] =
-    &["iproute2", "bpftool", "iperf3", "tshark", "etcd-server", "etcd-client", "protobuf-compiler", "libprotobuf-dev"];
+/// its gRPC code from etcd's protos at build time), haproxy (the waypoint's benchmark compares
+/// against it in the same role).
+const PACKAGES: &[&str] = &[
+    "iproute2",
+    "bpftool",
+    "iperf3",
+    "tshark",
+    "etcd-server",
+    "etcd-client",
+    "protobuf-compiler",
+    "libprotobuf-dev",
+    "haproxy",
+];
 const BPF_LINKER: &str = "0.10.0";
 
 fn quiet_ok(program: &str, args: &[&str]) -> bool {

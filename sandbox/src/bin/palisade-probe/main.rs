@@ -8,6 +8,7 @@
 //! palisade-probe connrate --to IP:PORT --duration-ms D [--size S]
 //! palisade-probe connect-timing --to IP:PORT --count N
 //! palisade-probe http-serve … | http-get …            HTTP/1.1 (see `http`)
+//! palisade-probe http-load --to IP:PORT --conns C --duration-ms D [--rate R] [--path P]…  (see `http_load`)
 //! palisade-probe http-serve-x … | http-many … | slowloris …  resilience tests (see `http_more`)
 //! palisade-probe h2-serve … | h2-get …                 gRPC-shaped HTTP/2 (see `grpc`)
 //! ```
@@ -26,6 +27,7 @@ use serde_json::json;
 
 mod grpc;
 mod http;
+mod http_load;
 mod http_more;
 mod load;
 
@@ -56,6 +58,7 @@ fn main() {
         Some("connect-timing") => println!("{}", load::connect_timing(&args)),
         Some("http-serve") => http::serve(&args),
         Some("http-get") => println!("{}", http::get(&args)),
+        Some("http-load") => println!("{}", http_load::run(&args)),
         Some("http-serve-x") => http_more::serve(&args),
         Some("http-many") => println!("{}", http_more::many(&args)),
         Some("slowloris") => println!("{}", http_more::slowloris(&args)),
