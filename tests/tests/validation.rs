@@ -102,7 +102,7 @@ fn each_bad_input_is_named_with_its_file_line_and_field() {
     use Sev::*;
     // (case, document after BASE, severity, line within the document (1 = its first), field)
     let table: &[(&str, String, Sev, usize, &str)] = &[
-        ("wrong kind", "apiVersion: palisade.dev/v1alpha1\nkind: Gateway\nmetadata: {name: g}\n".into(), Error, 2, "kind"),
+        ("wrong kind", "apiVersion: palisade.dev/v1alpha1\nkind: Gadget\nmetadata: {name: g}\n".into(), Error, 2, "kind"),
         (
             "missing name",
             "apiVersion: palisade.dev/v1alpha1\nkind: SegmentationPolicy\nmetadata: {namespace: shop}\nspec: {action: Deny}\n"
@@ -253,7 +253,7 @@ fn a_batch_with_several_problems_is_reported_whole_in_file_and_line_order() {
         "b.yaml",
         "apiVersion: palisade.dev/v1alpha1\nkind: Workload\nmetadata: {name: api, namespace: shop}\n\
          spec: {serviceAccount: api, node: node-1, addresses: [10.9.0.1]}\n---\n\
-         apiVersion: palisade.dev/v1alpha1\nkind: Gateway\nmetadata: {name: g}\n",
+         apiVersion: palisade.dev/v1alpha1\nkind: Gadget\nmetadata: {name: g}\n",
     );
     let (ok, _, stderr) = validate(&dir.0);
     assert!(!ok, "{stderr}");
@@ -264,7 +264,7 @@ fn a_batch_with_several_problems_is_reported_whole_in_file_and_line_order() {
         format!(
             "{b}:4: Workload shop/api: spec.addresses[0]: 10.9.0.1 is already the address of Workload shop/web ({a}:8)"
         ),
-        format!("{b}:7: Gateway g: kind: unknown kind \"Gateway\""),
+        format!("{b}:7: Gadget g: kind: unknown kind \"Gadget\""),
     ];
     let lines: Vec<&str> = stderr.lines().collect();
     let mut at = 0;

@@ -208,6 +208,13 @@ fn l7_and_l4_denies_through_the_waypoint_and_direct_tunnels() {
         assert!(std::time::Instant::now() < deadline, "no access log line for the denied request in:\n{text}");
         std::thread::sleep(Duration::from_millis(50));
     }
+    // …and so does its flow event (the waypoint's /flows, on its localhost debug listener).
+    let flows = cluster.waypoint_flows("waypoint").expect("the waypoint's flows");
+    let denied = flows.as_array().into_iter().flatten().find(|f| f["path"] == "/admin/users" && f["status"] == 403);
+    let denied = denied.unwrap_or_else(|| panic!("no flow event for the denied request in {flows}"));
+    assert_eq!(denied["verdict"], "deny", "{denied}");
+    assert!(denied["rule"].as_str().is_some_and(|r| r.contains("no-admin")), "{denied}");
+    assert_eq!(denied["src_identity"], "spiffe://cluster.local/ns/shop/sa/client", "{denied}");
 
     // L4: the destination's policy refuses `intruder`; the waypoint enforces it against the
     // intruder's proven identity, so nothing reaches a backend (no body of theirs comes back).

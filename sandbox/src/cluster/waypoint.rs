@@ -15,6 +15,8 @@ use crate::sys::{ip_in, sysctl_in};
 
 /// The HBONE port the waypoint listens on, and its admin port (`/ready`, `/metrics`).
 pub const WAYPOINT_ADMIN: &str = "127.0.0.1:15020";
+/// Where a waypoint serves `/flows`, in its pod's network namespace.
+pub const WAYPOINT_DEBUG: &str = "127.0.0.1:15000";
 
 /// A waypoint to run.
 #[derive(Clone, Debug)]
@@ -125,6 +127,13 @@ impl Cluster {
     }
 
     /// Where waypoint `name` logs (its access log lines included).
+    /// The waypoint's recent flows (its `/flows`, a JSON array).
+    pub fn waypoint_flows(&self, name: &str) -> Result<serde_json::Value> {
+        let w = self.waypoint(name)?;
+        let text = crate::sys::http_get_in(&w.netns, WAYPOINT_DEBUG, "/flows")?;
+        Ok(serde_json::from_str(&text)?)
+    }
+
     pub fn waypoint_log(&self, name: &str) -> PathBuf {
         self.info.state_dir.join(format!("waypoint-{name}.log"))
     }

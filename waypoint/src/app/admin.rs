@@ -1,6 +1,7 @@
 //! The admin listener: `/metrics` (Prometheus text) and `/ready` (200 once the certificate,
 //! the configuration and the HBONE listener are in place; 503 before and while draining).
-//! Anything else is a 404: nothing here names policy contents.
+//! Anything else is a 404: nothing here names policy contents. The debug listener (localhost
+//! only) serves `/flows` ([`super::flows`]) and nothing else.
 use std::convert::Infallible;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -26,7 +27,27 @@ pub struct AdminState {
     pub ready: AtomicBool,
 }
 
-fn answer(state: &AdminState, req: &Request<Incoming>) -> Response<Full<Bytes>> {
+/// What one listener serves.
+pub enum Served {
+    /// `/metrics` and `/ready`.
+    Public(Arc<AdminState>),
+    /// `/flows`.
+    Debug(Arc<super::flows::Flows>),
+}
+
+fn answer(served: &Served, req: &Request<Incoming>) -> Response<Full<Bytes>> {
+    let state = match served {
+        Served::Public(state) => state,
+        Served::Debug(flows) => {
+            let (status, body) = match req.uri().path() {
+                "/flows" => (StatusCode::OK, flows.json()),
+                _ => (StatusCode::NOT_FOUND, "not found\n".into()),
+            };
+            let mut resp = Response::new(Full::new(Bytes::from(body)));
+            *resp.status_mut() = status;
+            return resp;
+        }
+    };
     let (status, body) = match req.uri().path() {
         "/metrics" | "/stats/prometheus" => {
             let mut text = String::new();
@@ -44,7 +65,7 @@ fn answer(state: &AdminState, req: &Request<Incoming>) -> Response<Full<Bytes>> 
     resp
 }
 
-pub async fn serve(listener: TcpListener, state: Arc<AdminState>) {
+pub async fn serve(listener: TcpListener, state: Arc<Served>) {
     let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     let mut acceptor = Acceptor::new("admin", listener);
     loop {

@@ -46,6 +46,10 @@ pub struct Config {
     /// Admin listener: `/metrics` (Prometheus) and `/ready`. Nothing else is served there.
     #[arg(long, env = "PALISADE_ADMIN_ADDR", default_value = "127.0.0.1:15020")]
     pub admin: SocketAddr,
+    /// Debug listener: `/flows`, the recent requests with both identities, the route and the
+    /// rule that decided. Keep it on localhost: flows name identities and policy.
+    #[arg(long, env = "PALISADE_DEBUG_ADDR", default_value = "127.0.0.1:15000")]
+    pub debug: SocketAddr,
     /// How often the policy files are checked for changes, in milliseconds.
     #[arg(long, env = "PALISADE_POLICY_POLL_MS", default_value_t = 200)]
     pub policy_poll_ms: u64,

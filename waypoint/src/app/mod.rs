@@ -8,6 +8,7 @@
 //! request carries (`--credential-dir`), which holds for the waypoint's own Workload.
 pub mod admin;
 pub mod config;
+pub mod flows;
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -26,7 +27,7 @@ use tokio::net::TcpListener;
 use crate::hbone::{self, HboneUpstream};
 use crate::policy::{self, L4Policy};
 use crate::{Engine, Settings};
-use admin::AdminState;
+use admin::{AdminState, Served};
 pub use config::Config;
 
 pub async fn run(config: Config) -> anyhow::Result<()> {
@@ -39,6 +40,8 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         TcpListener::bind(config.listen).await.with_context(|| format!("bind HBONE listener {}", config.listen))?;
     let admin_listener =
         TcpListener::bind(config.admin).await.with_context(|| format!("bind admin listener {}", config.admin))?;
+    let debug_listener =
+        TcpListener::bind(config.debug).await.with_context(|| format!("bind debug listener {}", config.debug))?;
     let mut registry = Registry::default();
 
     let secrets = secrets(&config)?;
@@ -120,7 +123,13 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     };
 
     let admin_state = Arc::new(AdminState { registry, ready: false.into() });
-    let admin_task = tokio::spawn(admin::serve(admin_listener, admin_state.clone()));
+    let admin_task = tokio::spawn(admin::serve(admin_listener, Arc::new(Served::Public(admin_state.clone()))));
+    let flows = Arc::new(flows::Flows::default());
+    tokio::spawn({
+        let (flows, records) = (flows.clone(), engine.access_records());
+        async move { flows.follow(records).await }
+    });
+    let debug_task = tokio::spawn(admin::serve(debug_listener, Arc::new(Served::Debug(flows))));
     let hbone_task =
         tokio::spawn(hbone::serve(hbone_listener, engine.clone(), credential, secrets.watch_bundle(), shutdown));
     admin_state.ready.store(true, Ordering::Release);
@@ -137,6 +146,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     policy_task.abort();
     hbone_task.abort();
     admin_task.abort();
+    debug_task.abort();
     tracing::info!(still_active = engine.connections(), "exiting");
     Ok(())
 }

@@ -296,6 +296,8 @@ impl Bed {
             .arg(self.waypoint_hbone().to_string())
             .arg("--admin")
             .arg(self.admin().to_string())
+            .arg("--debug")
+            .arg(std::net::SocketAddr::new(self.admin().ip(), self.admin().port() + 1).to_string())
             .env("RUST_LOG", "info,palisade_waypoint=debug,palisade_mesh=debug")
             .stdout(Stdio::null())
             .stderr(log)

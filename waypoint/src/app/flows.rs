@@ -1,0 +1,69 @@
+//! The waypoint's recent flows, for SREs: every access record (one per request or TCP
+//! connection) as JSON, the last [`HISTORY`] of them, at `/flows` on the debug listener
+//! (127.0.0.1:15000 by default, as ztunnel's: flows name identities and rules, so they are not
+//! served where Prometheus and the kubelet connect).
+use std::collections::VecDeque;
+use std::sync::Mutex;
+
+use serde_json::{Value, json};
+use tokio::sync::broadcast;
+
+use crate::access_log::AccessRecord;
+
+/// Flows kept.
+pub const HISTORY: usize = 1024;
+
+#[derive(Default)]
+pub struct Flows {
+    recent: Mutex<VecDeque<Value>>,
+}
+
+impl Flows {
+    /// Records every access record of `records` until the engine goes away.
+    pub async fn follow(&self, mut records: broadcast::Receiver<AccessRecord>) {
+        loop {
+            match records.recv().await {
+                Ok(r) => self.record(&r),
+                // A burst larger than the channel: those are gone, the next ones are kept.
+                Err(broadcast::error::RecvError::Lagged(_)) => continue,
+                Err(broadcast::error::RecvError::Closed) => return,
+            }
+        }
+    }
+
+    fn record(&self, r: &AccessRecord) {
+        let event = json!({
+            "src_identity": r.source_identity,
+            "src": r.source.map(|a| a.to_string()),
+            "dst": r.destination.map(|a| a.to_string()),
+            "service": r.service,
+            "protocol": r.protocol,
+            "method": r.method,
+            "path": r.path,
+            "route": r.route,
+            "verdict": r.authz_verdict,
+            "rule": r.authz_rule,
+            "backend": r.backend,
+            "upstream": r.upstream.map(|a| a.to_string()),
+            "upstream_workload": r.upstream_workload,
+            "upstream_identity": r.upstream_identity,
+            "status": r.status,
+            "overflow": r.overflow,
+            "attempts": r.attempts,
+            "complete": r.complete,
+            "duration_ms": r.duration.as_secs_f64() * 1e3,
+            "trace_id": r.trace_id,
+        });
+        let mut recent = self.recent.lock().expect("flows lock");
+        if recent.len() == HISTORY {
+            recent.pop_front();
+        }
+        recent.push_back(event);
+    }
+
+    /// The recent flows, oldest first, as a JSON array.
+    pub fn json(&self) -> String {
+        let recent = self.recent.lock().expect("flows lock");
+        serde_json::to_string(&*recent).unwrap_or_else(|_| "[]".into())
+    }
+}
