@@ -194,9 +194,10 @@ impl ConfigClient {
 impl Sink for ConfigClient {
     async fn apply(&mut self, response: SnapshotResponse) -> Result<(), String> {
         self.take(response).await.map_err(|e| format!("{e:#}"))?;
-        // Folding the journal into the whole file happens once it outgrows it: rarely.
-        if !self.handed_over.load(Ordering::Relaxed) {
-            self.saved().compact_if_large(&self.current);
+        // Folding the journal into the whole file happens once it outgrows it, and off the
+        // ACK's path (the copy of the documents is the only cost here).
+        if !self.handed_over.load(Ordering::Relaxed) && self.saved().should_fold() {
+            self.saved().fold(self.current.clone());
         }
         Ok(())
     }

@@ -17,6 +17,12 @@ use super::Current;
 
 const WHOLE: &str = "snapshot.json";
 const JOURNAL: &str = "snapshot.journal";
+/// A journal being folded into the whole file (replayed before the journal after a crash).
+const FOLDING: &str = "snapshot.journal.folding";
+
+/// Held while the whole file is written: a fold in the background and a whole set saved by a
+/// full response are ordered.
+static WHOLE_FILE: std::sync::Mutex<()> = std::sync::Mutex::new(());
 /// The journal is folded into the whole file once it is larger than this and than the file.
 const JOURNAL_FOLD_BYTES: u64 = 1 << 20;
 
@@ -56,11 +62,12 @@ pub struct Appended(u64);
 pub struct SavedFiles {
     whole: PathBuf,
     journal: PathBuf,
+    folding: PathBuf,
 }
 
 impl SavedFiles {
     pub fn new(state_dir: &Path) -> Self {
-        SavedFiles { whole: state_dir.join(WHOLE), journal: state_dir.join(JOURNAL) }
+        SavedFiles { whole: state_dir.join(WHOLE), journal: state_dir.join(JOURNAL), folding: state_dir.join(FOLDING) }
     }
 
     /// The saved content with the journal replayed; `None` when nothing was saved.
@@ -81,11 +88,15 @@ impl SavedFiles {
         if let Some(yaml) = whole.resources_yaml {
             current.documents = split_legacy(&self.whole, &yaml)?;
         }
-        let journal = match std::fs::read_to_string(&self.journal) {
-            Ok(t) => t,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
-            Err(e) => anyhow::bail!("{}: {e}", self.journal.display()),
-        };
+        // A fold cut short by a crash: its entries come before the journal's.
+        let mut journal = String::new();
+        for file in [&self.folding, &self.journal] {
+            match std::fs::read_to_string(file) {
+                Ok(t) => journal.push_str(&t),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => anyhow::bail!("{}: {e}", file.display()),
+            }
+        }
         for (n, line) in journal.lines().enumerate() {
             // A line cut short by a crash in the middle of an append was never put in force.
             let Ok(entry) = serde_json::from_str::<Entry>(line) else {
@@ -106,8 +117,25 @@ impl SavedFiles {
         Ok(Some(current))
     }
 
-    /// Saves a whole set (and drops the journal, which it supersedes).
+    /// Saves a whole set (and drops the journals, which it supersedes).
     pub fn save_whole(&self, current: &Current) -> anyhow::Result<()> {
+        let _whole = WHOLE_FILE.lock().unwrap_or_else(|p| p.into_inner());
+        self.write_whole(current)?;
+        for file in [&self.journal, &self.folding] {
+            remove(file);
+        }
+        Ok(())
+    }
+
+    /// A fold's end: the whole file, then only the journal it folded (`self.journal` is the
+    /// renamed one here).
+    fn save_whole_keeping(&self, current: &Current) -> anyhow::Result<()> {
+        self.write_whole(current)?;
+        remove(&self.journal);
+        Ok(())
+    }
+
+    fn write_whole(&self, current: &Current) -> anyhow::Result<()> {
         let whole = Whole {
             version: current.version.clone(),
             digest: current.digest.clone(),
@@ -119,12 +147,6 @@ impl SavedFiles {
         let bytes = serde_json::to_vec(&whole)?;
         std::fs::write(&tmp, bytes).map_err(|e| anyhow::anyhow!("{}: {e}", tmp.display()))?;
         std::fs::rename(&tmp, &self.whole).map_err(|e| anyhow::anyhow!("{}: {e}", self.whole.display()))?;
-        match std::fs::remove_file(&self.journal) {
-            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
-                tracing::warn!(file = %self.journal.display(), error = %e, "old journal not removed")
-            }
-            _ => {}
-        }
         Ok(())
     }
 
@@ -161,16 +183,44 @@ impl SavedFiles {
         }
     }
 
-    /// Folds the journal into the whole file once it has grown past both a bound and the file.
-    pub fn compact_if_large(&self, current: &Current) {
+    /// Whether the journal has grown past both a bound and the whole file (and no fold is
+    /// under way).
+    pub fn should_fold(&self) -> bool {
         let size = |p: &Path| std::fs::metadata(p).map_or(0, |m| m.len());
         let journal = size(&self.journal);
-        if journal > JOURNAL_FOLD_BYTES
-            && journal > size(&self.whole)
-            && let Err(e) = self.save_whole(current)
-        {
-            tracing::warn!(error = %format!("{e:#}"), "journal not folded into the saved snapshot");
+        journal > JOURNAL_FOLD_BYTES && journal > size(&self.whole) && !self.folding.exists()
+    }
+
+    /// Starts a fold: the journal is renamed aside (the next delta starts a new one) and the
+    /// whole file is written from `current`, the content at that point, off the caller's path
+    /// (the ACK does not wait for several megabytes to be written). A crash in between leaves
+    /// the whole file, the renamed journal and the new one, replayed in that order.
+    pub fn fold(self, current: Current) -> Option<std::thread::JoinHandle<()>> {
+        if let Err(e) = std::fs::rename(&self.journal, &self.folding) {
+            tracing::warn!(file = %self.journal.display(), error = %e, "journal not folded");
+            return None;
         }
+        Some(std::thread::spawn(move || {
+            let _whole = WHOLE_FILE.lock().unwrap_or_else(|p| p.into_inner());
+            // A whole set saved since (a full response) superseded this fold and removed the
+            // renamed journal: writing the older content now would go back in time.
+            if !self.folding.exists() {
+                return;
+            }
+            let folded = SavedFiles { journal: self.folding.clone(), ..self };
+            if let Err(e) = folded.save_whole_keeping(&current) {
+                tracing::warn!(error = %format!("{e:#}"), "journal not folded into the saved snapshot");
+            }
+        }))
+    }
+}
+
+fn remove(file: &Path) {
+    match std::fs::remove_file(file) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            tracing::warn!(file = %file.display(), error = %e, "old journal not removed")
+        }
+        _ => {}
     }
 }
 
@@ -210,6 +260,29 @@ mod tests {
         let loaded = files.load().unwrap().unwrap();
         assert_eq!(loaded.version, "2");
         assert_eq!(loaded.documents.len(), 2);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_fold_keeps_every_entry_appended_while_it_runs() {
+        let dir = std::env::temp_dir().join(format!("palisade-fold-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let files = SavedFiles::new(&dir);
+        let none = Identities::default();
+        let mut current = Current { version: "1".into(), digest: "d1".into(), ..Default::default() };
+        files.save_whole(&current).unwrap();
+        files.append(("2", "d2"), &[(key("a"), "a: 1\n".into())], &[], &none).unwrap();
+        current.version = "2".into();
+        current.documents.insert(key("a"), "a: 1\n".into());
+        // The fold renames the journal at once; an append right after goes to a new one.
+        let fold = SavedFiles::new(&dir).fold(current.clone()).expect("a fold");
+        files.append(("3", "d3"), &[(key("b"), "b: 1\n".into())], &[], &none).unwrap();
+        fold.join().unwrap();
+        let loaded = files.load().unwrap().unwrap();
+        assert_eq!(loaded.version, "3");
+        assert_eq!(loaded.documents.keys().cloned().collect::<Vec<_>>(), [key("a"), key("b")]);
+        assert!(!dir.join(FOLDING).exists(), "the folded journal is gone");
         let _ = std::fs::remove_dir_all(&dir);
     }
 }
