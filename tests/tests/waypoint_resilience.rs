@@ -102,6 +102,13 @@ fn http_server(cluster: &Cluster, pod: &str, name: &str, delay_ms: u64, status: 
     )
 }
 
+/// Reaches every endpoint once before a test counts: what these tests prove is where requests
+/// go, not the first tunnel of each pair (one of 600 requests once met an endpoint's tunnel not
+/// yet up at the start of a test and got 503; see the closing note of stop 10).
+fn warm(cluster: &Cluster) {
+    let _ = many(cluster, 40, 4, &[]);
+}
+
 /// Runs the probe in `pod` with `args`; its JSON report.
 fn probe(cluster: &Cluster, pod: &str, args: &[&str]) -> Value {
     let out =
@@ -140,6 +147,7 @@ fn least_request_sends_most_traffic_to_the_faster_backend() {
     let cluster = cluster(&[("fast", &[]), ("slow", &[])], policy);
     let _fast = http_server(&cluster, "fast", "fast", 0, 200);
     let _slow = http_server(&cluster, "slow", "slow", 100, 200);
+    warm(&cluster);
 
     // Eight requests in flight at once: the slow endpoint holds its requests longer, so it
     // has more active requests whenever it is compared, and loses the comparison.
@@ -163,6 +171,7 @@ fn ring_hash_keeps_keys_and_a_new_backend_takes_about_its_share() {
     let _servers: Vec<Proc> =
         ["web-a", "web-b", "web-c", "web-d"].iter().map(|p| http_server(&cluster, p, p, 0, 200)).collect();
 
+    warm(&cluster);
     // 200 keys, each sent 3 times over 4 connections: each key answered by one endpoint.
     let keys = 200;
     let assignment = |cluster: &Cluster| -> BTreeMap<String, String> {
