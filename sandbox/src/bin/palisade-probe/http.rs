@@ -33,8 +33,9 @@ pub fn serve(args: &[String]) {
     }
 }
 
-/// Reads a head (until the blank line); returns its lines.
-fn read_head(reader: &mut BufReader<TcpStream>) -> std::io::Result<Option<Vec<String>>> {
+/// Reads a head (until the blank line, at most `MAX_HEAD` bytes); returns its lines, or None at
+/// a clean end of stream. Shared by every HTTP mode of the probe.
+pub(crate) fn read_head(reader: &mut impl BufRead) -> std::io::Result<Option<Vec<String>>> {
     let (mut lines, mut size) = (Vec::new(), 0);
     loop {
         let mut line = String::new();

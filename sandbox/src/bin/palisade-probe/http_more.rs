@@ -14,7 +14,7 @@
 //! request head one byte every I ms (never finishing it) for T ms, and reports how many the
 //! server closed.
 use std::collections::{BTreeMap, BTreeSet};
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -22,8 +22,7 @@ use std::time::{Duration, Instant};
 use serde_json::json;
 
 use crate::arg;
-
-const MAX_HEAD: usize = 16 * 1024;
+use crate::http::read_head;
 
 fn num<T: std::str::FromStr>(args: &[String], name: &str, default: T) -> T {
     arg(args, name).and_then(|v| v.parse().ok()).unwrap_or(default)
@@ -43,27 +42,6 @@ pub fn serve(args: &[String]) {
         std::thread::spawn(move || {
             let _ = answer(stream, &name, delay, status, log.as_deref());
         });
-    }
-}
-
-/// A head's lines (until the blank line), or None at a clean end of stream.
-fn read_head(reader: &mut impl BufRead) -> std::io::Result<Option<Vec<String>>> {
-    let (mut lines, mut size) = (Vec::new(), 0);
-    loop {
-        let mut line = String::new();
-        let n = reader.read_line(&mut line)?;
-        if n == 0 {
-            return Ok(None);
-        }
-        size += n;
-        if size > MAX_HEAD {
-            return Err(std::io::Error::other("head too large"));
-        }
-        let line = line.trim_end().to_string();
-        if line.is_empty() {
-            return Ok(Some(lines));
-        }
-        lines.push(line);
     }
 }
 
