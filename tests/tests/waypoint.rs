@@ -333,3 +333,21 @@ async fn connect_status(
     let response = response.await.map_err(|e| e.to_string())?;
     Ok(response.status().as_u16())
 }
+
+/// The waypoint killed (SIGKILL): requests to the Service it serves fail — the client's ztunnel
+/// never sends them around it to an endpoint, where the waypoint's L7 policy would not apply —
+/// and traffic that needs no waypoint is untouched.
+#[test]
+fn a_killed_waypoint_fails_closed() {
+    let cluster = cluster(DENIES);
+    let _servers = servers(&cluster);
+    let before = get(&cluster, "client", VIP, "/", 3, &[]);
+    assert_eq!(count(&before, "statuses", "200"), 3, "{before}");
+
+    cluster.kill_waypoint("waypoint").expect("kill -9 the waypoint");
+    let after = get(&cluster, "client", VIP, "/admin/users", 5, &[]);
+    let answered: u64 = after["statuses"].as_object().into_iter().flatten().filter_map(|(_, n)| n.as_u64()).sum();
+    assert_eq!(answered, 0, "a request was answered with the waypoint dead (bypassed?): {after}");
+    let bodies = after["bodies"].as_object().map_or(0, |b| b.len());
+    assert_eq!(bodies, 0, "a backend answered with the waypoint dead: {after}");
+}

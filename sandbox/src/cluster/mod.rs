@@ -163,8 +163,10 @@ pub struct Cluster {
     started: Vec<(PathBuf, bool)>,
     /// Restarts per node, to name their logs.
     ztunnel_generation: BTreeMap<usize, u32>,
-    /// Other processes of the cluster (the CA).
+    /// Other processes of the cluster (the CA, waypoints).
     processes: Vec<Child>,
+    /// Each waypoint's process id (its `Child` is in `processes`).
+    waypoint_pids: BTreeMap<String, u32>,
     /// `palisade serve` and its binary (see `control_plane`).
     control_plane: Option<Child>,
     control_plane_bin: Option<PathBuf>,
@@ -584,6 +586,7 @@ impl Cluster {
             started: Vec::new(),
             ztunnel_generation: BTreeMap::new(),
             processes: Vec::new(),
+            waypoint_pids: BTreeMap::new(),
             control_plane: None,
             control_plane_bin: None,
             etcd_plane: None,

@@ -111,6 +111,7 @@ impl Cluster {
                 .arg(&self.info.policy_file)
                 .args(["--listen", &format!("{}:15008", w.ip), "--admin", WAYPOINT_ADMIN]);
             let child = self.spawn_in(&w.netns, &format!("waypoint-{}", w.name), cmd, &log)?;
+            self.waypoint_pids.insert(w.name.clone(), child.id());
             self.processes.push(child);
         }
         for w in self.info.waypoints.clone() {
@@ -127,6 +128,16 @@ impl Cluster {
     }
 
     /// Where waypoint `name` logs (its access log lines included).
+    /// Kills a waypoint's process with SIGKILL (a crash, as its clients see it); teardown reaps it.
+    pub fn kill_waypoint(&self, name: &str) -> Result<()> {
+        let pid = *self.waypoint_pids.get(name).with_context(|| format!("no waypoint process {name}"))?;
+        // SAFETY: kill(2) with a pid this cluster started and has not reaped yet.
+        if unsafe { libc::kill(pid as i32, libc::SIGKILL) } != 0 {
+            bail!("kill waypoint {name}: {}", std::io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
     /// The waypoint's recent flows (its `/flows`, a JSON array).
     pub fn waypoint_flows(&self, name: &str) -> Result<serde_json::Value> {
         let w = self.waypoint(name)?;
