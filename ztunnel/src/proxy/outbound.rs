@@ -101,14 +101,15 @@ fn resolve_service(
     let proven = pod.identity.as_ref().map(|(id, _)| (id.namespace.as_str(), id.service_account.as_str()));
     let choice = snapshot.service_choice(pod.ip, proven, vip)?;
     if !choice.allowed.is_empty() {
-        // Healthy ones first ([`super::health`]); all of them when none is.
-        let healthy: Vec<_> = choice.allowed.iter().filter(|e| ctx.health.healthy(e.address)).collect();
-        let pool: Vec<_> = match healthy.is_empty() {
-            true => choice.allowed.iter().collect(),
-            false => healthy,
-        };
+        // Healthy ones first ([`super::health`]); all of them when none is. No list is built
+        // per connection: the n-th healthy one is found by counting.
         let n = NEXT_ENDPOINT.fetch_add(1, Ordering::Relaxed);
-        return Some(pool[n % pool.len()].address);
+        let healthy = |e: &&&palisade_model::compile::Endpoint| ctx.health.healthy(e.address);
+        let count = choice.allowed.iter().filter(healthy).count();
+        return match count {
+            0 => Some(choice.allowed[n % choice.allowed.len()].address),
+            _ => choice.allowed.iter().filter(healthy).nth(n % count).map(|e| e.address),
+        };
     }
     let (src_identity, policy) = match &choice.first_denied {
         Some((endpoint, d)) => (
