@@ -29,7 +29,8 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
              identities are taken from addresses"
         );
     }
-    process_limits();
+    let metrics = Arc::new(Metrics::default());
+    process_limits(&metrics);
     std::fs::create_dir_all(&config.state_dir)
         .with_context(|| format!("create state directory {}", config.state_dir.display()))?;
     let pins = Pins::prepare(&config.pin_dir).with_context(|| format!("pin directory {}", config.pin_dir.display()))?;
@@ -46,7 +47,6 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     if inherited.is_some() {
         tracing::info!("took over the listeners of the running ztunnel");
     }
-    let metrics = Arc::new(Metrics::default());
     let retire = kernel.policy.retire_switch();
     let (mut policy, snapshot) =
         PolicySource::new(config.policy.clone(), config.trust_domain.clone(), kernel.policy, metrics.clone());
@@ -225,7 +225,8 @@ fn mesh(config: &Config, ca_addr: std::net::SocketAddr) -> anyhow::Result<crate:
 
 /// Descriptor limit, malloc arenas (see `limits`; `main` applies them once before the runtime
 /// starts, so that its threads share the capped arenas) and the memory trimmer.
-fn process_limits() {
+fn process_limits(metrics: &Arc<Metrics>) {
     crate::limits::init_process();
-    tokio::spawn(crate::limits::trim_memory_after_activity());
+    let metrics = metrics.clone();
+    tokio::spawn(crate::limits::trim_memory_after_activity(move || metrics.active_connections()));
 }

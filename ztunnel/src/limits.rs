@@ -179,17 +179,22 @@ pub fn init_process() {
 
 static TRIMS: AtomicU64 = AtomicU64::new(0);
 
-/// Returns freed heap memory to the kernel once a burst of activity is over. Runs until the
-/// runtime stops.
-pub async fn trim_memory_after_activity() {
-    let mut trimmed_at = fds().admitted_total();
-    let mut previous = trimmed_at;
+/// Returns freed heap memory to the kernel once a burst of activity is over. `active` counts
+/// the connections carried now. Runs until the runtime stops.
+///
+/// Activity is new admissions, or connections that ended since the last trim: a trim that
+/// fell in the middle of a load (its connections admitted, their buffers still live) would
+/// otherwise be the last one, and the load's freed buffers would stay in the heap for good.
+pub async fn trim_memory_after_activity(active: impl Fn() -> i64) {
+    let mut trimmed_at = (fds().admitted_total(), active());
+    let mut previous = trimmed_at.0;
     loop {
         tokio::time::sleep(TRIM_EVERY).await;
-        let now = fds().admitted_total();
-        let quiet = now - previous < TRIM_QUIET_BELOW;
-        previous = now;
-        if now == trimmed_at || !quiet {
+        let now = (fds().admitted_total(), active());
+        let quiet = now.0 - previous < TRIM_QUIET_BELOW;
+        previous = now.0;
+        let ended_since_trim = now.1 < trimmed_at.1;
+        if !quiet || (now.0 == trimmed_at.0 && !ended_since_trim) {
             continue;
         }
         trimmed_at = now;
