@@ -252,6 +252,7 @@ mod tests {
                 })
                 .collect(),
             traffic: TrafficPolicy { load_balancer: lb, ..Default::default() },
+            protocol: Default::default(),
         }
     }
 

@@ -237,7 +237,7 @@ impl Client {
 }
 
 pub fn backend(name: &str, endpoints: Vec<BackendEndpoint>, traffic: TrafficPolicy) -> Backend {
-    Backend { name: name.to_string(), endpoints, traffic }
+    Backend { name: name.to_string(), endpoints, traffic, protocol: Default::default() }
 }
 
 pub fn route(name: &str, matches: Vec<RouteMatch>, backends: Vec<(Backend, u32)>) -> Route {

@@ -1,7 +1,8 @@
 //! Compiling the waypoint's resources: for each waypoint, every Service port it serves with its
 //! routes (in Gateway API precedence), backends resolved to endpoints and their identities,
-//! authorization and traffic policies ([`compile_waypoints`]); and for ztunnel, which waypoint
-//! serves which VIP and endpoint ([`waypoint_index`]). Input is a validated batch: what
+//! authorization and traffic policies, and every Workload address it serves for workload
+//! traffic ([`super::workload`]) ([`compile_waypoints`]); and for ztunnel, which waypoint
+//! serves which VIP, Workload address and endpoint ([`waypoint_index`]). Input is a validated batch: what
 //! validation refuses is skipped here, never guessed.
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::{IpAddr, SocketAddr};
@@ -45,21 +46,34 @@ pub struct WaypointWorkload {
 }
 
 /// Which waypoint serves what, for ztunnel: a source's ztunnel sends a connection to a VIP to
-/// [`WaypointIndex::for_vip`]; a destination's ztunnel accepts a tunnel for one of its
-/// endpoints from a waypoint serving it ([`WaypointIndex::accepts_from`]).
+/// [`WaypointIndex::for_vip`], and one to a Workload's address to
+/// [`WaypointIndex::for_workload`]; a destination's ztunnel accepts a tunnel for one of its
+/// endpoints from a waypoint serving it ([`WaypointIndex::accepts_from`]), and for a Workload
+/// served for workload traffic from nothing else.
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
 pub struct WaypointIndex {
     /// By `namespace/name`.
     pub waypoints: BTreeMap<String, WaypointRef>,
     /// Service VIP → the waypoint serving it.
     pub vips: BTreeMap<IpAddr, String>,
-    /// Endpoint address → the waypoints serving a Service it is an endpoint of.
+    /// Endpoint address → the waypoints serving a Service it is an endpoint of (or the
+    /// Workload itself).
     pub endpoints: BTreeMap<IpAddr, BTreeSet<String>>,
+    /// Workload address → the waypoint serving it for workload traffic (`istio.io/waypoint-for:
+    /// workload` or `all`): traffic to it goes through that waypoint, and its ztunnel accepts
+    /// tunnels only from a waypoint.
+    #[serde(default)]
+    pub workloads: BTreeMap<IpAddr, String>,
 }
 
 impl WaypointIndex {
     pub fn for_vip(&self, vip: IpAddr) -> Option<&WaypointRef> {
         self.waypoints.get(self.vips.get(&canonical(vip))?)
+    }
+
+    /// The waypoint serving the Workload at `addr` for workload traffic.
+    pub fn for_workload(&self, addr: IpAddr) -> Option<&WaypointRef> {
+        self.waypoints.get(self.workloads.get(&canonical(addr))?)
     }
 
     /// The waypoints that may send to endpoint `addr` on behalf of others.
@@ -77,7 +91,7 @@ impl WaypointIndex {
     }
 }
 
-fn spiffe(trust_domain: &str, namespace: &str, service_account: &str) -> String {
+pub(super) fn spiffe(trust_domain: &str, namespace: &str, service_account: &str) -> String {
     format!("spiffe://{trust_domain}/ns/{namespace}/sa/{service_account}")
 }
 
@@ -107,6 +121,12 @@ pub fn waypoint_index(resources: &[Located], trust_domain: &str) -> WaypointInde
             for a in &w.addresses {
                 index.endpoints.entry(canonical(*a)).or_default().insert(waypoint.to_string());
             }
+        }
+    }
+    for served in super::workload::served(resources, &att) {
+        for a in &served.spec.addresses {
+            index.workloads.insert(canonical(*a), served.waypoint.clone());
+            index.endpoints.entry(canonical(*a)).or_default().insert(served.waypoint.clone());
         }
     }
     route_backends(resources, &att, &services, &mut index);
@@ -217,6 +237,18 @@ pub fn compile_waypoints(resources: &[Located], trust_domain: &str) -> WaypointC
             config.services.push(ctx.service_l7(waypoint, meta, vip, number, port.name.as_deref()));
         }
     }
+    let served = super::workload::served(resources, &ctx.att);
+    if !served.is_empty() {
+        let service_ports = super::workload::service_ports(resources);
+        for s in &served {
+            let Some(config) = out.get_mut(&s.waypoint) else { continue };
+            let ns = s.meta.namespace.as_deref().unwrap_or_default();
+            let identity = spiffe(trust_domain, ns, &s.spec.service_account);
+            let authorization = ctx.authorization(&s.waypoint, ns, None);
+            let ports = super::workload::ports(s, &service_ports);
+            config.services.extend(super::workload::entries(s, &ports, &identity, &authorization));
+        }
+    }
     out
 }
 
@@ -238,7 +270,7 @@ impl Ctx<'_> {
             hosts: vec![format!("{name}.{ns}.svc.{CLUSTER_DOMAIN}"), format!("{name}.{ns}"), name.clone()],
             routes: self.routes(ns, name, port, port_name),
             default_backend: self.backend(ns, name, port),
-            authorization: self.authorization(waypoint, ns, name),
+            authorization: self.authorization(waypoint, ns, Some(name)),
             traffic: self.traffic.get(&key).cloned().unwrap_or_default(),
         }
     }
@@ -251,6 +283,9 @@ impl Ctx<'_> {
             let p = spec.ports.iter().flatten().find(|p| p.port == i32::from(port) && is_tcp(p))?;
             Some((spec, p, vip))
         });
+        let protocol = service_port
+            .map(|(_, p, _)| UpstreamProtocol::declared(p.app_protocol.as_deref(), p.name.as_deref()))
+            .unwrap_or_default();
         if let Some((spec, p, vip)) = service_port {
             for (m, w) in selected(ns, spec, self.resources) {
                 let Some(target) = target_port(p, w) else { continue };
@@ -270,6 +305,7 @@ impl Ctx<'_> {
             name: format!("{key}:{port}"),
             endpoints,
             traffic: self.traffic.get(&key).cloned().unwrap_or_default(),
+            protocol,
         }
     }
 
@@ -356,8 +392,9 @@ impl Ctx<'_> {
         })
     }
 
-    /// Policies targeting this Service, or the waypoint itself (all its Services), by name.
-    fn authorization(&self, waypoint: &str, ns: &str, service: &str) -> Vec<AuthzPolicy> {
+    /// Policies targeting this Service, or the waypoint itself (all it serves), by name; for a
+    /// Workload's entry (`service` None) only the waypoint's.
+    fn authorization(&self, waypoint: &str, ns: &str, service: Option<&str>) -> Vec<AuthzPolicy> {
         let mut out = Vec::new();
         for r in self.resources {
             let Resource::AuthorizationPolicy { metadata, spec, .. } = &r.resource else { continue };
@@ -365,7 +402,7 @@ impl Ctx<'_> {
             let applies = spec.targets().iter().any(|(_, t)| {
                 let group = t.group.as_deref().unwrap_or("");
                 match (t.kind.as_str(), group) {
-                    ("Service", "" | "core") => pns == ns && t.name == service,
+                    ("Service", "" | "core") => pns == ns && Some(t.name.as_str()) == service,
                     ("Gateway", GATEWAY_GROUP) => format!("{pns}/{}", t.name) == waypoint,
                     _ => false,
                 }

@@ -101,6 +101,48 @@ pub struct Backend {
     pub endpoints: Vec<BackendEndpoint>,
     /// The backend's load balancing, limits and outlier detection (its own TrafficPolicy).
     pub traffic: TrafficPolicy,
+    /// The HTTP version the Service port declares for its endpoints.
+    #[serde(default)]
+    pub protocol: UpstreamProtocol,
+}
+
+/// Which HTTP version a waypoint speaks to a Service's endpoints, from the Service port's
+/// declared protocol as Istio reads it: `appProtocol`, else the port name's prefix.
+#[derive(Clone, Copy, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub enum UpstreamProtocol {
+    /// Nothing declared (or a non-HTTP protocol): the client's version, and HTTP/1.1 to an
+    /// endpoint that answers the HTTP/2 preface as an HTTP/1.1 server.
+    #[default]
+    Auto,
+    /// `http`, `grpc-web`, `kubernetes.io/ws`, `kubernetes.io/wss`.
+    Http1,
+    /// `http2`, `grpc`, `kubernetes.io/h2c`.
+    Http2,
+}
+
+impl UpstreamProtocol {
+    /// Kubernetes' `appProtocol` wins; without it, Istio's port naming (`<protocol>[-<suffix>]`,
+    /// case-insensitive). Unknown or non-HTTP protocols are [`UpstreamProtocol::Auto`].
+    pub fn declared(app_protocol: Option<&str>, port_name: Option<&str>) -> Self {
+        let by_name = |p: &str| match p {
+            "http" | "grpc-web" | "kubernetes.io/ws" | "kubernetes.io/wss" => Some(UpstreamProtocol::Http1),
+            "http2" | "grpc" | "kubernetes.io/h2c" => Some(UpstreamProtocol::Http2),
+            _ => None,
+        };
+        if let Some(app) = app_protocol.map(str::to_ascii_lowercase) {
+            return by_name(&app).unwrap_or_default();
+        }
+        let Some(name) = port_name.map(str::to_ascii_lowercase) else { return UpstreamProtocol::Auto };
+        // `grpc-web` contains the separator, so it is matched before the prefix is cut.
+        if name == "grpc-web" || name.starts_with("grpc-web-") {
+            return UpstreamProtocol::Http1;
+        }
+        let prefix = name.split('-').next().unwrap_or_default();
+        match prefix {
+            "http" | "http2" | "grpc" => by_name(prefix).unwrap_or_default(),
+            _ => UpstreamProtocol::Auto,
+        }
+    }
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq, PartialOrd, Ord)]
@@ -282,3 +324,70 @@ pub const WAYPOINT_GATEWAY_CLASS: &str = "palisade-waypoint";
 
 /// Keyed by `namespace/name` of the waypoint.
 pub type WaypointConfigs = BTreeMap<String, WaypointConfig>;
+
+/// The label on a waypoint `Gateway` saying which traffic it serves (Istio's).
+pub const WAYPOINT_FOR_LABEL: &str = "istio.io/waypoint-for";
+
+/// What a waypoint serves ([`WAYPOINT_FOR_LABEL`]; Istio's values and default).
+#[derive(Clone, Copy, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub enum WaypointFor {
+    /// Traffic to the VIPs of the Services that use it.
+    #[default]
+    Service,
+    /// Traffic to the addresses of the Workloads that use it.
+    Workload,
+    All,
+    None,
+}
+
+impl WaypointFor {
+    /// The label's value; an absent label is [`WaypointFor::Service`], an unknown one `None`.
+    pub fn parse(value: Option<&str>) -> Option<Self> {
+        Some(match value {
+            None | Some("service") => Self::Service,
+            Some("workload") => Self::Workload,
+            Some("all") => Self::All,
+            Some("none") => Self::None,
+            Some(_) => return None,
+        })
+    }
+
+    pub fn services(self) -> bool {
+        matches!(self, Self::Service | Self::All)
+    }
+
+    pub fn workloads(self) -> bool {
+        matches!(self, Self::Workload | Self::All)
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Service => "service",
+            Self::Workload => "workload",
+            Self::All => "all",
+            Self::None => "none",
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::UpstreamProtocol::{self, Auto, Http1, Http2};
+
+    #[test]
+    fn declared_protocol_reads_app_protocol_then_port_name() {
+        let d = UpstreamProtocol::declared;
+        assert_eq!(d(Some("http"), Some("grpc")), Http1, "appProtocol wins over the name");
+        assert_eq!(d(Some("kubernetes.io/h2c"), None), Http2);
+        assert_eq!(d(Some("GRPC"), None), Http2);
+        assert_eq!(d(Some("kubernetes.io/ws"), None), Http1);
+        assert_eq!(d(Some("tcp"), Some("http")), Auto);
+        assert_eq!(d(None, Some("http2-api")), Http2);
+        assert_eq!(d(None, Some("grpc")), Http2);
+        assert_eq!(d(None, Some("grpc-web-x")), Http1);
+        assert_eq!(d(None, Some("http-metrics")), Http1);
+        assert_eq!(d(None, Some("httpx")), Auto);
+        assert_eq!(d(None, Some("web")), Auto);
+        assert_eq!(d(None, None), Auto);
+    }
+}
