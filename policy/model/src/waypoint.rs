@@ -5,8 +5,10 @@
 //!   Workloads of its namespace labelled [`config::GATEWAY_NAME_LABEL`]`: <name>`.
 //! - Which waypoint serves a Service: the label [`config::USE_WAYPOINT_LABEL`] on the Service,
 //!   else on its Namespace (with [`config::USE_WAYPOINT_NAMESPACE_LABEL`] for a waypoint of
-//!   another namespace); `none` opts a Service out of its namespace's waypoint. Workloads do not
-//!   get a waypoint of their own in this slice: only traffic to a Service VIP goes through one.
+//!   another namespace); `none` opts a Service out of its namespace's waypoint. A Workload
+//!   likewise (its own label, else its Namespace's); the waypoint's `istio.io/waypoint-for`
+//!   says which it takes: Service VIP traffic (`service`, the default), traffic to Workload
+//!   addresses (`workload`, see [`workload`]), `all` or `none`.
 //! - `HTTPRoute`, `AuthorizationPolicy` and `TrafficPolicy` attach to a Service (an
 //!   `AuthorizationPolicy` also to the waypoint, meaning all of its Services); one on a Service
 //!   that no waypoint serves is a validation error, never silently unenforced.
@@ -24,11 +26,14 @@ pub mod gateway;
 pub mod istio;
 pub mod traffic;
 pub mod validate;
+pub mod workload;
 
 #[cfg(test)]
 mod compile_tests;
 #[cfg(test)]
 mod validate_tests;
+#[cfg(test)]
+mod workload_tests;
 
 pub use attach::{Attachments, WaypointInfo};
 pub use compile::{WaypointIndex, WaypointRef, WaypointWorkload, compile_waypoints, waypoint_index};

@@ -1,6 +1,7 @@
 //! The waypoint index a snapshot carries (what ztunnel routes and accepts by) is the same from
 //! a full compile and from the incremental compiler, through changes to each kind it reads:
-//! a route's backends, the Gateway, a waypoint's Workload, an endpoint's Workload.
+//! a route's backends, the Gateway, a waypoint's Workload, an endpoint's Workload, and the
+//! labels that put Workloads behind a waypoint.
 use std::net::IpAddr;
 use std::path::Path;
 
@@ -108,4 +109,47 @@ fn incremental_and_full_compiles_give_the_same_waypoint_index() {
     // It comes back.
     let index = step(&mut compiler, vec![find(&resources, "Gateway", "waypoint")], &[]);
     assert!(index.for_vip(ip("10.96.0.10")).is_some());
+}
+
+fn with_labels(mut l: Located, labels: &[(&str, &str)]) -> Located {
+    let meta = match &mut l.resource {
+        Resource::Gateway { metadata, .. }
+        | Resource::Workload { metadata, .. }
+        | Resource::Namespace { metadata, .. } => metadata,
+        other => panic!("no labels here: {}", other.kind()),
+    };
+    meta.labels.extend(labels.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+    l
+}
+
+/// Workload traffic (`istio.io/waypoint-for`, use-waypoint on a Workload): the incremental
+/// compiler follows the Gateway's label, a Workload's own label and its Namespace's.
+#[test]
+fn workload_traffic_is_indexed_alike_by_incremental_and_full_compiles() {
+    let resources = example();
+    let mut compiler = Compiler::new(TD);
+    let index = step(&mut compiler, resources.clone(), &[]);
+    assert!(index.for_workload(ip("10.0.2.1")).is_none(), "a Service waypoint by default");
+
+    let gateway = find(&resources, "Gateway", "waypoint");
+    let index = step(&mut compiler, vec![with_labels(gateway.clone(), &[("istio.io/waypoint-for", "all")])], &[]);
+    assert_eq!(index.for_workload(ip("10.0.2.1")).map(|w| w.name.as_str()), Some("shop/waypoint"));
+    assert!(index.for_workload(ip("10.0.1.2")).is_none(), "not the waypoint's own workload");
+    assert!(index.for_vip(ip("10.96.0.10")).is_some());
+
+    // A workload opts out with its own label; the namespace's waypoint still serves the rest.
+    let v1 = find(&resources, "Workload", "web-v1-0");
+    let index = step(&mut compiler, vec![with_labels(v1.clone(), &[("istio.io/use-waypoint", "none")])], &[]);
+    assert!(index.for_workload(ip("10.0.2.1")).is_none());
+    assert!(index.for_workload(ip("10.0.2.2")).is_some());
+
+    // The frontend's namespace has no waypoint; its own label puts it behind shop's.
+    let frontend = find(&resources, "Workload", "frontend-0");
+    let labels = [("istio.io/use-waypoint", "waypoint"), ("istio.io/use-waypoint-namespace", "shop")];
+    let index = step(&mut compiler, vec![with_labels(frontend, &labels)], &[]);
+    assert_eq!(index.for_workload(ip("10.0.4.1")).map(|w| w.name.as_str()), Some("shop/waypoint"));
+
+    // Back to a Service waypoint: no workload is served.
+    let index = step(&mut compiler, vec![gateway], &[]);
+    assert!(index.workloads.is_empty());
 }

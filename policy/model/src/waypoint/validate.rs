@@ -9,7 +9,7 @@ use std::collections::{HashMap, HashSet};
 use k8s_openapi::api::core::v1::ServiceSpec;
 
 use super::attach::{Attachments, attachments};
-use super::config::{GATEWAY_NAME_LABEL, USE_WAYPOINT_LABEL, WAYPOINT_GATEWAY_CLASS};
+use super::config::{GATEWAY_NAME_LABEL, USE_WAYPOINT_LABEL, WAYPOINT_FOR_LABEL, WAYPOINT_GATEWAY_CLASS, WaypointFor};
 use super::gateway::{
     BackendRef, FilterType, GATEWAY_GROUP, HttpPathModifier, HttpRouteRule, HttpRouteSpec, HttpValueMatch,
     PathMatchType, PathModifierType, ValueMatchType,
@@ -39,6 +39,11 @@ pub fn check(resources: &[Located], sources: &Sources) -> Vec<Finding> {
         .collect();
     let mut out = Out { sources, att: &att, services: &services, list: Vec::new(), at: None };
     let mut traffic_targets: HashMap<String, &Located> = HashMap::new();
+    // Only read when a waypoint serves workloads.
+    let workload_ports = match att.waypoints.values().any(|w| w.waypoint_for.is_some_and(WaypointFor::workloads)) {
+        true => super::workload::service_ports(resources),
+        false => HashMap::new(),
+    };
     for r in resources {
         out.at = Some(r);
         let meta = r.resource.metadata();
@@ -46,7 +51,7 @@ pub fn check(resources: &[Located], sources: &Sources) -> Vec<Finding> {
         match &r.resource {
             Resource::Service { .. } | Resource::Namespace { .. } => {
                 let own = if matches!(r.resource, Resource::Namespace { .. }) { &meta.name } else { ns };
-                if let Some(key) = att.dangling(meta, own) {
+                if let Some(key) = att.dangling(&meta.labels, own) {
                     out.warning(
                         "metadata.labels",
                         format!(
@@ -55,17 +60,30 @@ pub fn check(resources: &[Located], sources: &Sources) -> Vec<Finding> {
                         ),
                     );
                 }
+                if matches!(r.resource, Resource::Service { .. })
+                    && let Some((key, serves)) = att.service_label_without_effect(meta)
+                {
+                    out.warning(
+                        "metadata.labels",
+                        format!("{USE_WAYPOINT_LABEL} names {key}, which is `{serves}`: it has no effect for Service traffic"),
+                    );
+                }
             }
-            Resource::Workload { spec, .. }
-                if meta.labels.contains_key(USE_WAYPOINT_LABEL) || spec.labels.contains_key(USE_WAYPOINT_LABEL) =>
-            {
-                out.warning(
-                    "metadata.labels",
-                    format!("{USE_WAYPOINT_LABEL} on a Workload is not supported: label its Service or Namespace"),
-                );
+            Resource::Workload { spec, .. } => {
+                for (error, field, message) in super::workload::check(&att, meta, spec, &workload_ports) {
+                    out.push(error, field, message);
+                }
             }
             Resource::HttpRoute { spec, .. } => out.http_route(ns, spec),
             Resource::Gateway { spec, .. } => {
+                if let Some(value) = meta.labels.get(WAYPOINT_FOR_LABEL)
+                    && WaypointFor::parse(Some(value)).is_none()
+                {
+                    out.error(
+                        "metadata.labels",
+                        format!("{WAYPOINT_FOR_LABEL}: {value:?} is not one of service, workload, all, none"),
+                    );
+                }
                 if spec.gateway_class_name != WAYPOINT_GATEWAY_CLASS {
                     out.warning(
                         "spec.gatewayClassName",
