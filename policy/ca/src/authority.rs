@@ -229,10 +229,21 @@ impl CertificateAuthority {
 
     /// A node credential (URI `spiffe://<td>/node/<node>`) for authenticating to the CA.
     pub fn node_credential(&self, node: &str) -> Result<(String, String), CaError> {
+        self.credential(&node_uri(&self.trust_domain, node), NODE_TTL)
+    }
+
+    /// A credential bound to one workload identity, valid for `ttl`: a waypoint's bootstrap
+    /// credential (see `server::waypoint_credential`, which decides whether it may be issued).
+    pub fn workload_credential(&self, identity: &SpiffeId, ttl: Duration) -> Result<(String, String), CaError> {
+        self.credential(&identity.to_string(), ttl)
+    }
+
+    /// A key made here and a certificate for `uri` over it: (certificate PEM, key PEM).
+    fn credential(&self, uri: &str, ttl: Duration) -> Result<(String, String), CaError> {
         let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
         let csr = CertificateParams::default().serialize_request(&key)?.pem().map_err(CaError::Sign)?;
         let now = SystemTime::now();
-        let cert = self.sign(&csr, &node_uri(&self.trust_domain, node), now - BACKDATE, now + NODE_TTL)?;
+        let cert = self.sign(&csr, uri, now - BACKDATE, now + ttl)?;
         Ok((cert, key.serialize_pem()))
     }
 

@@ -1,8 +1,16 @@
-//! The CA's endpoint (see `palisade_mesh::ca_api`): HTTP/1.1 over mutual TLS. Callers prove
-//! their node with a node credential; a node gets certificates only for identities of
-//! workloads scheduled on it (the `Workload` resources' `spec.node`), never for the control
-//! plane's own (`palisade-system`, which holds the CA's serving identity). Refusals are
-//! logged with the node that asked.
+//! The CA's endpoint (see `palisade_mesh::ca_api`): HTTP/1.1 over mutual TLS. Two kinds of
+//! caller, told apart by the SPIFFE ID of the client certificate (which must chain to a root
+//! of the bundle and be unexpired, or the handshake fails):
+//! - a node credential (`spiffe://<td>/node/<name>`, ztunnels): certificates only for
+//!   identities of workloads scheduled on that node (the `Workload` resources' `spec.node`);
+//! - a workload certificate of identity X (waypoints, see [`waypoint_credential`]): a
+//!   certificate for X itself and nothing else, and only while X is a waypoint's identity in
+//!   the resources in force (a `Gateway` of class palisade-waypoint whose Workloads run as
+//!   X). A waypoint thus renews itself with its current certificate and holds no credential
+//!   that could ask for another identity; ordinary workloads are enrolled by their node.
+//!
+//! Neither ever gets the control plane's own identities (`palisade-system`, which holds the
+//! CA's serving identity). Refusals are logged with the caller.
 //!
 //! The endpoint must outlive hostile or broken peers: accept errors (descriptors exhausted)
 //! are waited out, never fatal; each connection must finish its TLS handshake within
@@ -12,6 +20,7 @@
 //! waiting in the kernel's accept queue. Files (inventory, roots) are read outside the CA's
 //! lock, by a refresh task, and the last good inventory is kept when the files go bad.
 use std::convert::Infallible;
+use std::fmt;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -25,8 +34,11 @@ use palisade_mesh::ca_api::{
     CONTROL_PLANE_NAMESPACE, SignRequest, SignResponse, ca_identity, new_key_and_csr, node_of_uri,
 };
 use palisade_mesh::identity::SpiffeId;
-use palisade_mesh::tls::{Clients, Credential, CredentialSlot, TrustBundle, server_config_for, spiffe_uri_of};
+use palisade_mesh::tls::{
+    Clients, Credential, CredentialSlot, TrustBundle, server_config_for, spiffe_id_of, spiffe_uri_of,
+};
 use tokio::net::TcpListener;
+use tokio_rustls::rustls::pki_types::CertificateDer;
 
 use crate::authority::CertificateAuthority;
 
@@ -52,6 +64,74 @@ pub const MAX_CONNECTIONS_PER_SOURCE: usize = 16;
 
 type Refusal = (StatusCode, String);
 
+/// Who asks, as its client certificate proves it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Caller {
+    /// A node credential: certificates for the workloads scheduled on that node.
+    Node(String),
+    /// A workload certificate: a renewal of that very identity, for waypoints only.
+    Workload(SpiffeId),
+}
+
+impl fmt::Display for Caller {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Caller::Node(node) => write!(f, "node {node}"),
+            Caller::Workload(id) => write!(f, "workload {id}"),
+        }
+    }
+}
+
+/// Why a bootstrap credential for a waypoint was not issued.
+#[derive(Debug, thiserror::Error)]
+pub enum CredentialError {
+    #[error("{0}")]
+    Refused(String),
+    #[error(transparent)]
+    Ca(#[from] crate::authority::CaError),
+}
+
+/// The identities no caller is ever given, whatever the resources say: the CA's own serving
+/// identity and the control plane's namespace; and none outside the trust domain.
+fn reserved(id: &SpiffeId, trust_domain: &str) -> Option<String> {
+    if id.trust_domain != trust_domain {
+        return Some(format!("{id} is outside trust domain {trust_domain}"));
+    }
+    if *id == ca_identity(trust_domain) {
+        return Some(format!("{id} is the CA's own serving identity: never issued"));
+    }
+    if id.namespace == CONTROL_PLANE_NAMESPACE {
+        return Some(format!("{id} is in the control plane's namespace {CONTROL_PLANE_NAMESPACE}: never issued"));
+    }
+    None
+}
+
+/// Why `schedule` does not let `id` renew itself, if it does not.
+fn not_a_waypoint(schedule: &inventory::Schedule, id: &SpiffeId) -> Option<String> {
+    (!schedule.is_waypoint(id)).then(|| {
+        format!(
+            "{id} is not the identity of a waypoint (a Gateway of class palisade-waypoint whose Workloads all run \
+             as it): a workload certificate renews only a waypoint's; other workloads are enrolled by their node"
+        )
+    })
+}
+
+/// A waypoint's bootstrap credential (`palisade ca waypoint-credential`): a workload
+/// certificate for `id`, valid for `ttl`, issued only when `id` may renew itself at the CA
+/// (a waypoint's identity in `schedule`, not reserved), so the waypoint never needs its
+/// node's credential. Kubernetes would mount it as a projected service-account token.
+pub fn waypoint_credential(
+    ca: &CertificateAuthority,
+    schedule: &inventory::Schedule,
+    id: &SpiffeId,
+    ttl: Duration,
+) -> Result<(String, String), CredentialError> {
+    if let Some(why) = reserved(id, ca.trust_domain()).or_else(|| not_a_waypoint(schedule, id)) {
+        return Err(CredentialError::Refused(why));
+    }
+    Ok(ca.workload_credential(id, ttl)?)
+}
+
 pub struct CaService {
     ca: Mutex<CertificateAuthority>,
     dir: PathBuf,
@@ -73,17 +153,17 @@ impl CaService {
         CaService { ca: Mutex::new(ca), dir, trust_domain, inventory }
     }
 
-    /// Decides and signs one request from `node`. Blocking (file checks, signing).
-    pub fn sign(&self, node: &str, request: &SignRequest) -> Result<SignResponse, Refusal> {
+    /// Decides and signs one request from `caller`. Blocking (file checks, signing).
+    pub fn sign(&self, caller: &Caller, request: &SignRequest) -> Result<SignResponse, Refusal> {
         let id = &request.identity;
-        if let Err(refusal) = self.authorize(node, id) {
-            tracing::warn!(node, identity = %id, reason = %refusal.1, "refused");
+        if let Err(refusal) = self.authorize(caller, id) {
+            tracing::warn!(%caller, identity = %id, reason = %refusal.1, "refused");
             return Err(refusal);
         }
         let ca = self.ca.lock().expect("ca lock");
         let (chain_pem, not_after) =
             ca.sign_workload(&request.csr_pem, id).map_err(|e| (StatusCode::BAD_REQUEST, e.to_string()))?;
-        tracing::info!(node, identity = %id, root = ca.state().1, "signed workload certificate");
+        tracing::info!(%caller, identity = %id, root = ca.state().1, "signed workload certificate");
         Ok(SignResponse {
             chain_pem,
             bundle_pem: ca.bundle_pem(),
@@ -91,21 +171,24 @@ impl CaService {
         })
     }
 
-    /// Whether `node` may have a certificate for `id`.
-    fn authorize(&self, node: &str, id: &SpiffeId) -> Result<(), Refusal> {
+    /// Whether `caller` may have a certificate for `id`.
+    fn authorize(&self, caller: &Caller, id: &SpiffeId) -> Result<(), Refusal> {
         let forbidden = |m: String| Err((StatusCode::FORBIDDEN, m));
-        if id.trust_domain != self.trust_domain {
-            return forbidden(format!("{id} is outside trust domain {}", self.trust_domain));
+        if let Some(why) = reserved(id, &self.trust_domain) {
+            return forbidden(why);
         }
-        if *id == ca_identity(&self.trust_domain) {
-            return forbidden(format!("{id} is the CA's own serving identity: never issued to a node"));
+        if let Caller::Workload(own) = caller
+            && own != id
+        {
+            // Checked before the inventory: no resource can widen a workload certificate.
+            return forbidden(format!("a workload certificate of {own} may only renew {own}, not ask for {id}"));
         }
-        if id.namespace == CONTROL_PLANE_NAMESPACE {
-            return forbidden(format!(
-                "{id} is in the control plane's namespace {CONTROL_PLANE_NAMESPACE}: never issued to a node"
-            ));
-        }
-        let allowed = |s: &Option<Arc<inventory::Schedule>>| s.as_ref().is_some_and(|s| s.allows(node, id));
+        let allowed = |s: &Option<Arc<inventory::Schedule>>| {
+            s.as_ref().is_some_and(|s| match caller {
+                Caller::Node(node) => s.allows(node, id),
+                Caller::Workload(_) => s.is_waypoint(id),
+            })
+        };
         let mut schedule = self.inventory.current();
         if !allowed(&schedule) {
             // Perhaps scheduled a moment ago: look at the files before refusing.
@@ -121,7 +204,10 @@ impl CaService {
                 ),
             )),
             Some(_) if allowed(&schedule) => Ok(()),
-            Some(_) => forbidden(format!("no workload with identity {id} is scheduled on node {node}")),
+            Some(s) => match caller {
+                Caller::Node(node) => forbidden(format!("no workload with identity {id} is scheduled on node {node}")),
+                Caller::Workload(_) => forbidden(not_a_waypoint(&s, id).unwrap_or_default()),
+            },
         }
     }
 
@@ -181,7 +267,8 @@ pub async fn serve(listener: TcpListener, service: Arc<CaService>) -> anyhow::Re
     let trust_domain = service.trust_domain.clone();
     let make_tls = |pem: &str| -> anyhow::Result<_> {
         let bundle = TrustBundle::from_pem(pem, &trust_domain)?;
-        Ok(server_config_for(credential.clone(), &bundle, Clients::Nodes, &[b"http/1.1"])?)
+        // Workload certificates too: a waypoint renews its own (see `authorize`).
+        Ok(server_config_for(credential.clone(), &bundle, Clients::NodesOrWorkloads, &[b"http/1.1"])?)
     };
     let bundle_pem = service.bundle();
     let (mut tls, mut tls_bundle) = (make_tls(&bundle_pem)?, bundle_pem);
@@ -241,19 +328,12 @@ async fn connection(
             return;
         }
     };
-    let node = stream
-        .get_ref()
-        .1
-        .peer_certificates()
-        .and_then(|c| c.first())
-        .and_then(|c| spiffe_uri_of(c).ok())
-        .and_then(|uri| node_of_uri(&uri, trust_domain).map(str::to_string));
-    let Some(node) = node else { return };
+    let Some(caller) = caller_of(stream.get_ref().1.peer_certificates(), trust_domain) else { return };
     let svc = {
-        let node = node.clone();
+        let caller = caller.clone();
         hyper::service::service_fn(move |req| {
-            let (service, node) = (service.clone(), node.clone());
-            async move { Ok::<_, Infallible>(handle(service, node, req).await) }
+            let (service, caller) = (service.clone(), caller.clone());
+            async move { Ok::<_, Infallible>(handle(service, caller, req).await) }
         })
     };
     let mut http = hyper::server::conn::http1::Builder::new();
@@ -263,8 +343,19 @@ async fn connection(
         .keep_alive(false);
     let serving = http.serve_connection(hyper_util::rt::TokioIo::new(stream), svc);
     if tokio::time::timeout(CONNECTION_DEADLINE, serving).await.is_err() {
-        tracing::info!(%peer, node, deadline_s = CONNECTION_DEADLINE.as_secs(), "CA request not done in time: closed");
+        tracing::info!(%peer, %caller, deadline_s = CONNECTION_DEADLINE.as_secs(), "CA request not done in time: closed");
     }
+}
+
+/// The caller a verified client certificate proves (the TLS verifier already required a node
+/// credential or a workload identity of the trust domain).
+fn caller_of(certs: Option<&[CertificateDer<'_>]>, trust_domain: &str) -> Option<Caller> {
+    let cert = certs?.first()?;
+    if let Some(node) = node_of_uri(&spiffe_uri_of(cert).ok()?, trust_domain) {
+        return Some(Caller::Node(node.to_string()));
+    }
+    let id = spiffe_id_of(cert).ok()?;
+    (id.trust_domain == trust_domain).then_some(Caller::Workload(id))
 }
 
 fn reply(status: StatusCode, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
@@ -275,7 +366,7 @@ fn reply(status: StatusCode, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
         .expect("static response")
 }
 
-async fn handle(service: Arc<CaService>, node: String, req: Request<Incoming>) -> Response<Full<Bytes>> {
+async fn handle(service: Arc<CaService>, caller: Caller, req: Request<Incoming>) -> Response<Full<Bytes>> {
     match (req.method().as_str(), req.uri().path()) {
         ("GET", "/v1/bundle") => reply(StatusCode::OK, service.bundle()),
         ("POST", "/v1/sign") => {
@@ -288,7 +379,7 @@ async fn handle(service: Arc<CaService>, node: String, req: Request<Incoming>) -
                 Err(e) => return reply(StatusCode::BAD_REQUEST, format!("bad request: {e}")),
             };
             // Signing and any inventory check are blocking work: off the async workers.
-            match tokio::task::spawn_blocking(move || service.sign(&node, &request)).await {
+            match tokio::task::spawn_blocking(move || service.sign(&caller, &request)).await {
                 Ok(Ok(response)) => reply(StatusCode::OK, serde_json::to_vec(&response).expect("response serializes")),
                 Ok(Err((status, message))) => reply(status, message),
                 Err(e) => reply(StatusCode::INTERNAL_SERVER_ERROR, format!("signing failed: {e}")),

@@ -77,7 +77,27 @@ enum CaCommand {
         #[arg(long)]
         out: PathBuf,
     },
-    /// Serve certificate requests from ztunnels.
+    /// Write a waypoint's bootstrap credential (waypoint.pem, waypoint-key.pem) and the bundle
+    /// (bundle.pem) to OUT: a certificate of the waypoint's own identity, with which it renews
+    /// itself at the CA (instead of its node's credential). Refused unless the identity is a
+    /// waypoint's in the inventory (a Gateway of class palisade-waypoint whose Workloads run
+    /// as it).
+    WaypointCredential {
+        #[arg(long)]
+        namespace: String,
+        #[arg(long)]
+        service_account: String,
+        /// Resource files (as `serve --inventory`) that must make this identity a waypoint's.
+        #[arg(long = "inventory", required = true)]
+        inventory: Vec<PathBuf>,
+        /// Lifetime of the bootstrap certificate, in hours. The waypoint needs it until its
+        /// first certificate and at every restart; it renews itself after that.
+        #[arg(long, default_value_t = 24 * 365)]
+        ttl_hours: u64,
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Serve certificate requests from ztunnels (and waypoints renewing themselves).
     Serve {
         #[arg(long, default_value = "0.0.0.0:15012")]
         listen: SocketAddr,
@@ -116,12 +136,17 @@ fn ca_command(dir: PathBuf, trust_domain: String, command: CaCommand) -> anyhow:
             None => println!("no pending root"),
         },
         CaCommand::NodeCredential { node, out } => {
-            let (cert, key) = ca.node_credential(&node)?;
-            std::fs::create_dir_all(&out)?;
-            std::fs::write(out.join("node.pem"), cert)?;
-            std::fs::write(out.join("node-key.pem"), key)?;
-            std::fs::write(out.join("bundle.pem"), ca.bundle_pem())?;
+            write_credential(&out, "node", ca.node_credential(&node)?, &ca.bundle_pem())?;
             println!("node credential for {node} written to {}", out.display());
+        }
+        CaCommand::WaypointCredential { namespace, service_account, inventory, ttl_hours, out } => {
+            use palisade_ca::server::{inventory::Schedule, waypoint_credential};
+            let id = palisade_mesh::identity::SpiffeId::new(&trust_domain, &namespace, &service_account);
+            let schedule = Schedule::from_resources(&palisade_model::load::load_paths(&inventory)?);
+            let ttl = std::time::Duration::from_secs(ttl_hours.saturating_mul(3600));
+            let credential = waypoint_credential(&ca, &schedule, &id, ttl)?;
+            write_credential(&out, "waypoint", credential, &ca.bundle_pem())?;
+            println!("waypoint credential for {id} written to {}", out.display());
         }
         CaCommand::Serve { listen, inventory, workload_ttl_secs } => {
             tracing_subscriber::fmt()
@@ -137,6 +162,33 @@ fn ca_command(dir: PathBuf, trust_domain: String, command: CaCommand) -> anyhow:
                 palisade_ca::server::serve(listener, service).await
             })?;
         }
+    }
+    Ok(())
+}
+
+/// Writes `<stem>.pem`, `<stem>-key.pem` (owner-only: it is a credential) and `bundle.pem`.
+fn write_credential(
+    out: &std::path::Path,
+    stem: &str,
+    (cert, key): (String, String),
+    bundle: &str,
+) -> anyhow::Result<()> {
+    use anyhow::Context;
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::create_dir_all(out).with_context(|| format!("create {}", out.display()))?;
+    let key_path = out.join(format!("{stem}-key.pem"));
+    // Replaced, not rewritten in place, so that the mode holds for an existing file too.
+    let _ = std::fs::remove_file(&key_path);
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&key_path)
+        .and_then(|mut f| f.write_all(key.as_bytes()))
+        .with_context(|| format!("write {}", key_path.display()))?;
+    for (name, text) in [(format!("{stem}.pem"), cert.as_str()), ("bundle.pem".into(), bundle)] {
+        std::fs::write(out.join(&name), text).with_context(|| format!("write {}", out.join(&name).display()))?;
     }
     Ok(())
 }

@@ -12,16 +12,22 @@ use std::time::{Duration, Instant};
 
 use palisade_mesh::identity::SpiffeId;
 
-use palisade_model::load::{ChangeDetector, Located, load_paths};
+use palisade_model::load::{ChangeDetector, Located, Origin, load_paths};
 use palisade_model::resource::Resource;
+use palisade_model::waypoint::attach::attachments;
+use palisade_model::waypoint::config::{GATEWAY_NAME_LABEL, WAYPOINT_GATEWAY_CLASS};
 
 /// How often the inventory files are checked for changes.
 pub const REFRESH_EVERY: Duration = Duration::from_secs(1);
 
-/// node → the (namespace, service account) pairs of the workloads scheduled on it.
+/// node → the (namespace, service account) pairs of the workloads scheduled on it; and the
+/// identities waypoints run as, which may renew their own certificates (see `server`).
 #[derive(Debug, Default)]
 pub struct Schedule {
     by_node: HashMap<String, HashSet<(String, String)>>,
+    /// (namespace, service account) of every waypoint (a `Gateway` of class
+    /// palisade-waypoint) whose Workloads all run as that one identity.
+    waypoints: HashSet<(String, String)>,
     workloads: usize,
 }
 
@@ -31,8 +37,9 @@ impl Schedule {
     }
 
     pub fn of<'a>(resources: impl IntoIterator<Item = &'a Resource>) -> Schedule {
+        let resources: Vec<&Resource> = resources.into_iter().collect();
         let mut schedule = Schedule::default();
-        for r in resources {
+        for r in resources.iter().copied() {
             if let Resource::Workload { metadata, spec, .. } = r
                 && let Some(ns) = &metadata.namespace
             {
@@ -44,13 +51,48 @@ impl Schedule {
                 schedule.workloads += 1;
             }
         }
+        schedule.waypoints = waypoint_identities(resources);
         schedule
+    }
+
+    /// Whether `id` is the identity a waypoint's Workloads run as.
+    pub fn is_waypoint(&self, id: &SpiffeId) -> bool {
+        self.waypoints.contains(&(id.namespace.clone(), id.service_account.clone()))
     }
 
     /// Whether a workload with `id`'s namespace and service account is scheduled on `node`.
     pub fn allows(&self, node: &str, id: &SpiffeId) -> bool {
         self.by_node.get(node).is_some_and(|ids| ids.contains(&(id.namespace.clone(), id.service_account.clone())))
     }
+}
+
+/// The identities of waypoints, by the model's own rule for which Workloads are a Gateway's
+/// (`palisade_model::waypoint::attachments`) and the control plane's for admitting a waypoint:
+/// a Gateway counts when it has Workloads and every one runs as the same identity. Only the
+/// Gateways and the Workloads carrying the gateway-name label are copied for the model's
+/// input, so a large inventory costs little more than its waypoints.
+fn waypoint_identities<'a>(resources: impl IntoIterator<Item = &'a Resource>) -> HashSet<(String, String)> {
+    let origin = Origin { file: "inventory".into(), line: 0 };
+    let relevant: Vec<Located> = resources
+        .into_iter()
+        .filter(|r| match r {
+            Resource::Gateway { spec, .. } => spec.gateway_class_name == WAYPOINT_GATEWAY_CLASS,
+            Resource::Workload { metadata, spec, .. } => {
+                metadata.labels.contains_key(GATEWAY_NAME_LABEL) || spec.labels.contains_key(GATEWAY_NAME_LABEL)
+            }
+            _ => false,
+        })
+        .map(|r| Located { origin: origin.clone(), resource: r.clone() })
+        .collect();
+    let mut out = HashSet::new();
+    for w in attachments(&relevant).waypoints.values() {
+        let mut accounts = w.workloads.iter().map(|(_, spec)| spec.service_account.as_str());
+        let Some(first) = accounts.next() else { continue };
+        if accounts.all(|sa| sa == first) {
+            out.insert((w.namespace.to_string(), first.to_string()));
+        }
+    }
+    out
 }
 
 struct Refresh {
