@@ -1,6 +1,7 @@
 //! Live connections at their destination, re-checked whenever the policy changes: those the
 //! new policy denies are closed at once (well within a second of the reload), and their flow
-//! events say why.
+//! events say why. A destination that a waypoint now serves for workload traffic keeps only
+//! the tunnels that come from a waypoint serving it.
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -81,6 +82,12 @@ impl Connections {
                     t.close.send_replace(Some(format!("closed: {waypoint} no longer serves {}", t.dst)));
                     closed += 1;
                 }
+                continue;
+            }
+            if let Some(w) = snapshot.waypoints.for_workload(t.dst.ip()) {
+                let reason = format!("closed: {} is now served by waypoint {} for workload traffic", t.dst, w.name);
+                t.close.send_replace(Some(reason));
+                closed += 1;
                 continue;
             }
             let proven = t.proven.as_ref().map(|(ns, sa)| (ns.as_str(), sa.as_str()));

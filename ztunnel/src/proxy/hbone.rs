@@ -3,6 +3,11 @@
 //! source pod's certificate and requiring the destination's identity. Inbound: ztunnel's
 //! listener on 15008 inside each enrolled pod presents that pod's certificate, authorizes each
 //! stream by the client's proven identity, then connects to the application inside the pod.
+//! A pod served by a waypoint for workload traffic (`istio.io/waypoint-for: workload` or
+//! `all`) accepts tunnels only from a waypoint serving it ([`bypass`]): a source that goes
+//! around the waypoint (a ztunnel that does not know it, an older one, a hostile peer with a
+//! valid certificate) is refused even when the destination's L4 policy would allow it, since
+//! the waypoint's L7 policy would then never be enforced.
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Instant;
@@ -198,6 +203,17 @@ fn waypoint_decision(snapshot: &Snapshot, src: IpAddr, dst: IpAddr) -> Decision 
     Decision { verdict, audit_deny: None, egress: None, ingress: None }
 }
 
+/// Why a tunnel that does not come from a waypoint serving `dst` is refused: `dst`'s Workload
+/// is served by a waypoint for workload traffic, which this tunnel went around. `None` when
+/// `dst` has no such waypoint (today's rules apply).
+fn bypass(snapshot: &Snapshot, dst: SocketAddr) -> Option<String> {
+    let waypoint = snapshot.waypoints.for_workload(dst.ip())?;
+    Some(format!(
+        "refused: {dst} is served by waypoint {} for workload traffic and accepts tunnels only from it (this one bypassed it)",
+        waypoint.name
+    ))
+}
+
 /// Whether `identity` is a waypoint workload's.
 fn is_waypoint(snapshot: &Snapshot, identity: &str) -> bool {
     snapshot.waypoints.waypoints.values().flat_map(|w| &w.workloads).any(|w| w.identity == identity)
@@ -235,12 +251,17 @@ async fn handle(ctx: Arc<ProxyCtx>, pod: Arc<PodNet>, stream: InboundStream) {
     // A waypoint's identity carries others' traffic: it is accepted only by destinations that
     // waypoint serves, never evaluated as a client of its own elsewhere.
     let stray_waypoint = !from_waypoint && is_waypoint(&snapshot, &peer_id);
-    let allowed = verdict.action == Action::Allow && !stray_waypoint;
-    let policy = match (from_waypoint, stray_waypoint) {
-        (true, _) => format!(
+    let bypassed = match from_waypoint {
+        true => None,
+        false => bypass(&snapshot, dst),
+    };
+    let allowed = verdict.action == Action::Allow && !stray_waypoint && bypassed.is_none();
+    let policy = match (from_waypoint, stray_waypoint, bypassed) {
+        (true, _, _) => format!(
             "from a waypoint serving {dst}: the destination's L4 and L7 policy was enforced there against the original source"
         ),
-        (_, true) => format!("refused: {peer_id} is a waypoint that does not serve {dst}"),
+        (_, true, _) => format!("refused: {peer_id} is a waypoint that does not serve {dst}"),
+        (_, _, Some(why)) => why,
         _ => snapshot.describe_rule(verdict.rule, verdict.dst_identity),
     };
     ctx.metrics.verdict(Direction::Inbound, !allowed);

@@ -29,8 +29,12 @@ pub async fn serve(listener: TcpListener, pod: Arc<PodNet>, ctx: Arc<ProxyCtx>) 
         let snapshot = ctx.snapshot.borrow().clone();
         let d = snapshot.authorize_plaintext(peer.ip(), dst.ip(), dst.port(), ctx.mesh.is_some());
         let v = d.verdict;
-        let policy = snapshot.describe_rule(v.rule, v.dst_identity);
-        if v.action == Action::Deny {
+        // A pod served by a waypoint for workload traffic is reached only through it (HBONE).
+        let bypass = snapshot.waypoints.for_workload(dst.ip()).map(|w| {
+            format!("refused: {dst} is served by waypoint {} for workload traffic, which plaintext bypasses", w.name)
+        });
+        let policy = bypass.clone().unwrap_or_else(|| snapshot.describe_rule(v.rule, v.dst_identity));
+        if v.action == Action::Deny || bypass.is_some() {
             let why = Refusal {
                 src_identity: snapshot.identity_name(v.src_identity),
                 dst_identity: snapshot.identity_name(v.dst_identity),

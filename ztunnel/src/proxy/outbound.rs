@@ -12,13 +12,22 @@
 //! enforces the destination's L4 and L7 policy against this pod's proven identity, and picks
 //! the endpoint. This pod's egress is checked here as for any Service (allowed when it allows
 //! some endpoint). As Istio's ztunnel does for a Service waypoint, only traffic addressed to
-//! the VIP takes this path: a connection made to an endpoint's own address goes straight to it.
+//! the VIP takes this path: a connection made to an endpoint's own address goes straight to it,
+//! unless that endpoint's Workload is itself served by a waypoint for workload traffic
+//! (`istio.io/waypoint-for: workload` or `all`, [`WaypointIndex::for_workload`]): then the
+//! connection, whether dialled to the Workload's address or resolved from a Service without a
+//! waypoint, goes over HBONE to that waypoint with the Workload's address:port as the CONNECT
+//! authority, exactly as VIP traffic does. Its ztunnel refuses any tunnel to it that does not
+//! come from a waypoint, so going around the waypoint is not an option anyway.
+//!
+//! [`WaypointIndex::for_workload`]: palisade_model::waypoint::WaypointIndex::for_workload
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use palisade_mesh::accept::Acceptor;
 use palisade_model::Action;
+use palisade_model::waypoint::WaypointRef;
 use tokio::net::{TcpListener, TcpStream};
 
 use palisade_mesh::hbone::PORT;
@@ -62,6 +71,17 @@ pub async fn serve(listener: TcpListener, pod: Arc<PodNet>, ctx: Arc<ProxyCtx>) 
             let Some(endpoint) = resolve_service(&ctx, &pod, &client, &snapshot, dst) else { continue };
             dst = endpoint;
             dst_identity = snapshot.identity_of(endpoint.ip());
+        }
+        if let Some(waypoint) = snapshot.waypoints.for_workload(dst.ip()) {
+            let Some((via, waypoint_id)) = workload_waypoint(&ctx, &pod, &client, &snapshot, dst, waypoint) else {
+                continue;
+            };
+            let (pod, ctx) = (pod.clone(), ctx.clone());
+            tokio::spawn(async move {
+                let decided = Decided { src_identity: orig.src_identity, dst_identity, rule: orig.rule, audit: None };
+                hbone::outbound(&ctx, &pod, client, peer.port(), dst, Some(via), waypoint_id, decided).await
+            });
+            continue;
         }
         // Mesh workloads are reached through HBONE when this pod has an identity.
         let tunnel_to = match (&ctx.mesh, &pod.identity) {
@@ -187,17 +207,62 @@ fn waypoint_for(
         refusal(policy, src_identity);
         return None;
     }
-    let targets: Vec<_> =
-        waypoint.workloads.iter().filter_map(|w| Some((*w.addresses.first()?, &w.identity))).collect();
-    let parsed = |(addr, id): (std::net::IpAddr, &String)| Some((SocketAddr::new(addr, PORT), id.parse().ok()?));
-    let n = NEXT_ENDPOINT.fetch_add(1, Ordering::Relaxed);
-    match targets.get(n % targets.len().max(1)).copied().and_then(parsed) {
+    match waypoint_target(waypoint) {
         Some(target) => Some(target),
         None => {
             refusal(format!("service {}: waypoint {} has no workload", service.name, waypoint.name), own);
             None
         }
     }
+}
+
+/// One of the waypoint's workloads (round robin, first address of each) at HBONE's port, and
+/// the identity it must prove.
+fn waypoint_target(waypoint: &WaypointRef) -> Option<(SocketAddr, SpiffeId)> {
+    let targets: Vec<_> =
+        waypoint.workloads.iter().filter_map(|w| Some((*w.addresses.first()?, &w.identity))).collect();
+    let parsed = |(addr, id): (std::net::IpAddr, &String)| Some((SocketAddr::new(addr, PORT), id.parse().ok()?));
+    let n = NEXT_ENDPOINT.fetch_add(1, Ordering::Relaxed);
+    targets.get(n % targets.len().max(1)).copied().and_then(parsed)
+}
+
+/// Where a connection to `dst`, the address of a Workload that `waypoint` serves for workload
+/// traffic, goes: one of the waypoint's workloads and the identity it must prove. `None`
+/// (the client reset, with a deny event) when this pod's egress does not allow `dst`, when
+/// the waypoint has no workload, or when this pod cannot tunnel: there is no way around the
+/// waypoint, the destination's ztunnel would refuse it.
+fn workload_waypoint(
+    ctx: &ProxyCtx,
+    pod: &PodNet,
+    client: &TcpStream,
+    snapshot: &palisade_model::Snapshot,
+    dst: SocketAddr,
+    waypoint: &WaypointRef,
+) -> Option<(SocketAddr, SpiffeId)> {
+    let own = snapshot.identity_name(snapshot.identity_of(pod.ip));
+    let dst_name = snapshot.identity_name(snapshot.identity_of(dst.ip()));
+    let refusal = |policy: String, src_identity: String| {
+        let why = Refusal { src_identity, dst_identity: dst_name.clone(), policy };
+        refuse(ctx, client, Direction::Outbound, SocketAddr::new(pod.ip, 0), dst, why);
+    };
+    if ctx.mesh.is_none() || pod.identity.is_none() {
+        refusal(format!("{dst}: served by waypoint {}, which only HBONE reaches", waypoint.name), own);
+        return None;
+    }
+    // Only this pod's egress: the destination's ingress is the waypoint's to enforce, against
+    // this pod's proven identity.
+    let proven = pod.identity.as_ref().map(|(id, _)| (id.namespace.as_str(), id.service_account.as_str()));
+    let d = snapshot.authorize(pod.ip, proven, dst.ip(), dst.port());
+    if !matches!(d.egress, Some((Action::Allow, _))) {
+        let policy = format!("{dst}: egress does not allow it ({})", snapshot.describe_verdict(&d.verdict));
+        refusal(policy, snapshot.identity_name(d.verdict.src_identity));
+        return None;
+    }
+    let target = waypoint_target(waypoint);
+    if target.is_none() {
+        refusal(format!("{dst}: served by waypoint {}, which has no workload", waypoint.name), own);
+    }
+    target
 }
 
 /// The exact egress evaluation for a destination outside the mesh. The kernel's cells may
