@@ -136,15 +136,23 @@ impl Activity {
     }
 }
 
-/// A stream that records its activity.
+/// A stream that records its activity, and holds what must live exactly as long as it.
 pub struct Watched<I> {
     io: I,
     activity: Activity,
+    _held: Option<Box<dyn std::any::Any + Send>>,
 }
 
 impl<I> Watched<I> {
     pub fn new(io: I, activity: Activity) -> Self {
-        Watched { io, activity }
+        Watched { io, activity, _held: None }
+    }
+
+    /// Keeps `held` (a connection's limit unit) until the stream is dropped, by whoever
+    /// ends up owning it.
+    pub fn holding(mut self, held: Box<dyn std::any::Any + Send>) -> Self {
+        self._held = Some(held);
+        self
     }
 }
 

@@ -1,17 +1,18 @@
 //! Sending a request upstream: attempts with balancing, outlier accounting and retries; the
-//! upstream request's shape (hop-by-hop headers, URI form per protocol); fire-and-forget
+//! upstream request's shape (hop-by-hop headers, URI form per protocol, translated when the
+//! upstream speaks another HTTP version than the client: see `pool` for which); fire-and-forget
 //! mirrors.
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use http::header::{CONNECTION, HOST, TE, TRANSFER_ENCODING, UPGRADE};
+use http::header::{CONNECTION, COOKIE, HOST, TE, TRANSFER_ENCODING, UPGRADE};
 use http::uri::PathAndQuery;
 use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, Response, Uri, Version};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
-use palisade_model::waypoint::config::{Backend, HashKey, LoadBalancer, Route, TrafficPolicy};
+use palisade_model::waypoint::config::{Backend, HashKey, LoadBalancer, Route, TrafficPolicy, UpstreamProtocol};
 
 use crate::admission::Refusal;
 use crate::balance::{BackendState, EndpointState, InFlight, hash64};
@@ -47,7 +48,10 @@ pub(crate) struct Target<'a> {
     pub route: &'a Route,
     /// The ring-hash key, if the backend hashes.
     pub key: Option<u64>,
+    /// The client spoke HTTP/2.
     pub h2: bool,
+    /// What the backend's Service port declares.
+    pub protocol: UpstreamProtocol,
     pub method: &'a Method,
     pub uri: &'a Uri,
     pub headers: &'a HeaderMap,
@@ -94,8 +98,9 @@ pub(crate) async fn attempt(t: &Target<'_>, body: &mut RequestBody) -> Attempted
             };
         }
         let in_flight = ep.start();
-        let req = upstream_request(t.method, t.uri, t.headers, t.h2, req_body, ep.endpoint.address);
-        let sent = t.inner.pool.send(t.state, &ep, t.traffic, t.h2, req);
+        let wire = t.inner.pool.wire(t.protocol, t.h2, ep.endpoint.address);
+        let req = upstream_request(t.method, t.uri, t.headers, wire.is_h2(), req_body, ep.endpoint.address);
+        let sent = t.inner.pool.send(t.state, &ep, t.traffic, wire, req);
         let result = match t.route.backend_timeout {
             Some(limit) => match tokio::time::timeout(limit, sent).await {
                 Ok(sent) => sent.map_err(AttemptError::from),
@@ -142,7 +147,9 @@ pub(crate) async fn attempt(t: &Target<'_>, body: &mut RequestBody) -> Attempted
 }
 
 /// The request as the upstream gets it: origin form and a Host header for HTTP/1.1;
-/// absolute form (`:authority`) and no Host header for HTTP/2.
+/// absolute form (`:authority`) and no Host header for HTTP/2; hop-by-hop headers removed
+/// either way (hyper writes no HTTP/2 pseudo-header as a field, and frames an HTTP/1.1
+/// body without a length as chunked).
 fn upstream_request(
     method: &Method,
     uri: &Uri,
@@ -170,6 +177,7 @@ fn upstream_request(
         {
             headers.insert(HOST, v);
         }
+        http1_fields(&mut headers);
         Uri::from(pq)
     };
     let mut req = Request::new(body);
@@ -178,6 +186,36 @@ fn upstream_request(
     *req.version_mut() = if h2 { Version::HTTP_2 } else { Version::HTTP_11 };
     *req.headers_mut() = headers;
     req
+}
+
+/// A request shaped for HTTP/2 (see [`upstream_request`]) reshaped for HTTP/1.1: its
+/// endpoint answered the HTTP/2 preface as an HTTP/1.1 server before any of it was sent.
+pub(crate) fn as_http1(req: Request<ProxyBody>) -> Request<ProxyBody> {
+    let (mut parts, body) = req.into_parts();
+    if let Some(authority) = parts.uri.authority()
+        && !parts.headers.contains_key(HOST)
+        && let Ok(v) = HeaderValue::from_str(authority.as_str())
+    {
+        parts.headers.insert(HOST, v);
+    }
+    parts.uri = Uri::from(parts.uri.path_and_query().cloned().unwrap_or_else(|| PathAndQuery::from_static("/")));
+    parts.version = Version::HTTP_11;
+    http1_fields(&mut parts.headers);
+    Request::from_parts(parts, body)
+}
+
+/// Fields that differ between an HTTP/2 request and its HTTP/1.1 form.
+fn http1_fields(headers: &mut HeaderMap) {
+    // `te: trailers` is a promise of the client's HTTP/2 hop (gRPC); in HTTP/1.1 TE is
+    // hop-by-hop and this hop makes no such promise.
+    headers.remove(TE);
+    // HTTP/2 may split Cookie into several fields; HTTP/1.1 allows one (RFC 9113 §8.2.3).
+    if headers.get_all(COOKIE).iter().nth(1).is_some() {
+        let joined: Vec<&[u8]> = headers.get_all(COOKIE).iter().map(HeaderValue::as_bytes).collect();
+        if let Ok(v) = HeaderValue::from_bytes(&joined.join(&b"; "[..])) {
+            headers.insert(COOKIE, v);
+        }
+    }
 }
 
 /// Removes headers that belong to one connection only (RFC 9110 §7.6.1), keeping
@@ -242,14 +280,15 @@ pub(crate) fn spawn_mirror(
         tracing::debug!(mirror = %mirror.name, %refusal, "request not mirrored");
         return;
     }
-    let req = upstream_request(method, uri, headers, h2, copy, ep.endpoint.address);
+    let wire = inner.pool.wire(mirror.protocol, h2, ep.endpoint.address);
+    let req = upstream_request(method, uri, headers, wire.is_h2(), copy, ep.endpoint.address);
     let inner = Arc::clone(inner);
     tokio::spawn(async move {
         let _permit = permit;
         let _in_flight = ep.start();
         let traffic = state.traffic();
         let exchange = async {
-            let resp = inner.pool.send(&state, &ep, &traffic, h2, req).await?;
+            let resp = inner.pool.send(&state, &ep, &traffic, wire, req).await?;
             let mut body = resp.into_body();
             // Read and discard, frame by frame, so the connection can be reused.
             while let Some(Ok(_)) = body.frame().await {}

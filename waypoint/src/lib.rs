@@ -19,9 +19,11 @@
 //!   rewrite, header modifiers; mirrors in `forward`) → the backend's `limits` → `forward`:
 //!   attempts with `balance` (round robin, P2C least request, ring hash), `outlier`
 //!   ejection, `retry` (budget, jittered backoff, bounded replay buffer) and `pool`
-//!   (HTTP/1.1 reuse, HTTP/2 multiplexing) under the route's timeouts → a `body::Tracked`
-//!   response that holds the request's limit units until its last byte and then writes the
-//!   `access_log` line and `metrics`.
+//!   (HTTP/1.1 reuse, HTTP/2 multiplexing; the upstream's HTTP version from the Service
+//!   port's declared protocol, `preface` telling an HTTP/1.1 endpoint from an HTTP/2 one)
+//!   under the route's timeouts → a `body::Tracked` response that holds the request's limit
+//!   units until its last byte and then writes the `access_log` line and `metrics`. An
+//!   HTTP/1.1 Upgrade leaves for `upgrade` once its backend is chosen; CONNECT gets 501.
 //!
 //! No tower stack: each step needs what earlier steps decided (the route picks the backend,
 //! whose policy picks the balancer, limits and retries), so one async function over small
@@ -50,12 +52,14 @@ pub mod metrics;
 pub mod outlier;
 pub mod policy;
 pub mod pool;
+mod preface;
 mod proxy;
 pub mod retry;
 pub mod route;
 mod serve;
 pub mod trace;
 pub mod tunnel;
+mod upgrade;
 pub mod upstream;
 
 pub use engine::{ConfigError, Downstream, Engine, Settings};

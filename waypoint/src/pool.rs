@@ -1,8 +1,15 @@
 //! Upstream connections, pooled per endpoint address: HTTP/1.1 connections are reused one
 //! request at a time (kept while idle up to a bound), HTTP/2 connections are shared by every
-//! request to that endpoint (multiplexed). Which one a request uses is decided by the
-//! downstream request's version, as Istio's waypoints do: a client that spoke h2 gets an h2
-//! (prior knowledge, h2c) upstream, so gRPC and streaming keep their semantics end to end.
+//! request to that endpoint (multiplexed).
+//!
+//! Which one a request uses ([`Pool::wire`]) is decided as Istio and Envoy do, by the
+//! Service port's declared protocol (`appProtocol`, else the port name's prefix: see
+//! `UpstreamProtocol`): HTTP/2 (prior knowledge, h2c) for `http2`, `grpc` and
+//! `kubernetes.io/h2c`, HTTP/1.1 for `http`, whatever the client spoke. Undeclared, the
+//! client's version is kept (gRPC and streaming keep their semantics end to end), with one
+//! safety net: a new HTTP/2 connection waits for the endpoint's first bytes (`preface`), and
+//! an endpoint that answers as an HTTP/1.1 server gets the request over HTTP/1.1 instead —
+//! nothing of it went out yet — and HTTP/1.1 for [`HTTP1_MEMORY`] after.
 //!
 //! Opening a connection takes a `max_pending_requests` unit while connecting and a
 //! `max_connections` unit for the connection's life; `max_requests_per_connection` retires a
@@ -10,7 +17,7 @@
 use std::collections::HashMap;
 use std::io;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -18,11 +25,12 @@ use http::{Request, Response};
 use hyper::body::Incoming;
 use hyper::client::conn::{http1, http2};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use palisade_model::waypoint::config::TrafficPolicy;
+use palisade_model::waypoint::config::{TrafficPolicy, UpstreamProtocol};
 
 use crate::balance::{BackendState, EndpointState};
 use crate::body::ProxyBody;
 use crate::limits::{Guard, Limit, Overflow};
+use crate::preface::{self, PeerStart};
 use crate::upstream::{BoxedIo, Upstream};
 
 /// Used when the backend's TrafficPolicy sets no connect timeout.
@@ -31,6 +39,42 @@ pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 /// Idle HTTP/1.1 connections kept per endpoint; more are closed when they come back.
 const MAX_IDLE_PER_ENDPOINT: usize = 64;
+/// How long an endpoint of an undeclared Service that answered the HTTP/2 preface as an
+/// HTTP/1.1 server is sent HTTP/1.1 without asking again (a new pod may reuse the address).
+pub const HTTP1_MEMORY: Duration = Duration::from_secs(300);
+
+/// How one request goes to an endpoint.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Wire {
+    Http1,
+    /// HTTP/2 because the Service declares it: a peer that does not speak it fails the request.
+    Http2,
+    /// HTTP/2 because the client spoke it and the Service declares nothing: over HTTP/1.1
+    /// instead if the endpoint turns out to be an HTTP/1.1 server.
+    Http2OrHttp1,
+}
+
+impl Wire {
+    pub fn is_h2(self) -> bool {
+        self != Wire::Http1
+    }
+}
+
+/// Why an HTTP/2 send did not happen.
+enum H2Failure {
+    Send(SendError),
+    /// The endpoint is no HTTP/2 server; the request is handed back unsent.
+    NotHttp2 {
+        req: Request<ProxyBody>,
+        start: PeerStart,
+    },
+}
+
+impl From<SendError> for H2Failure {
+    fn from(e: SendError) -> Self {
+        H2Failure::Send(e)
+    }
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum SendError {
@@ -44,6 +88,8 @@ pub enum SendError {
     ConnectTimeout { endpoint: SocketAddr, timeout: Duration },
     #[error(transparent)]
     Overflow(#[from] Overflow),
+    #[error("HTTP/2 handshake with {endpoint}: the endpoint sent nothing within {timeout:?}")]
+    PrefaceTimeout { endpoint: SocketAddr, timeout: Duration },
     #[error("HTTP handshake with {endpoint}: {source}")]
     Handshake {
         endpoint: SocketAddr,
@@ -62,7 +108,13 @@ pub enum SendError {
 impl SendError {
     /// The request never left the waypoint (safe to retry whatever the method).
     pub fn before_sending(&self) -> bool {
-        matches!(self, SendError::Connect { .. } | SendError::ConnectTimeout { .. } | SendError::Handshake { .. })
+        matches!(
+            self,
+            SendError::Connect { .. }
+                | SendError::ConnectTimeout { .. }
+                | SendError::Handshake { .. }
+                | SendError::PrefaceTimeout { .. }
+        )
     }
 }
 
@@ -83,6 +135,10 @@ pub struct Pool {
     upstream: Arc<dyn Upstream>,
     idle: IdleMap,
     h2: Mutex<HashMap<SocketAddr, SharedH2>>,
+    /// Endpoints of undeclared Services found to speak HTTP/1.1 only, since when.
+    http1_only: Mutex<HashMap<SocketAddr, Instant>>,
+    /// Entries in `http1_only`, so the common case (none) takes no lock.
+    http1_known: AtomicUsize,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -91,7 +147,40 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 
 impl Pool {
     pub fn new(upstream: Arc<dyn Upstream>) -> Self {
-        Pool { upstream, idle: IdleMap::default(), h2: Mutex::default() }
+        Pool {
+            upstream,
+            idle: IdleMap::default(),
+            h2: Mutex::default(),
+            http1_only: Mutex::default(),
+            http1_known: AtomicUsize::new(0),
+        }
+    }
+
+    /// The wire for a request to `endpoint`: the Service's declaration, else the client's
+    /// version unless the endpoint was found to speak HTTP/1.1 only.
+    pub fn wire(&self, declared: UpstreamProtocol, downstream_h2: bool, endpoint: SocketAddr) -> Wire {
+        match declared {
+            UpstreamProtocol::Http1 => Wire::Http1,
+            UpstreamProtocol::Http2 => Wire::Http2,
+            UpstreamProtocol::Auto if !downstream_h2 || self.known_http1(endpoint) => Wire::Http1,
+            UpstreamProtocol::Auto => Wire::Http2OrHttp1,
+        }
+    }
+
+    fn known_http1(&self, endpoint: SocketAddr) -> bool {
+        if self.http1_known.load(Ordering::Relaxed) == 0 {
+            return false;
+        }
+        let known = lock(&self.http1_only);
+        known.get(&endpoint).is_some_and(|since| since.elapsed() < HTTP1_MEMORY)
+    }
+
+    fn remember_http1(&self, endpoint: SocketAddr) {
+        let mut known = lock(&self.http1_only);
+        known.retain(|_, since| since.elapsed() < HTTP1_MEMORY);
+        known.insert(endpoint, Instant::now());
+        self.http1_known.store(known.len(), Ordering::Relaxed);
+        tracing::info!(%endpoint, "endpoint answered HTTP/2 as an HTTP/1.1 server; using HTTP/1.1 for it");
     }
 
     /// Opens a transport to `ep` under the backend's connection limits.
@@ -120,10 +209,27 @@ impl Pool {
         backend: &BackendState,
         ep: &EndpointState,
         traffic: &TrafficPolicy,
-        h2: bool,
+        wire: Wire,
         req: Request<ProxyBody>,
     ) -> Result<Response<Incoming>, SendError> {
-        if h2 { self.send_h2(backend, ep, traffic, req).await } else { self.send_h1(backend, ep, traffic, req).await }
+        let endpoint = ep.endpoint.address;
+        match wire {
+            Wire::Http1 => self.send_h1(backend, ep, traffic, req).await,
+            Wire::Http2 | Wire::Http2OrHttp1 => match self.send_h2(backend, ep, traffic, wire, req).await {
+                Ok(response) => Ok(response),
+                Err(H2Failure::Send(e)) => Err(e),
+                Err(H2Failure::NotHttp2 { req, start }) => {
+                    tracing::debug!(%endpoint, ?start, "endpoint is no HTTP/2 server; sending over HTTP/1.1");
+                    let sent = self.send_h1(backend, ep, traffic, crate::forward::as_http1(req)).await;
+                    // A silent close alone may be a server going down: only an answer over
+                    // HTTP/1.1 proves which protocol the endpoint speaks.
+                    if start == PeerStart::Http1 || sent.is_ok() {
+                        self.remember_http1(endpoint);
+                    }
+                    sent
+                }
+            },
+        }
     }
 
     async fn send_h1(
@@ -202,8 +308,9 @@ impl Pool {
         backend: &BackendState,
         ep: &EndpointState,
         traffic: &TrafficPolicy,
+        wire: Wire,
         req: Request<ProxyBody>,
-    ) -> Result<Response<Incoming>, SendError> {
+    ) -> Result<Response<Incoming>, H2Failure> {
         let endpoint = ep.endpoint.address;
         let max_uses = traffic.limits.max_requests_per_connection;
         let shared = {
@@ -229,12 +336,41 @@ impl Pool {
             Some(sender) => sender,
             None => {
                 let (io, guard) = self.open(backend, ep, traffic).await?;
+                let (io, start) = if wire == Wire::Http2OrHttp1 {
+                    let (watched, start) = preface::Watch::new(io);
+                    (Box::new(watched) as BoxedIo, Some(start))
+                } else {
+                    (io, None)
+                };
                 let (sender, conn) = http2::Builder::new(TokioExecutor::new())
                     .timer(TokioTimer::new())
                     .keep_alive_interval(Duration::from_secs(30))
                     .handshake(TokioIo::new(io))
                     .await
                     .map_err(|source| SendError::Handshake { endpoint, source })?;
+                let mut conn = Box::pin(conn);
+                if let Some(mut start) = start {
+                    // One round trip on a new connection only: the connection task runs here
+                    // (sending the preface) until the peer's first bytes say what it is.
+                    let timeout = traffic.connect_timeout.unwrap_or(DEFAULT_CONNECT_TIMEOUT);
+                    let waited = tokio::select! {
+                        biased;
+                        d = tokio::time::timeout(timeout, start.wait_for(|s| *s != PeerStart::Unknown)) => Some(d.is_ok()),
+                        _ = conn.as_mut() => None,
+                    };
+                    if waited == Some(false) {
+                        return Err(SendError::PrefaceTimeout { endpoint, timeout }.into());
+                    }
+                    // Undecided here means the connection ended before the peer said anything.
+                    let decided = match *start.borrow() {
+                        PeerStart::Unknown => PeerStart::Closed,
+                        s => s,
+                    };
+                    if decided != PeerStart::Http2 {
+                        // `guard` goes now, so the HTTP/1.1 connection can take its place.
+                        return Err(H2Failure::NotHttp2 { req, start: decided });
+                    }
+                }
                 tokio::spawn(async move {
                     let _connection = guard;
                     if let Err(e) = conn.await {
@@ -249,6 +385,6 @@ impl Pool {
             }
         };
         sender.ready().await.map_err(|source| SendError::Request { endpoint, source })?;
-        sender.send_request(req).await.map_err(|source| SendError::Request { endpoint, source })
+        Ok(sender.send_request(req).await.map_err(|source| SendError::Request { endpoint, source })?)
     }
 }

@@ -36,7 +36,7 @@ struct Exchange {
     start: Instant,
 }
 
-fn finish(inner: &Inner, mut rec: AccessRecord, start: Instant) {
+pub(crate) fn finish(inner: &Inner, mut rec: AccessRecord, start: Instant) {
     rec.duration = start.elapsed();
     let labels = RequestLabels {
         service: rec.service.clone().unwrap_or_default(),
@@ -183,6 +183,22 @@ pub(crate) async fn handle(
         Err(o) => return ex.overflow(o),
     };
     let key = hash_key(&traffic, req.headers(), down.peer);
+    if crate::upgrade::wanted(&req) {
+        let (inner, timeout, rec, start) = (&inner, route.backend_timeout, ex.rec, ex.start);
+        let x = crate::upgrade::Exchange {
+            inner,
+            down: &down,
+            state: &state,
+            traffic: &traffic,
+            key,
+            timeout,
+            response_headers,
+            active,
+            rec,
+            start,
+        };
+        return crate::upgrade::forward(x, req).await;
+    }
 
     let (parts, body) = req.into_parts();
     let want_copy = route.retry.is_some() || !mirrors.is_empty();
@@ -204,6 +220,7 @@ pub(crate) async fn handle(
         route,
         key,
         h2,
+        protocol: backend.protocol,
         method: &parts.method,
         uri: &parts.uri,
         headers: &parts.headers,

@@ -1,7 +1,9 @@
 //! One downstream connection: the engine-wide connection limit (over it the connection is
 //! closed at once, never queued), protocol detection, then hyper (HTTP/1.1 or HTTP/2, with
-//! header size, header count, header read and idle bounds) or a TCP pass-through to the
-//! Service's default backend under L4 authorization.
+//! header size, header count, header read and idle bounds; HTTP/1.1 upgrades are handed to
+//! `upgrade`) or a TCP pass-through to the Service's default backend under L4 authorization.
+//! The connection's unit of the limit travels with its transport, so an upgraded connection,
+//! which outlives hyper's, keeps holding it.
 use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::Duration;
@@ -22,25 +24,29 @@ use crate::upstream::Io;
 /// Time a connection closing for idleness gets to finish what it is writing.
 const CLOSE_GRACE: Duration = Duration::from_secs(5);
 
-struct Open<'a>(&'a Inner);
+/// One downstream connection's unit of the engine's limit and its place in the gauge.
+struct Open {
+    inner: Arc<Inner>,
+    _permit: tokio::sync::OwnedSemaphorePermit,
+}
 
-impl Drop for Open<'_> {
+impl Drop for Open {
     fn drop(&mut self) {
-        self.0.metrics.connections.dec();
+        self.inner.metrics.connections.dec();
     }
 }
 
 pub(crate) async fn serve<I: Io + 'static>(inner: Arc<Inner>, mut io: I, down: Downstream) {
-    let Ok(_permit) = Arc::clone(&inner.connections).try_acquire_owned() else {
+    let Ok(permit) = Arc::clone(&inner.connections).try_acquire_owned() else {
         inner.metrics.refused.inc();
         tracing::debug!(peer = %down.peer, "downstream connection refused: engine at its connection limit");
         return;
     };
     inner.metrics.connections.inc();
-    let _open = Open(&inner);
+    let open = Open { inner: Arc::clone(&inner), _permit: permit };
     let (protocol, prefix) = detect::sniff(&mut io, inner.settings.header_read_timeout).await;
     let activity = Activity::default();
-    let io = Watched::new(Prefixed::new(prefix, io), activity.clone());
+    let io = Watched::new(Prefixed::new(prefix, io), activity.clone()).holding(Box::new(open));
     match protocol {
         Some(Protocol::Http) => serve_http(&inner, io, down, activity).await,
         Some(Protocol::Tcp) => passthrough(&inner, io, down, activity).await,
@@ -52,7 +58,7 @@ pub(crate) async fn serve<I: Io + 'static>(inner: Arc<Inner>, mut io: I, down: D
 /// hold the connection open on their own: a client that stalls mid-body, or a backend that
 /// never answers, is cut like an idle connection (Envoy's stream idle timeout, also five
 /// minutes by default). Streaming responses keep it open by moving bytes.
-async fn idle(activity: &Activity, limit: Duration) {
+pub(crate) async fn idle(activity: &Activity, limit: Duration) {
     let period = (limit / 4).clamp(Duration::from_millis(10), Duration::from_secs(5));
     loop {
         tokio::time::sleep(period).await;
@@ -82,10 +88,15 @@ async fn serve_http<I: Io + 'static>(inner: &Arc<Inner>, io: I, down: Downstream
         let (inner, down) = (Arc::clone(inner), Arc::clone(&down));
         service_fn(move |req| {
             let (inner, down) = (Arc::clone(&inner), Arc::clone(&down));
-            async move { Ok::<_, Infallible>(crate::proxy::handle(inner, down, req).await) }
+            async move {
+                if req.method() == http::Method::CONNECT {
+                    return Ok::<_, Infallible>(crate::upgrade::refuse_connect(&inner, &down, &req));
+                }
+                Ok(crate::proxy::handle(inner, down, req).await)
+            }
         })
     };
-    let conn = builder.serve_connection(TokioIo::new(io), service);
+    let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
     tokio::pin!(conn);
     tokio::select! {
         result = conn.as_mut() => {
