@@ -13,8 +13,10 @@
 //!   resources have no such Gateway, or if the Gateway's Workloads run as another identity.
 //! - `--service-account`: with `--namespace` and `--trust-domain`, the waypoint's identity
 //!   `spiffe://<td>/ns/<ns>/sa/<sa>`; its certificate comes from the CA at `--ca-addr`.
-//! - `--credential-dir`: `node.pem`, `node-key.pem` (the credential shown to the CA) and
-//!   `bundle.pem`, laid out as ztunnel's `--node-credential-dir`.
+//! - `--credential-dir`: the credential shown to the CA and `bundle.pem`: `waypoint.pem`,
+//!   `waypoint-key.pem` (bound to the waypoint's identity, `palisade ca waypoint-credential`;
+//!   used whenever present), else `node.pem`, `node-key.pem` (its node's, as ztunnel's
+//!   `--node-credential-dir`; kept for compatibility).
 //! - `--policy`: resources, loaded, validated and compiled like ztunnel's; polled every
 //!   `--policy-poll-ms` (200); a bad change is logged and the last good configuration stays.
 //! - `--control-plane`: instead of `--policy`, follow `palisade serve` (port 15010; repeat for
@@ -33,14 +35,20 @@
 //! to an endpoint it checks the destination's L4 policy against the original client's proven
 //! identity (403 / close when denied).
 //!
-//! How the waypoint authenticates to the CA: with the node credential of the node its pod runs
-//! on (the CA signs an identity for a node only when a Workload with that identity is
-//! scheduled there, and the waypoint's Workload is). That is more than the waypoint needs: the
-//! node credential could ask for any identity on that node. The least-privilege option is a
-//! credential bound to the waypoint's one identity (Istio: the pod's own service-account
-//! token, verified by the CA with the API server); until the CA accepts such a credential,
-//! give the waypoint's pod the node credential only through a volume readable by it alone, and
-//! schedule waypoints where that is acceptable.
+//! How the waypoint authenticates to the CA: with a credential bound to its one identity, as
+//! Istio's waypoints use their own service-account token. The operator issues it once
+//! (`palisade ca waypoint-credential --namespace N --service-account S --inventory … --out
+//! DIR`, refused unless the identity is a waypoint's) and mounts it as Kubernetes would a
+//! projected token. It is a workload certificate of that identity: the CA signs, for a caller
+//! proving a workload identity X (mutual TLS, chained to the mesh's roots, unexpired), only X
+//! itself and only while X is a waypoint's in the resources in force (a `Gateway` of class
+//! palisade-waypoint whose Workloads run as X). Once it has its first certificate the waypoint
+//! renews with its own current certificate; it reads the mounted one again only when it holds
+//! no unexpired certificate of its own (first start, restarts, or the CA unreachable for a
+//! whole certificate lifetime). A stolen bound credential can therefore ask for nothing but
+//! the waypoint's own identity, and stops working once that identity is no waypoint's. The
+//! node credential (`node.pem`) still works, with its cost: it could ask for any identity
+//! scheduled on that node.
 use clap::Parser;
 use palisade_waypoint::app::Config;
 

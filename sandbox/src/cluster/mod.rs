@@ -27,7 +27,7 @@ mod ztunnel;
 
 pub use control_plane::CONTROL_PLANE_ADDR;
 pub use etcd_plane::{ETCD_ADDR, replica_addr};
-pub use waypoint::{WAYPOINT_ADMIN, WaypointSpec};
+pub use waypoint::{WAYPOINT_ADMIN, WAYPOINT_DEBUG, WaypointSpec};
 
 pub const PREFIX: &str = "plsd-";
 /// Where the CA listens: the fabric bridge's address, reachable from every node.

@@ -1,8 +1,9 @@
 //! Waypoints in a sandbox cluster: a pod of its own on a node (a network namespace with an
 //! address like any pod's, never enrolled: a waypoint terminates HBONE itself, as Istio's
 //! do), its `Workload` labelled `gateway.networking.k8s.io/gateway-name: <name>`, a `Gateway`
-//! of class `palisade-waypoint`, and the `waypoint` binary running in that namespace with the
-//! node credential of its node (see `waypoint/src/main.rs` on why, and its cost). The Service
+//! of class `palisade-waypoint`, and the `waypoint` binary running in that namespace with a
+//! credential bound to its own identity (`palisade ca waypoint-credential`, as Kubernetes
+//! would mount a projected service-account token), never its node's. The Service
 //! it serves carries `istio.io/use-waypoint: <name>` in the resources the test writes.
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -102,11 +103,12 @@ impl Cluster {
     pub(super) fn start_waypoints(&mut self, bin: &Path) -> Result<()> {
         for w in self.info.waypoints.clone() {
             let log = self.waypoint_log(&w.name);
+            let credential = self.waypoint_credential(&w)?;
             let mut cmd = Command::new(bin);
             cmd.args(["--gateway", &w.name, "--namespace", &w.namespace, "--service-account", &w.service_account])
                 .args(["--ca-addr", CA_ADDR, "--trust-domain", TRUST_DOMAIN])
                 .arg("--credential-dir")
-                .arg(self.info.state_dir.join(format!("credential-{}", w.node)))
+                .arg(credential)
                 .arg("--policy")
                 .arg(&self.info.policy_file)
                 .args(["--listen", &format!("{}:15008", w.ip), "--admin", WAYPOINT_ADMIN]);
@@ -127,6 +129,27 @@ impl Cluster {
         Ok(())
     }
 
+    /// Issues waypoint `w`'s bound credential (its own identity only) into the state directory.
+    fn waypoint_credential(&self, w: &PodInfo) -> Result<PathBuf> {
+        let palisade = self.control_plane_bin.as_ref().context("waypoints need the palisade binary (the CA)")?;
+        let out = self.info.state_dir.join(format!("waypoint-credential-{}", w.name));
+        let mut cmd = Command::new(palisade);
+        cmd.arg("ca")
+            .arg("--dir")
+            .arg(self.info.state_dir.join("ca"))
+            .args(["--trust-domain", TRUST_DOMAIN, "waypoint-credential"])
+            .args(["--namespace", &w.namespace, "--service-account", &w.service_account])
+            .arg("--inventory")
+            .arg(self.store_dir())
+            .arg("--out")
+            .arg(&out);
+        let result = cmd.output().with_context(|| format!("run {}", palisade.display()))?;
+        if !result.status.success() {
+            bail!("waypoint credential for {}: {}", w.name, String::from_utf8_lossy(&result.stderr).trim());
+        }
+        Ok(out)
+    }
+
     /// Where waypoint `name` logs (its access log lines included).
     /// Kills a waypoint's process with SIGKILL (a crash, as its clients see it); teardown reaps it.
     pub fn kill_waypoint(&self, name: &str) -> Result<()> {
@@ -136,6 +159,11 @@ impl Cluster {
             bail!("kill waypoint {name}: {}", std::io::Error::last_os_error());
         }
         Ok(())
+    }
+
+    /// The process id of waypoint `name` (for its memory, in tests).
+    pub fn waypoint_pid(&self, name: &str) -> Result<u32> {
+        self.waypoint_pids.get(name).copied().with_context(|| format!("no waypoint process {name}"))
     }
 
     /// The waypoint's recent flows (its `/flows`, a JSON array).

@@ -25,9 +25,11 @@ pub struct Config {
     /// The certificate authority (`palisade ca serve`).
     #[arg(long, env = "PALISADE_CA_ADDR")]
     pub ca_addr: SocketAddr,
-    /// Directory with the credential the waypoint shows the CA (node.pem, node-key.pem) and the
-    /// initial trust bundle (bundle.pem), as ztunnel's `--node-credential-dir`.
-    #[arg(long, env = "PALISADE_CREDENTIAL_DIR", default_value = "/var/run/palisade/node")]
+    /// Directory with the credential the waypoint shows the CA and the initial trust bundle
+    /// (bundle.pem): waypoint.pem and waypoint-key.pem, bound to the waypoint's own identity
+    /// (`palisade ca waypoint-credential`); else node.pem and node-key.pem, its node's
+    /// credential (compatibility: it could ask for any identity on the node).
+    #[arg(long, env = "PALISADE_CREDENTIAL_DIR", default_value = "/var/run/palisade/waypoint")]
     pub credential_dir: PathBuf,
     /// Resources (YAML files or directories), polled for changes.
     #[arg(long = "policy", env = "PALISADE_POLICY", value_delimiter = ',', required_unless_present = "control_plane")]

@@ -3,11 +3,12 @@
 //!
 //! Identity: the waypoint is a workload of its own (`--namespace`, `--service-account`). Its
 //! certificate manager (`mesh::secrets`, as ztunnel's for its pods) generates the key here,
-//! asks the CA to sign `spiffe://<td>/ns/<ns>/sa/<sa>` and renews at half life; the CA signs
-//! only if a Workload with that identity is scheduled on the node whose credential the
-//! request carries (`--credential-dir`), which holds for the waypoint's own Workload.
+//! asks the CA to sign `spiffe://<td>/ns/<ns>/sa/<sa>` and renews at half life. What it shows
+//! the CA is in [`credential`]: a credential bound to that one identity (the CA renews a
+//! waypoint's identity for its own certificate, nothing else), or its node's (compatibility).
 pub mod admin;
 pub mod config;
+pub mod credential;
 pub mod flows;
 
 use std::sync::Arc;
@@ -15,11 +16,10 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use anyhow::Context;
-use palisade_mesh::ca_client::CaClient;
 use palisade_mesh::hbone::pool::Pool;
 use palisade_mesh::identity::SpiffeId;
 use palisade_mesh::secrets::SecretManager;
-use palisade_mesh::tls::{Credential, CredentialSlot, TrustBundle};
+use palisade_mesh::tls::TrustBundle;
 use palisade_model::load::ChangeDetector;
 use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
@@ -29,6 +29,7 @@ use crate::policy::{self, L4Policy};
 use crate::{Engine, Settings};
 use admin::{AdminState, Served};
 pub use config::Config;
+use credential::CaCredential;
 
 pub async fn run(config: Config) -> anyhow::Result<()> {
     tracing::info!(config = %serde_json::to_string(&config)?, "starting waypoint");
@@ -44,9 +45,10 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         TcpListener::bind(config.debug).await.with_context(|| format!("bind debug listener {}", config.debug))?;
     let mut registry = Registry::default();
 
-    let secrets = secrets(&config)?;
+    let (secrets, ca_credential) = secrets(&config, &identity)?;
     let wait = Duration::from_secs(config.certificate_wait_secs);
     let credential = secrets.credential(&identity, wait).await.context("the waypoint's certificate")?;
+    ca_credential.follow(credential.clone());
     tracing::info!(%identity, "waypoint certificate issued");
 
     let upstream =
@@ -152,18 +154,13 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
 }
 
 /// The credential shown to the CA, the initial trust bundle, and the certificate manager.
-fn secrets(config: &Config) -> anyhow::Result<Arc<SecretManager>> {
+fn secrets(config: &Config, identity: &SpiffeId) -> anyhow::Result<(Arc<SecretManager>, CaCredential)> {
     let dir = &config.credential_dir;
-    let read = |name: &str| {
-        std::fs::read_to_string(dir.join(name)).with_context(|| format!("read {}", dir.join(name).display()))
-    };
-    let node = Credential::from_pem(&read("node.pem")?, &read("node-key.pem")?)
-        .with_context(|| format!("credential in {}", dir.display()))?;
-    tracing::info!(credential = %node.uri, not_after = ?node.not_after, "CA credential loaded");
-    let bundle = TrustBundle::from_pem(&read("bundle.pem")?, &config.trust_domain)
-        .with_context(|| format!("{}", dir.join("bundle.pem").display()))?;
-    let client = CaClient::new(config.ca_addr, CredentialSlot::new(node));
-    let secrets = SecretManager::new(Arc::new(client), bundle);
+    let ca_credential = CaCredential::load(dir, identity, config.ca_addr)?;
+    let path = dir.join("bundle.pem");
+    let pem = std::fs::read_to_string(&path).with_context(|| format!("read {}", path.display()))?;
+    let bundle = TrustBundle::from_pem(&pem, &config.trust_domain).with_context(|| format!("{}", path.display()))?;
+    let secrets = SecretManager::new(ca_credential.signer.clone(), bundle);
     secrets.refresh_bundle_every(Duration::from_secs(config.bundle_refresh_secs.max(1)));
-    Ok(secrets)
+    Ok((secrets, ca_credential))
 }
