@@ -355,7 +355,10 @@ fn slow_clients_cannot_exhaust_the_waypoint() {
 
 #[test]
 fn grpc_with_trailers_passes_through_the_waypoint() {
-    let cluster = cluster(&[("grpc", &[])], resources("{app: web}", ""));
+    // The port declares gRPC (Istio's port-name prefix), so the upstream is HTTP/2: a port
+    // named `http` declares HTTP/1.1, which has no trailers.
+    let policy = resources("{app: web}", "").replace("{name: http, port: 80", "{name: grpc, port: 80");
+    let cluster = cluster(&[("grpc", &[])], policy);
     let _server = server(&cluster, "grpc", &["h2-serve", "--name", "grpc-backend"]);
     let r = probe(&cluster, "client", &["h2-get", "--to", VIP, "--count", "20", "--timeout-ms", "10000"]);
     assert_eq!(n(&r, "statuses", "200"), 20, "{r}");
