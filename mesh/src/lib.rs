@@ -5,6 +5,7 @@ pub mod ca_api;
 pub mod ca_client;
 pub mod hbone;
 pub mod identity;
+pub mod logging;
 pub mod secrets;
 pub mod signal;
 pub mod tls;

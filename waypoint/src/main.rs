@@ -54,19 +54,12 @@ use palisade_waypoint::app::Config;
 
 fn main() -> anyhow::Result<()> {
     let config = Config::parse();
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    // Colours only on a terminal: a log file or a collector gets plain `key=value` text.
-    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(ansi);
-    if config.log_json {
-        builder.json().init();
+    let _logging = palisade_mesh::logging::Logging::init(config.log_json);
+    // See `Config::worker_threads` for why one thread is the default.
+    let runtime = if config.worker_threads <= 1 {
+        tokio::runtime::Builder::new_current_thread().enable_all().build()?
     } else {
-        builder.init();
-    }
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(config.worker_threads.max(1))
-        .enable_all()
-        .build()?;
+        tokio::runtime::Builder::new_multi_thread().worker_threads(config.worker_threads).enable_all().build()?
+    };
     runtime.block_on(palisade_waypoint::app::run(config))
 }

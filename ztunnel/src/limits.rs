@@ -252,6 +252,12 @@ pub fn render(out: &mut String) {
         ("palisade_malloc_trims_total", "counter", "Freed heap returned to the kernel after activity.", {
             TRIMS.load(Relaxed)
         }),
+        (
+            "palisade_log_lines_dropped_total",
+            "counter",
+            "Log and access-log lines dropped because the log writer could not keep up.",
+            palisade_mesh::logging::dropped_lines(),
+        ),
     ] {
         let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}");
     }

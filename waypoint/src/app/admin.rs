@@ -27,6 +27,35 @@ pub struct AdminState {
     pub ready: AtomicBool,
 }
 
+impl AdminState {
+    /// `registry` plus the process's own metrics (the log writer's dropped lines).
+    pub fn new(mut registry: Registry) -> Self {
+        registry.register(
+            "waypoint_log_lines_dropped",
+            "Log and access-log lines dropped because the log writer could not keep up",
+            DroppedLogLines,
+        );
+        AdminState { registry, ready: false.into() }
+    }
+}
+
+/// Read at each scrape from [`palisade_mesh::logging::dropped_lines`].
+#[derive(Debug)]
+struct DroppedLogLines;
+
+impl prometheus_client::encoding::EncodeMetric for DroppedLogLines {
+    fn encode(&self, mut encoder: prometheus_client::encoding::MetricEncoder) -> Result<(), std::fmt::Error> {
+        encoder.encode_counter::<prometheus_client::encoding::NoLabelSet, _, u64>(
+            &palisade_mesh::logging::dropped_lines(),
+            None,
+        )
+    }
+
+    fn metric_type(&self) -> prometheus_client::metrics::MetricType {
+        prometheus_client::metrics::MetricType::Counter
+    }
+}
+
 /// What one listener serves.
 pub enum Served {
     /// `/metrics` and `/ready`.

@@ -64,8 +64,12 @@ pub struct Config {
     /// How long a graceful shutdown waits for connections in flight, in seconds.
     #[arg(long, env = "PALISADE_DRAIN_SECS", default_value_t = 5)]
     pub drain_secs: u64,
-    /// Threads of the proxy runtime.
-    #[arg(long, env = "PALISADE_WORKER_THREADS", default_value_t = 2)]
+    /// Threads of the proxy runtime. One (the default) runs everything on a single-threaded
+    /// runtime: no wake-ups between worker threads, which at 1,000 req/s cost more than the
+    /// requests' own work (measured on 2 cores: 17 % less CPU at 1,000 req/s and 5 % more
+    /// req/s at the maximum than two workers). More threads serve more than a core's worth
+    /// of traffic; replicas of the waypoint do too.
+    #[arg(long, env = "PALISADE_WAYPOINT_WORKER_THREADS", default_value_t = 1)]
     pub worker_threads: usize,
     /// Log as JSON lines instead of text.
     #[arg(long, env = "PALISADE_LOG_JSON")]

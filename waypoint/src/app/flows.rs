@@ -13,9 +13,11 @@ use crate::access_log::AccessRecord;
 /// Flows kept.
 pub const HISTORY: usize = 1024;
 
+/// Records are kept as they are and turned into JSON only when `/flows` is read: building
+/// a JSON object per request cost more than the rest of the record's handling.
 #[derive(Default)]
 pub struct Flows {
-    recent: Mutex<VecDeque<Value>>,
+    recent: Mutex<VecDeque<AccessRecord>>,
 }
 
 impl Flows {
@@ -23,7 +25,7 @@ impl Flows {
     pub async fn follow(&self, mut records: broadcast::Receiver<AccessRecord>) {
         loop {
             match records.recv().await {
-                Ok(r) => self.record(&r),
+                Ok(r) => self.record(r),
                 // A burst larger than the channel: those are gone, the next ones are kept.
                 Err(broadcast::error::RecvError::Lagged(_)) => continue,
                 Err(broadcast::error::RecvError::Closed) => return,
@@ -31,39 +33,43 @@ impl Flows {
         }
     }
 
-    fn record(&self, r: &AccessRecord) {
-        let event = json!({
-            "src_identity": r.source_identity,
-            "src": r.source.map(|a| a.to_string()),
-            "dst": r.destination.map(|a| a.to_string()),
-            "service": r.service,
-            "protocol": r.protocol,
-            "method": r.method,
-            "path": r.path,
-            "route": r.route,
-            "verdict": r.authz_verdict,
-            "rule": r.authz_rule,
-            "backend": r.backend,
-            "upstream": r.upstream.map(|a| a.to_string()),
-            "upstream_workload": r.upstream_workload,
-            "upstream_identity": r.upstream_identity,
-            "status": r.status,
-            "overflow": r.overflow,
-            "attempts": r.attempts,
-            "complete": r.complete,
-            "duration_ms": r.duration.as_secs_f64() * 1e3,
-            "trace_id": r.trace_id,
-        });
+    fn record(&self, r: AccessRecord) {
         let mut recent = self.recent.lock().expect("flows lock");
         if recent.len() == HISTORY {
             recent.pop_front();
         }
-        recent.push_back(event);
+        recent.push_back(r);
     }
 
     /// The recent flows, oldest first, as a JSON array.
     pub fn json(&self) -> String {
-        let recent = self.recent.lock().expect("flows lock");
-        serde_json::to_string(&*recent).unwrap_or_else(|_| "[]".into())
+        let recent: Vec<AccessRecord> = self.recent.lock().expect("flows lock").iter().cloned().collect();
+        let events: Vec<Value> = recent.iter().map(event).collect();
+        serde_json::to_string(&events).unwrap_or_else(|_| "[]".into())
     }
+}
+
+fn event(r: &AccessRecord) -> Value {
+    json!({
+        "src_identity": r.source_identity,
+        "src": r.source.map(|a| a.to_string()),
+        "dst": r.destination.map(|a| a.to_string()),
+        "service": r.service,
+        "protocol": r.protocol,
+        "method": r.method,
+        "path": r.path,
+        "route": r.route,
+        "verdict": r.authz_verdict,
+        "rule": r.authz_rule,
+        "backend": r.backend,
+        "upstream": r.upstream.map(|a| a.to_string()),
+        "upstream_workload": r.upstream_workload,
+        "upstream_identity": r.upstream_identity,
+        "status": r.status,
+        "overflow": r.overflow,
+        "attempts": r.attempts,
+        "complete": r.complete,
+        "duration_ms": r.duration.as_secs_f64() * 1e3,
+        "trace_id": r.trace_id,
+    })
 }

@@ -124,7 +124,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         (engine, task)
     };
 
-    let admin_state = Arc::new(AdminState { registry, ready: false.into() });
+    let admin_state = Arc::new(AdminState::new(registry));
     let admin_task = tokio::spawn(admin::serve(admin_listener, Arc::new(Served::Public(admin_state.clone()))));
     let flows = Arc::new(flows::Flows::default());
     tokio::spawn({
