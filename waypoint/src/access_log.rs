@@ -1,8 +1,10 @@
 //! One access-log line per request (and per passed-through TCP connection), on the tracing
 //! target `access` with flat fields so a JSON subscriber prints one JSON object per line.
-//! The same record goes to subscribers of `Engine::access_records` (flow events, tests).
+//! The same record goes to subscribers of `Engine::access_records` (flow events, tests),
+//! shared rather than copied per subscriber.
 //! The query string is never logged: it often carries tokens.
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::broadcast;
@@ -41,8 +43,8 @@ pub struct AccessRecord {
     pub trace_id: Option<String>,
 }
 
-pub fn emit(record: &AccessRecord, sink: &broadcast::Sender<AccessRecord>) {
-    let r = record;
+pub fn emit(record: AccessRecord, sink: &broadcast::Sender<Arc<AccessRecord>>) {
+    let r = &record;
     tracing::info!(
         target: "access",
         src_identity = r.source_identity.as_deref().unwrap_or("-"),
@@ -69,7 +71,7 @@ pub fn emit(record: &AccessRecord, sink: &broadcast::Sender<AccessRecord>) {
     );
     if sink.receiver_count() > 0 {
         // Lagging receivers lose old records rather than slow requests down.
-        let _ = sink.send(record.clone());
+        let _ = sink.send(Arc::new(record));
     }
 }
 

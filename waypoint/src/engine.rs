@@ -98,7 +98,7 @@ pub(crate) struct Inner {
     /// The destination's L4 policy against the original client (none in tests of L7 alone).
     pub admission: Option<Arc<dyn Admission>>,
     pub metrics: Metrics,
-    pub access: broadcast::Sender<AccessRecord>,
+    pub access: broadcast::Sender<Arc<AccessRecord>>,
     pub connections: Arc<Semaphore>,
     pub mirrors: Arc<Semaphore>,
 }
@@ -204,7 +204,7 @@ impl Engine {
 
     /// Every finished request's access record (flow events, tests). Slow receivers lose the
     /// oldest records.
-    pub fn access_records(&self) -> broadcast::Receiver<AccessRecord> {
+    pub fn access_records(&self) -> broadcast::Receiver<Arc<AccessRecord>> {
         self.inner.access.subscribe()
     }
 

@@ -130,13 +130,14 @@ pub(crate) async fn attempt(t: &Target<'_>, body: &mut RequestBody) -> Attempted
         let policy = t.route.retry.as_ref();
         let retry = failure.is_some_and(|f| body.replayable() && retry::should_retry(policy, t.method, tries - 1, f));
         let mut retry_overflow = None;
-        if retry && let Some(policy) = policy {
+        if retry {
             match t.state.counters.acquire(Limit::ActiveRetries, t.traffic.limits.max_active_retries) {
                 Ok(unit) => {
                     retry_unit.replace(unit);
                     tried.push(ep.endpoint.address);
                     drop((result, in_flight));
-                    tokio::time::sleep(retry::backoff(policy.backoff, tries - 1)).await;
+                    let base = policy.map_or(retry::DEFAULT_BACKOFF, |p| p.backoff);
+                    tokio::time::sleep(retry::backoff(base, tries - 1)).await;
                     continue;
                 }
                 Err(o) => retry_overflow = Some(o),

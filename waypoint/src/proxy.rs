@@ -38,16 +38,15 @@ struct Exchange {
 
 pub(crate) fn finish(inner: &Inner, mut rec: AccessRecord, start: Instant) {
     rec.duration = start.elapsed();
-    access_log::emit(&rec, &inner.access);
-    // The record is done with: its names move into the labels (no copies per request).
     let labels = RequestLabels {
-        service: rec.service.take().unwrap_or_default(),
-        route: rec.route.take().unwrap_or_default(),
-        backend: rec.backend.take().unwrap_or_default(),
+        service: rec.service.clone().unwrap_or_default(),
+        route: rec.route.clone().unwrap_or_default(),
+        backend: rec.backend.clone().unwrap_or_default(),
         status: rec.status,
     };
     inner.metrics.requests.get_or_create(&labels).inc();
     inner.metrics.duration.get_or_create(&labels).observe(rec.duration.as_secs_f64());
+    access_log::emit(rec, &inner.access);
 }
 
 impl Exchange {

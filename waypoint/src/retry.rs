@@ -23,6 +23,13 @@ use crate::body::{BoxError, ProxyBody, boxed};
 
 /// Backoff never grows past this many times the base (Envoy's rule).
 const MAX_BACKOFF_FACTOR: u32 = 10;
+/// Without a retry policy on the route, a request that never left (the endpoint refused or
+/// did not answer the connection) is still tried once more on another endpoint, as Istio's
+/// default retry policy does (`connect-failure`): nothing was sent, so it is safe for every
+/// method, and an endpoint that just went away or is not listening yet costs no request.
+pub const DEFAULT_CONNECT_RETRIES: u32 = 1;
+/// The backoff base of that default retry (Envoy's default base interval).
+pub const DEFAULT_BACKOFF: Duration = Duration::from_millis(25);
 
 /// The request body, either replayable (small, read in full) or a stream usable once.
 pub enum RequestBody {
@@ -33,7 +40,12 @@ pub enum RequestBody {
 impl RequestBody {
     /// Reads the body into memory when a copy is wanted and it fits `limit`; otherwise
     /// leaves it streaming.
+    /// A body that has already ended (most GETs) is replayable at no cost, so such requests
+    /// can always be tried again.
     pub async fn prepare(body: Incoming, want_copy: bool, limit: usize) -> Result<Self, BoxError> {
+        if body.is_end_stream() {
+            return Ok(RequestBody::Replayable { data: Bytes::new(), trailers: None });
+        }
         let small = body.is_end_stream() || body.size_hint().exact().is_some_and(|n| n <= limit as u64);
         if !want_copy || !small {
             return Ok(RequestBody::Stream(Some(body)));
@@ -109,7 +121,7 @@ pub enum Failure {
 
 /// Whether to retry after `retries_done` retries.
 pub fn should_retry(policy: Option<&RetryPolicy>, method: &Method, retries_done: u32, failure: Failure) -> bool {
-    let Some(policy) = policy else { return false };
+    let Some(policy) = policy else { return failure == Failure::NotSent && retries_done < DEFAULT_CONNECT_RETRIES };
     if retries_done >= policy.attempts {
         return false;
     }
@@ -142,7 +154,11 @@ mod tests {
         assert!(should_retry(Some(&p), &Method::GET, 1, Failure::Status(503)));
         assert!(!should_retry(Some(&p), &Method::GET, 2, Failure::Reset), "attempts exhausted");
         assert!(!should_retry(Some(&p), &Method::GET, 0, Failure::Status(500)));
-        assert!(!should_retry(None, &Method::GET, 0, Failure::NotSent));
+        // Without a policy: a request that never left is tried once more, nothing else is.
+        assert!(should_retry(None, &Method::POST, 0, Failure::NotSent));
+        assert!(!should_retry(None, &Method::POST, 1, Failure::NotSent));
+        assert!(!should_retry(None, &Method::GET, 0, Failure::Reset));
+        assert!(!should_retry(None, &Method::GET, 0, Failure::Status(503)));
         let b = backoff(Duration::from_millis(100), 5);
         assert!(b >= Duration::from_millis(500) && b <= Duration::from_secs(1), "{b:?}");
     }

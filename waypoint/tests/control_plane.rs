@@ -93,7 +93,9 @@ async fn a_waypoint_restarted_while_the_control_plane_is_unreachable_serves_the_
     // Nothing listens there: only the saved configuration can make the waypoint ready.
     let nowhere = bed.net.addr(CA, PUSH_PORT + 1).to_string();
     bounded(30, bed.start_waypoint_with(&["--control-plane", &nowhere, "--state-dir", &state])).await;
-    assert!(bed.log().contains("started from the content saved on disk"), "{}", bed.log());
+    // Log lines reach the file from a writer thread, a few milliseconds after they are logged.
+    let saved = bed.wait_for_log(|log| log.contains("started from the content saved on disk")).await;
+    assert!(saved, "{}", bed.log());
     let io = bounded(10, bed.tunnel(FRONTEND, frontend.clone(), bed.issue(&frontend))).await.unwrap();
     let (status, body) = bounded(10, get(io, "/items/1", true)).await;
     assert_eq!(status, StatusCode::OK, "{body}\n{}", bed.log());

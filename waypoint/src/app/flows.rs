@@ -3,7 +3,7 @@
 //! (127.0.0.1:15000 by default, as ztunnel's: flows name identities and rules, so they are not
 //! served where Prometheus and the kubelet connect).
 use std::collections::VecDeque;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use serde_json::{Value, json};
 use tokio::sync::broadcast;
@@ -17,12 +17,12 @@ pub const HISTORY: usize = 1024;
 /// a JSON object per request cost more than the rest of the record's handling.
 #[derive(Default)]
 pub struct Flows {
-    recent: Mutex<VecDeque<AccessRecord>>,
+    recent: Mutex<VecDeque<Arc<AccessRecord>>>,
 }
 
 impl Flows {
     /// Records every access record of `records` until the engine goes away.
-    pub async fn follow(&self, mut records: broadcast::Receiver<AccessRecord>) {
+    pub async fn follow(&self, mut records: broadcast::Receiver<Arc<AccessRecord>>) {
         loop {
             match records.recv().await {
                 Ok(r) => self.record(r),
@@ -33,7 +33,7 @@ impl Flows {
         }
     }
 
-    fn record(&self, r: AccessRecord) {
+    fn record(&self, r: Arc<AccessRecord>) {
         let mut recent = self.recent.lock().expect("flows lock");
         if recent.len() == HISTORY {
             recent.pop_front();
@@ -43,8 +43,8 @@ impl Flows {
 
     /// The recent flows, oldest first, as a JSON array.
     pub fn json(&self) -> String {
-        let recent: Vec<AccessRecord> = self.recent.lock().expect("flows lock").iter().cloned().collect();
-        let events: Vec<Value> = recent.iter().map(event).collect();
+        let recent: Vec<Arc<AccessRecord>> = self.recent.lock().expect("flows lock").iter().cloned().collect();
+        let events: Vec<Value> = recent.iter().map(|r| event(r)).collect();
         serde_json::to_string(&events).unwrap_or_else(|_| "[]".into())
     }
 }
