@@ -245,7 +245,7 @@ async fn the_ca_never_issues_control_plane_identities_to_a_node() {
             other => panic!("{who} was not refused with 403: {other:?}"),
         }
     }
-    assert!(ca.log().contains("never issued to a node"), "refusals are logged:\n{}", ca.log());
+    assert!(ca.log().contains("never issued"), "refusals are logged:\n{}", ca.log());
 }
 
 /// Removes a scratch directory when dropped, also when the test panics.
