@@ -11,125 +11,14 @@
 mod support;
 
 use std::net::SocketAddr;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use palisade_sandbox::Cluster;
+use support::flood::{Flood, rss_kib};
 use support::{connect, mesh, metric, serve};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// Connections a flooding namespace keeps open at once (the client side's descriptors).
 const IN_FLIGHT: usize = 400;
-/// How long a flooding connection is held open at most (longer than the server's handshake
-/// timeout, so it is the server that gives up).
-const HOLD: Duration = Duration::from_secs(8);
-/// One flooding connection in `GARBAGE_EVERY` sends bytes that are not TLS.
-const GARBAGE_EVERY: u64 = 4;
-
-/// A flood from one network namespace against `target`, on its own thread.
-struct Flood {
-    stop: Arc<AtomicBool>,
-    opened: Arc<AtomicU64>,
-    failed: Arc<AtomicU64>,
-    started: Instant,
-    thread: Option<std::thread::JoinHandle<()>>,
-}
-
-impl Flood {
-    fn start(netns: &str, target: SocketAddr) -> Flood {
-        let stop = Arc::new(AtomicBool::new(false));
-        let opened = Arc::new(AtomicU64::new(0));
-        let failed = Arc::new(AtomicU64::new(0));
-        let (s, o, f) = (stop.clone(), opened.clone(), failed.clone());
-        let netns = netns.to_string();
-        let thread = std::thread::spawn(move || {
-            palisade_sandbox::sys::in_netns(&netns, move || flood(target, s, o, f)).expect("flood thread");
-        });
-        Flood { stop, opened, failed, started: Instant::now(), thread: Some(thread) }
-    }
-
-    fn opened(&self) -> u64 {
-        self.opened.load(Ordering::Relaxed)
-    }
-
-    /// Stops; returns (connections opened, connects that failed, connections per second).
-    fn stop(mut self) -> (u64, u64, f64) {
-        self.halt();
-        let opened = self.opened();
-        (opened, self.failed.load(Ordering::Relaxed), opened as f64 / self.started.elapsed().as_secs_f64())
-    }
-
-    fn halt(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-    }
-}
-
-impl Drop for Flood {
-    fn drop(&mut self) {
-        self.halt();
-    }
-}
-
-fn flood(target: SocketAddr, stop: Arc<AtomicBool>, opened: Arc<AtomicU64>, failed: Arc<AtomicU64>) {
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-    rt.block_on(async move {
-        let slots = Arc::new(tokio::sync::Semaphore::new(IN_FLIGHT));
-        let mut n = 0u64;
-        while !stop.load(Ordering::Relaxed) {
-            let Ok(slot) = tokio::time::timeout(Duration::from_millis(100), slots.clone().acquire_owned()).await else {
-                continue;
-            };
-            let slot = slot.unwrap();
-            n += 1;
-            let garbage = n.is_multiple_of(GARBAGE_EVERY);
-            let (opened, failed, stop) = (opened.clone(), failed.clone(), stop.clone());
-            tokio::spawn(async move {
-                let _slot = slot;
-                let connected =
-                    tokio::time::timeout(Duration::from_secs(2), tokio::net::TcpStream::connect(target)).await;
-                let mut tcp = match connected {
-                    Ok(Ok(tcp)) => tcp,
-                    // Reset by the server (over a bound) before the connect was even polled.
-                    Ok(Err(e)) if e.kind() == std::io::ErrorKind::ConnectionReset => {
-                        opened.fetch_add(1, Ordering::Relaxed);
-                        return;
-                    }
-                    _ => {
-                        failed.fetch_add(1, Ordering::Relaxed);
-                        return;
-                    }
-                };
-                opened.fetch_add(1, Ordering::Relaxed);
-                if garbage {
-                    let _ = tcp.write_all(&[0x5a; 512]).await;
-                }
-                // Hold it until the server closes it, the hold ends or the flood stops.
-                let mut buf = [0u8; 512];
-                let deadline = Instant::now() + HOLD;
-                while Instant::now() < deadline && !stop.load(Ordering::Relaxed) {
-                    match tokio::time::timeout(Duration::from_millis(200), tcp.read(&mut buf)).await {
-                        Ok(Ok(0)) | Ok(Err(_)) => return,
-                        _ => {}
-                    }
-                }
-            });
-        }
-    });
-}
-
-/// Resident memory of a process, in KiB.
-fn rss_kib(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("process status");
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .expect("VmRSS in /proc/<pid>/status")
-}
 
 /// CPU time a process has used (user + system), in clock ticks.
 fn cpu_ticks(pid: u32) -> u64 {
@@ -198,8 +87,8 @@ fn a_handshake_flood_neither_starves_legitimate_clients_nor_keeps_memory() {
 
     let target = hbone_of(&cluster, "p2-1");
     let floods = [
-        Flood::start(&netns_of_pod(&cluster, "p1-2"), target),
-        Flood::start(&cluster.node("node-1").unwrap().netns, target),
+        Flood::start(&netns_of_pod(&cluster, "p1-2"), target, IN_FLIGHT),
+        Flood::start(&cluster.node("node-1").unwrap().netns, target, IN_FLIGHT),
     ];
     let flooded = || floods.iter().map(Flood::opened).sum::<u64>();
     let mut peak = before;
@@ -266,7 +155,7 @@ fn with_no_descriptor_left_the_accept_loop_backs_off_instead_of_spinning() {
     // Not one descriptor to spare: every accept fails with EMFILE while connections wait.
     let (soft, hard) = nofile(pid);
     set_nofile(pid, open_fds(pid), hard);
-    let flood = Flood::start(&cluster.node("node-1").unwrap().netns, hbone_of(&cluster, "p2-1"));
+    let flood = Flood::start(&cluster.node("node-1").unwrap().netns, hbone_of(&cluster, "p2-1"), IN_FLIGHT);
     wait_until("flooding connections queued", Duration::from_secs(30), || flood.opened() >= 50);
     let (ticks, started) = (cpu_ticks(pid), Instant::now());
     std::thread::sleep(Duration::from_secs(3));
@@ -301,10 +190,10 @@ fn with_a_low_descriptor_limit_the_control_path_answers_through_a_flood() {
     // descriptors than the data path may have under this limit.
     let node1 = cluster.node("node-1").unwrap().netns.clone();
     let floods = [
-        Flood::start(&netns_of_pod(&cluster, "p1-1"), hbone_of(&cluster, "p2-1")),
-        Flood::start(&netns_of_pod(&cluster, "p1-2"), hbone_of(&cluster, "p2-2")),
-        Flood::start(&node1, hbone_of(&cluster, "p2-1")),
-        Flood::start(&node1, hbone_of(&cluster, "p2-2")),
+        Flood::start(&netns_of_pod(&cluster, "p1-1"), hbone_of(&cluster, "p2-1"), IN_FLIGHT),
+        Flood::start(&netns_of_pod(&cluster, "p1-2"), hbone_of(&cluster, "p2-2"), IN_FLIGHT),
+        Flood::start(&node1, hbone_of(&cluster, "p2-1"), IN_FLIGHT),
+        Flood::start(&node1, hbone_of(&cluster, "p2-2"), IN_FLIGHT),
     ];
     wait_until("the data path to refuse for lack of descriptors", Duration::from_secs(60), || {
         cluster

@@ -12,22 +12,17 @@ use std::collections::BTreeMap;
 use std::io::BufRead;
 use std::net::SocketAddr;
 use std::process::{Child, Command, Stdio};
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use palisade_sandbox::cluster::{WAYPOINT_ADMIN, WAYPOINT_DEBUG};
 use palisade_sandbox::{Cluster, ClusterSpec, PodTemplate, WaypointSpec};
 use serde_json::Value;
+use support::flood::{Flood, HOLD, rss_kib};
 use support::*;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const VIP: &str = "10.96.0.20:80";
 /// Flooding connections held at once: far more than the 64 the admin server serves.
 const IN_FLIGHT: usize = 300;
-/// How long a flooding connection is held at most: longer than the header timeout (5 s), so
-/// it is the waypoint that gives up.
-const HOLD: Duration = Duration::from_secs(8);
 /// Bounds waits for what happens at once when the code is right.
 const HANG_GUARD: Duration = Duration::from_secs(60);
 
@@ -114,99 +109,6 @@ fn slowloris(netns: &str, to: &str, conns: usize) -> std::thread::JoinHandle<Val
     })
 }
 
-/// A flood of connections from the test process, inside `netns`, against `target`: each
-/// sends nothing (or, one in four, 512 bytes that are no HTTP) and is held until the server
-/// closes it or [`HOLD`] ends.
-struct Flood {
-    stop: Arc<AtomicBool>,
-    opened: Arc<AtomicU64>,
-    /// Connections the server closed before the hold ended.
-    closed: Arc<AtomicU64>,
-    thread: Option<std::thread::JoinHandle<()>>,
-}
-
-impl Flood {
-    fn start(netns: &str, target: SocketAddr) -> Flood {
-        let (stop, opened, closed) = (Arc::default(), Arc::default(), Arc::default());
-        let (s, o, c) = (Arc::clone(&stop), Arc::clone(&opened), Arc::clone(&closed));
-        let netns = netns.to_string();
-        let thread = std::thread::spawn(move || {
-            palisade_sandbox::sys::in_netns(&netns, move || flood(target, s, o, c)).expect("flood thread");
-        });
-        Flood { stop, opened, closed, thread: Some(thread) }
-    }
-
-    fn opened(&self) -> u64 {
-        self.opened.load(Ordering::Relaxed)
-    }
-
-    /// Stops; (connections opened, closed by the server within the hold).
-    fn stop(mut self) -> (u64, u64) {
-        self.halt();
-        (self.opened(), self.closed.load(Ordering::Relaxed))
-    }
-
-    fn halt(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-    }
-}
-
-impl Drop for Flood {
-    fn drop(&mut self) {
-        self.halt();
-    }
-}
-
-fn flood(target: SocketAddr, stop: Arc<AtomicBool>, opened: Arc<AtomicU64>, closed: Arc<AtomicU64>) {
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-    rt.block_on(async move {
-        let slots = Arc::new(tokio::sync::Semaphore::new(IN_FLIGHT));
-        let mut n = 0u64;
-        while !stop.load(Ordering::Relaxed) {
-            let Ok(slot) = tokio::time::timeout(Duration::from_millis(100), slots.clone().acquire_owned()).await else {
-                continue;
-            };
-            let slot = slot.unwrap();
-            n += 1;
-            let garbage = n.is_multiple_of(4);
-            let (opened, closed, stop) = (opened.clone(), closed.clone(), stop.clone());
-            tokio::spawn(async move {
-                let _slot = slot;
-                let connected =
-                    tokio::time::timeout(Duration::from_secs(2), tokio::net::TcpStream::connect(target)).await;
-                let Ok(Ok(mut tcp)) = connected else { return };
-                opened.fetch_add(1, Ordering::Relaxed);
-                if garbage {
-                    let _ = tcp.write_all(&[0x5a; 512]).await;
-                }
-                let mut buf = [0u8; 512];
-                let deadline = Instant::now() + HOLD;
-                while Instant::now() < deadline && !stop.load(Ordering::Relaxed) {
-                    match tokio::time::timeout(Duration::from_millis(200), tcp.read(&mut buf)).await {
-                        Ok(Ok(0)) | Ok(Err(_)) => {
-                            closed.fetch_add(1, Ordering::Relaxed);
-                            return;
-                        }
-                        _ => {}
-                    }
-                }
-            });
-        }
-    });
-}
-
-fn rss_kib(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("waypoint status");
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .expect("VmRSS")
-}
-
 /// Repeats `attempt` until it holds (every 200 ms, at most [`HANG_GUARD`]); panics naming `what`.
 fn eventually(what: &str, mut attempt: impl FnMut() -> bool) {
     let deadline = Instant::now() + HANG_GUARD;
@@ -244,7 +146,7 @@ fn a_flood_and_slow_clients_on_the_admin_ports_neither_stop_traffic_nor_keep_mem
 
     // Idle and garbage connections on the admin port, slow heads on both ports.
     let admin: SocketAddr = WAYPOINT_ADMIN.parse().unwrap();
-    let flood = Flood::start(&waypoint.netns, admin);
+    let flood = Flood::start(&waypoint.netns, admin, IN_FLIGHT);
     let slow_admin = slowloris(&waypoint.netns, WAYPOINT_ADMIN, 100);
     let slow_debug = slowloris(&waypoint.netns, WAYPOINT_DEBUG, 100);
     eventually("1,000 flooding connections", || flood.opened() >= 1000);
@@ -260,7 +162,8 @@ fn a_flood_and_slow_clients_on_the_admin_ports_neither_stop_traffic_nor_keep_mem
         peak = peak.max(rss_kib(pid));
         flood.opened() >= 5000
     });
-    let (opened, closed) = flood.stop();
+    let outcome = flood.stop();
+    let (opened, closed) = (outcome.opened, outcome.closed);
     let (slow_admin, slow_debug) = (slow_admin.join().expect("slowloris"), slow_debug.join().expect("slowloris"));
     eprintln!(
         "flood: {opened} connections, {closed} closed by the waypoint within {HOLD:?}; slow clients: admin \

@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 
 use palisade_sandbox::{Cluster, ClusterSpec, PodTemplate, WaypointSpec};
 use serde_json::Value;
+use support::flood::rss_kib;
 use support::*;
 
 const VIP: &str = "10.96.0.20:80";
@@ -304,15 +305,6 @@ fn waypoint_pid(cluster: &Cluster) -> u32 {
             args.contains(&&b"--gateway"[..]) && args.contains(&policy.as_bytes())
         })
         .expect("the waypoint's process")
-}
-
-fn rss_kib(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("waypoint status");
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .expect("VmRSS")
 }
 
 #[test]

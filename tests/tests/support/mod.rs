@@ -9,6 +9,7 @@ use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
 pub mod ca;
+pub mod flood;
 
 use palisade_sandbox::{Cluster, ClusterSpec, PodTemplate};
 use serde_json::Value;
