@@ -10,14 +10,14 @@ mod support;
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
-use std::process::{Child, Stdio};
 use std::time::Duration;
 
 use palisade_ca::authority::CertificateAuthority;
 use palisade_mesh::identity::SpiffeId;
 use palisade_mesh::tls::{Credential, CredentialSlot, TrustBundle, client_config, no_sni};
-use palisade_sandbox::{Cluster, ClusterSpec, PodTemplate, WaypointSpec};
+use palisade_sandbox::{Cluster, ClusterSpec, PodTemplate};
 use serde_json::Value;
+use support::l7::*;
 use support::*;
 
 const VIP: &str = "10.96.0.10:80";
@@ -97,54 +97,25 @@ fn cluster(extra: &str) -> Cluster {
         ],
     ];
     spec.policy = resources(extra);
-    spec.ztunnel = Some(palisade_sandbox::workspace_bin("ztunnel").expect("ztunnel binary"));
-    spec.waypoints = vec![WaypointSpec::new("waypoint", "shop", 1)];
-    spec.waypoint = Some(palisade_sandbox::workspace_bin("waypoint").expect("waypoint binary"));
-    start_spec(spec)
-}
-
-/// An HTTP/1.1 server in a pod answering every request with its `name`; killed on drop.
-struct HttpServer(Child);
-
-impl Drop for HttpServer {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn http_server(cluster: &Cluster, pod: &str, name: &str) -> HttpServer {
-    use std::io::BufRead;
-    let mut child = cluster
-        .command(pod, palisade_sandbox::workspace_bin("palisade-probe").unwrap())
-        .unwrap()
-        .args(["http-serve", "--port", "8080", "--name", name])
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("start the HTTP server");
-    let mut line = String::new();
-    std::io::BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
-    assert!(line.contains("listening"), "HTTP server in {pod}: {line:?}");
-    HttpServer(child)
+    start_with_waypoint(spec)
 }
 
 /// `count` GETs of `path` from `pod` to `to`; the probe's report (statuses, bodies, errors).
 fn get(cluster: &Cluster, pod: &str, to: &str, path: &str, count: usize, headers: &[&str]) -> Value {
-    let mut cmd = cluster.command(pod, palisade_sandbox::workspace_bin("palisade-probe").unwrap()).unwrap();
-    cmd.args(["http-get", "--to", to, "--path", path, "--count", &count.to_string(), "--timeout-ms", "5000"]);
+    let count = count.to_string();
+    let mut args = vec!["http-get", "--to", to, "--path", path, "--count", &count, "--timeout-ms", "5000"];
     for h in headers {
-        cmd.args(["--header", h]);
+        args.extend(["--header", h]);
     }
-    let out = cmd.stderr(Stdio::inherit()).output().expect("run the HTTP client");
-    let text = String::from_utf8_lossy(&out.stdout);
-    serde_json::from_str(text.trim()).unwrap_or_else(|e| panic!("http-get output {text:?}: {e}"))
+    probe_report(cluster, pod, &args)
 }
 
-fn count(report: &Value, section: &str, key: &str) -> u64 {
-    report[section][key].as_u64().unwrap_or(0)
+/// An HTTP/1.1 server in `pod` answering every request with `name`.
+fn http_server(cluster: &Cluster, pod: &str, name: &str) -> Proc {
+    probe_server(cluster, pod, &["http-serve", "--port", "8080", "--name", name])
 }
 
-fn servers(cluster: &Cluster) -> Vec<HttpServer> {
+fn servers(cluster: &Cluster) -> Vec<Proc> {
     vec![
         http_server(cluster, "web-v1", "v1"),
         http_server(cluster, "web-v2", "v2"),

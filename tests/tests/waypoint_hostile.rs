@@ -9,16 +9,15 @@
 mod support;
 
 use std::collections::BTreeMap;
-use std::io::BufRead;
 use std::net::SocketAddr;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use palisade_sandbox::cluster::{WAYPOINT_ADMIN, WAYPOINT_DEBUG};
-use palisade_sandbox::{Cluster, ClusterSpec, PodTemplate, WaypointSpec};
+use palisade_sandbox::{Cluster, ClusterSpec, PodTemplate};
 use serde_json::Value;
 use support::flood::{Flood, HOLD, rss_kib};
-use support::*;
+use support::l7::*;
 
 const VIP: &str = "10.96.0.20:80";
 /// Flooding connections held at once: far more than the 64 the admin server serves.
@@ -41,39 +40,7 @@ fn cluster() -> Cluster {
          apiVersion: v1\nkind: Service\nmetadata: {name: web, namespace: shop}\nspec:\n  clusterIP: 10.96.0.20\n  \
          selector: {app: web}\n  ports: [{name: http, port: 80, targetPort: http}]\n---\n"
             .into();
-    spec.ztunnel = Some(palisade_sandbox::workspace_bin("ztunnel").expect("ztunnel binary"));
-    spec.waypoints = vec![WaypointSpec::new("waypoint", "shop", 1)];
-    spec.waypoint = Some(palisade_sandbox::workspace_bin("waypoint").expect("waypoint binary"));
-    start_spec(spec)
-}
-
-fn probe_bin() -> std::path::PathBuf {
-    palisade_sandbox::workspace_bin("palisade-probe").expect("palisade-probe binary")
-}
-
-/// A process killed on drop.
-struct Proc(Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-/// An HTTP/1.1 endpoint in `pod` answering its name.
-fn http_server(cluster: &Cluster, pod: &str) -> Proc {
-    let mut child = cluster
-        .command(pod, probe_bin())
-        .unwrap()
-        .args(["http-serve-x", "--name", pod, "--port", "8080"])
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap_or_else(|e| panic!("start the server in {pod}: {e}"));
-    let mut line = String::new();
-    std::io::BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
-    assert!(line.contains("listening"), "server in {pod}: {line:?}");
-    Proc(child)
+    start_with_waypoint(spec)
 }
 
 fn report(out: std::process::Output, what: &str) -> Value {
@@ -81,16 +48,19 @@ fn report(out: std::process::Output, what: &str) -> Value {
     serde_json::from_str(text.trim()).unwrap_or_else(|e| panic!("{what}: output {text:?}: {e}"))
 }
 
+/// An HTTP/1.1 endpoint in `pod` answering its name.
+fn http_server(cluster: &Cluster, pod: &str) -> Proc {
+    probe_server(cluster, pod, &["http-serve-x", "--name", pod, "--port", "8080"])
+}
+
 /// `count` GETs from the client pod to the VIP (through its ztunnel and the waypoint).
 fn many(cluster: &Cluster, count: usize) -> Value {
     let count = count.to_string();
-    let args = ["http-many", "--to", VIP, "--count", &count, "--parallel", "2", "--timeout-ms", "10000"];
-    let out = cluster.command("client", probe_bin()).unwrap().args(args).stderr(Stdio::inherit()).output().unwrap();
-    report(out, "http-many")
-}
-
-fn n(report: &Value, section: &str, key: &str) -> u64 {
-    report[section][key].as_u64().unwrap_or(0)
+    probe_report(
+        cluster,
+        "client",
+        &["http-many", "--to", VIP, "--count", &count, "--parallel", "2", "--timeout-ms", "10000"],
+    )
 }
 
 /// `palisade-probe slowloris` inside the waypoint's namespace against `to`, on a thread.
@@ -136,8 +106,8 @@ fn a_flood_and_slow_clients_on_the_admin_ports_neither_stop_traffic_nor_keep_mem
     let scrape = |path: &str, on: &str| palisade_sandbox::sys::http_get_in(&waypoint.netns, on, path);
 
     // Warm up (tunnels, pools, first allocations), then the baseline.
-    eventually("the first requests through the waypoint", || n(&many(&cluster, 10), "statuses", "200") == 10);
-    assert_eq!(n(&many(&cluster, 40), "statuses", "200"), 40);
+    eventually("the first requests through the waypoint", || count(&many(&cluster, 10), "statuses", "200") == 10);
+    assert_eq!(count(&many(&cluster, 40), "statuses", "200"), 40);
     scrape("/metrics", WAYPOINT_ADMIN).expect("a scrape before the flood");
     scrape("/flows", WAYPOINT_DEBUG).expect("flows before the flood");
     std::thread::sleep(Duration::from_secs(1));
@@ -155,7 +125,7 @@ fn a_flood_and_slow_clients_on_the_admin_ports_neither_stop_traffic_nor_keep_mem
     let mut peak = rss_kib(pid);
     for round in 0..3 {
         let r = many(&cluster, 50);
-        assert_eq!(n(&r, "statuses", "200"), 50, "round {round} through the waypoint during the flood: {r}");
+        assert_eq!(count(&r, "statuses", "200"), 50, "round {round} through the waypoint during the flood: {r}");
         peak = peak.max(rss_kib(pid));
     }
     eventually("5,000 flooding connections", || {
@@ -173,7 +143,7 @@ fn a_flood_and_slow_clients_on_the_admin_ports_neither_stop_traffic_nor_keep_mem
     assert!(closed * 2 >= opened, "the waypoint closed only {closed} of {opened} flooding connections");
     // Heads that never end are cut off (5 s) before the slow clients give up (9 s).
     for (port, slow) in [("admin", &slow_admin), ("debug", &slow_debug)] {
-        assert!(n(slow, "outcomes", "open") == 0, "slow clients of the {port} port still open at the end: {slow}");
+        assert!(count(slow, "outcomes", "open") == 0, "slow clients of the {port} port still open at the end: {slow}");
     }
 
     // Scrapes work again once the flood stops, and counted the requests served during it.
@@ -203,5 +173,5 @@ fn a_flood_and_slow_clients_on_the_admin_ports_neither_stop_traffic_nor_keep_mem
     eprintln!("waypoint RSS after the flood: {after} KiB (before {before} KiB, peak {peak} KiB)");
     assert!(after <= bound, "the waypoint kept {after} KiB after the flood against {before} KiB before (peak {peak})");
     let r = many(&cluster, 20);
-    assert_eq!(n(&r, "statuses", "200"), 20, "through the waypoint after the flood: {r}");
+    assert_eq!(count(&r, "statuses", "200"), 20, "through the waypoint after the flood: {r}");
 }

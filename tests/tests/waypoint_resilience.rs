@@ -7,14 +7,12 @@
 mod support;
 
 use std::collections::BTreeMap;
-use std::io::BufRead;
-use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
-use palisade_sandbox::{Cluster, ClusterSpec, PodTemplate, WaypointSpec};
+use palisade_sandbox::{Cluster, ClusterSpec, PodTemplate};
 use serde_json::Value;
 use support::flood::rss_kib;
-use support::*;
+use support::l7::*;
 
 const VIP: &str = "10.96.0.20:80";
 
@@ -58,49 +56,14 @@ fn cluster(backends: &[(&str, &[(&str, &str)])], policy: String) -> Cluster {
             .collect(),
     ];
     spec.policy = policy;
-    spec.ztunnel = Some(palisade_sandbox::workspace_bin("ztunnel").expect("ztunnel binary"));
-    spec.waypoints = vec![WaypointSpec::new("waypoint", "shop", 1)];
-    spec.waypoint = Some(palisade_sandbox::workspace_bin("waypoint").expect("waypoint binary"));
-    start_spec(spec)
-}
-
-fn probe_bin() -> std::path::PathBuf {
-    palisade_sandbox::workspace_bin("palisade-probe").expect("palisade-probe binary")
-}
-
-/// A probe server in a pod; killed on drop.
-struct Proc(Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-/// Starts `palisade-probe <args>` in `pod` and waits for its "listening" line.
-fn server(cluster: &Cluster, pod: &str, args: &[&str]) -> Proc {
-    let mut child = cluster
-        .command(pod, probe_bin())
-        .unwrap()
-        .args(args)
-        .args(["--port", "8080"])
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap_or_else(|e| panic!("start {args:?} in {pod}: {e}"));
-    let mut line = String::new();
-    std::io::BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
-    assert!(line.contains("listening"), "server {args:?} in {pod}: {line:?}");
-    Proc(child)
+    start_with_waypoint(spec)
 }
 
 /// An HTTP/1.1 endpoint answering `name` (after `delay_ms`, with `status`).
 fn http_server(cluster: &Cluster, pod: &str, name: &str, delay_ms: u64, status: u16) -> Proc {
-    server(
-        cluster,
-        pod,
-        &["http-serve-x", "--name", name, "--delay-ms", &delay_ms.to_string(), "--status", &status.to_string()],
-    )
+    let (delay_ms, status) = (delay_ms.to_string(), status.to_string());
+    let args = ["http-serve-x", "--name", name, "--delay-ms", &delay_ms, "--status", &status, "--port", "8080"];
+    probe_server(cluster, pod, &args)
 }
 
 /// Reaches every endpoint once before a test counts: what these tests prove is where requests
@@ -110,24 +73,12 @@ fn warm(cluster: &Cluster) {
     let _ = many(cluster, 40, 4, &[]);
 }
 
-/// Runs the probe in `pod` with `args`; its JSON report.
-fn probe(cluster: &Cluster, pod: &str, args: &[&str]) -> Value {
-    let out =
-        cluster.command(pod, probe_bin()).unwrap().args(args).stderr(Stdio::inherit()).output().expect("run probe");
-    let text = String::from_utf8_lossy(&out.stdout);
-    serde_json::from_str(text.trim()).unwrap_or_else(|e| panic!("probe {args:?} output {text:?}: {e}"))
-}
-
 /// `count` GETs of `/` from `client` to the VIP over `parallel` connections, plus `extra` args.
 fn many(cluster: &Cluster, count: usize, parallel: usize, extra: &[&str]) -> Value {
     let (count, parallel) = (count.to_string(), parallel.to_string());
     let mut args = vec!["http-many", "--to", VIP, "--count", &count, "--parallel", &parallel, "--timeout-ms", "10000"];
     args.extend_from_slice(extra);
-    probe(cluster, "client", &args)
-}
-
-fn n(report: &Value, section: &str, key: &str) -> u64 {
-    report[section][key].as_u64().unwrap_or(0)
+    probe_report(cluster, "client", &args)
 }
 
 /// Repeats `attempt` until it returns Some (every 200 ms, at most `secs`); panics naming `what`.
@@ -153,8 +104,8 @@ fn least_request_sends_most_traffic_to_the_faster_backend() {
     // Eight requests in flight at once: the slow endpoint holds its requests longer, so it
     // has more active requests whenever it is compared, and loses the comparison.
     let r = many(&cluster, 400, 8, &[]);
-    assert_eq!(n(&r, "statuses", "200"), 400, "{r}");
-    let (fast, slow) = (n(&r, "bodies", "fast"), n(&r, "bodies", "slow"));
+    assert_eq!(count(&r, "statuses", "200"), 400, "{r}");
+    let (fast, slow) = (count(&r, "bodies", "fast"), count(&r, "bodies", "slow"));
     eprintln!("least request: fast {fast}, slow {slow}");
     assert!(fast >= 3 * slow, "least request: fast {fast}, slow {slow} of 400 (expected most on fast): {r}");
 }
@@ -177,7 +128,7 @@ fn ring_hash_keeps_keys_and_a_new_backend_takes_about_its_share() {
     let keys = 200;
     let assignment = |cluster: &Cluster| -> BTreeMap<String, String> {
         let r = many(cluster, 3 * keys, 4, &["--key-header", "x-user", "--keys", &keys.to_string()]);
-        assert_eq!(n(&r, "statuses", "200"), 3 * keys as u64, "{r}");
+        assert_eq!(count(&r, "statuses", "200"), 3 * keys as u64, "{r}");
         let map = r["keys"].as_object().expect("keys").clone();
         assert_eq!(map.len(), keys, "{r}");
         map.into_iter()
@@ -195,7 +146,7 @@ fn ring_hash_keeps_keys_and_a_new_backend_takes_about_its_share() {
     cluster.set_policy(&resources("{app: web}", &traffic)).expect("apply the wider selector");
     eventually(20, "the waypoint never sent a key to web-d", || {
         let r = many(&cluster, keys, 1, &["--key-header", "x-user", "--keys", &keys.to_string()]);
-        (n(&r, "bodies", "web-d") > 0).then_some(())
+        (count(&r, "bodies", "web-d") > 0).then_some(())
     });
     let after = assignment(&cluster);
     let moved: Vec<(&String, &String)> = after.iter().filter(|(k, b)| before[*k] != **b).collect();
@@ -223,7 +174,7 @@ fn circuit_breaker_answers_503_at_once_while_saturated_and_recovers() {
     // Ten clients against a backend that holds every request for a second: at most two are
     // active; the rest overflow at once with 503 and the header naming the limit.
     let r = many(&cluster, 30, 10, &[]);
-    let (ok, overflowed) = (n(&r, "statuses", "200"), n(&r, "statuses", "503"));
+    let (ok, overflowed) = (count(&r, "statuses", "200"), count(&r, "statuses", "503"));
     eprintln!("circuit breaker: {r}");
     assert_eq!(ok + overflowed, 30, "only 200 or 503: {r}");
     assert!(ok >= 1, "the saturated backend still served some: {r}");
@@ -233,7 +184,7 @@ fn circuit_breaker_answers_503_at_once_while_saturated_and_recovers() {
 
     // Load drops to one client: every request is served again.
     let calm = many(&cluster, 5, 1, &[]);
-    assert_eq!(n(&calm, "statuses", "200"), 5, "after the load dropped: {calm}");
+    assert_eq!(count(&calm, "statuses", "200"), 5, "after the load dropped: {calm}");
 }
 
 #[test]
@@ -248,17 +199,17 @@ fn an_endpoint_returning_5xx_is_ejected_and_later_returned() {
     // Round robin would send half of 100 requests to web-b; three consecutive 5xx eject it,
     // so only a few 500s (one run of three, perhaps another after a return) reach the client.
     let r = many(&cluster, 100, 1, &[]);
-    let errors = n(&r, "statuses", "500");
+    let errors = count(&r, "statuses", "500");
     eprintln!("outlier detection: {errors} of 100 answered 500");
     assert!((3..=12).contains(&errors), "web-b answered {errors} of 100 with 500 (ejected after 3): {r}");
-    assert_eq!(n(&r, "statuses", "200") + errors, 100, "{r}");
+    assert_eq!(count(&r, "statuses", "200") + errors, 100, "{r}");
 
     // web-b recovers; after its ejection time it gets traffic again.
     drop(bad);
     let _healed = http_server(&cluster, "web-b", "web-b", 0, 200);
     eventually(40, "web-b never returned after its ejection", || {
         let r = many(&cluster, 10, 1, &[]);
-        (n(&r, "bodies", "web-b") > 0 && n(&r, "statuses", "200") == 10).then_some(())
+        (count(&r, "bodies", "web-b") > 0 && count(&r, "statuses", "200") == 10).then_some(())
     });
 }
 
@@ -277,15 +228,12 @@ spec:
     let cluster = cluster(&[("web-a", &[]), ("web-b", &[])], resources("{app: web}", route));
     let _good = http_server(&cluster, "web-a", "web-a", 0, 200);
     let log = cluster.info.state_dir.join("web-b-requests.log");
-    let _bad = server(
-        &cluster,
-        "web-b",
-        &["http-serve-x", "--name", "web-b", "--status", "500", "--log", log.to_str().unwrap()],
-    );
+    let args = ["http-serve-x", "--name", "web-b", "--status", "500", "--log", log.to_str().unwrap(), "--port", "8080"];
+    let _bad = probe_server(&cluster, "web-b", &args);
 
     let r = many(&cluster, 100, 2, &[]);
-    assert_eq!(n(&r, "statuses", "200"), 100, "a retry should have hidden every 500: {r}");
-    assert_eq!(n(&r, "bodies", "web-a"), 100, "{r}");
+    assert_eq!(count(&r, "statuses", "200"), 100, "a retry should have hidden every 500: {r}");
+    assert_eq!(count(&r, "bodies", "web-a"), 100, "{r}");
     // The failing endpoint was tried (its answers were hidden, not avoided).
     let tried = std::fs::read_to_string(&log).unwrap_or_default().lines().count();
     eprintln!("retries: web-b saw {tried} requests, all hidden");
@@ -312,14 +260,14 @@ fn slow_clients_cannot_exhaust_the_waypoint() {
     let cluster = cluster(&[("web-a", &[])], resources("{app: web}", ""));
     let _server = http_server(&cluster, "web-a", "web-a", 0, 200);
     let pid = waypoint_pid(&cluster);
-    assert_eq!(n(&many(&cluster, 5, 1, &[]), "statuses", "200"), 5);
+    assert_eq!(count(&many(&cluster, 5, 1, &[]), "statuses", "200"), 5);
     let rss_before = rss_kib(pid);
 
     // 300 clients each dribble a never-ending head, one byte every 100 ms, for longer than the
     // waypoint's header read timeout (10 s).
     let view = Cluster::attach(cluster.info.clone());
     let slow = std::thread::spawn(move || {
-        probe(
+        probe_report(
             &view,
             "client",
             &["slowloris", "--to", VIP, "--conns", "300", "--hold-ms", "14000", "--interval-ms", "100"],
@@ -328,7 +276,7 @@ fn slow_clients_cannot_exhaust_the_waypoint() {
     std::thread::sleep(Duration::from_secs(3));
     // Meanwhile a normal client is served, and the waypoint's memory stays bounded.
     let normal = many(&cluster, 50, 2, &[]);
-    assert_eq!(n(&normal, "statuses", "200"), 50, "a normal client beside 300 slow ones: {normal}");
+    assert_eq!(count(&normal, "statuses", "200"), 50, "a normal client beside 300 slow ones: {normal}");
     let rss_during = rss_kib(pid);
     // A safety limit, not a performance target: a waypoint buffering without bound would
     // pass it quickly; one holding 300 idle heads needs a small fraction of it.
@@ -338,10 +286,10 @@ fn slow_clients_cannot_exhaust_the_waypoint() {
     // The waypoint closes heads that do not finish in time: the slow clients were cut off.
     let slow = slow.join().expect("slow clients");
     eprintln!("slow clients: {slow}");
-    assert_eq!(n(&slow, "outcomes", "refused"), 0, "{slow}");
-    assert!(n(&slow, "outcomes", "closed") >= 250, "the waypoint should cut off unfinished heads: {slow}");
+    assert_eq!(count(&slow, "outcomes", "refused"), 0, "{slow}");
+    assert!(count(&slow, "outcomes", "closed") >= 250, "the waypoint should cut off unfinished heads: {slow}");
     let after = many(&cluster, 5, 1, &[]);
-    assert_eq!(n(&after, "statuses", "200"), 5, "after the slow clients: {after}");
+    assert_eq!(count(&after, "statuses", "200"), 5, "after the slow clients: {after}");
     eprintln!("waypoint RSS: {rss_before} KiB idle, {rss_during} KiB with 300 slow clients");
 }
 
@@ -351,9 +299,9 @@ fn grpc_with_trailers_passes_through_the_waypoint() {
     // named `http` declares HTTP/1.1, which has no trailers.
     let policy = resources("{app: web}", "").replace("{name: http, port: 80", "{name: grpc, port: 80");
     let cluster = cluster(&[("grpc", &[])], policy);
-    let _server = server(&cluster, "grpc", &["h2-serve", "--name", "grpc-backend"]);
-    let r = probe(&cluster, "client", &["h2-get", "--to", VIP, "--count", "20", "--timeout-ms", "10000"]);
-    assert_eq!(n(&r, "statuses", "200"), 20, "{r}");
-    assert_eq!(n(&r, "grpc_status", "0"), 20, "grpc-status trailer on every call: {r}");
-    assert_eq!(n(&r, "messages", "grpc-backend"), 20, "message and grpc-message trailer from the backend: {r}");
+    let _server = probe_server(&cluster, "grpc", &["h2-serve", "--name", "grpc-backend", "--port", "8080"]);
+    let r = probe_report(&cluster, "client", &["h2-get", "--to", VIP, "--count", "20", "--timeout-ms", "10000"]);
+    assert_eq!(count(&r, "statuses", "200"), 20, "{r}");
+    assert_eq!(count(&r, "grpc_status", "0"), 20, "grpc-status trailer on every call: {r}");
+    assert_eq!(count(&r, "messages", "grpc-backend"), 20, "message and grpc-message trailer from the backend: {r}");
 }

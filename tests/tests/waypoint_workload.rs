@@ -16,15 +16,15 @@
 mod support;
 
 use std::net::{IpAddr, SocketAddr};
-use std::process::{Child, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use palisade_ca::authority::CertificateAuthority;
 use palisade_mesh::identity::SpiffeId;
 use palisade_mesh::tls::{Credential, CredentialSlot, TrustBundle, client_config, no_sni};
-use palisade_sandbox::{Cluster, ClusterSpec, PodTemplate, WaypointSpec};
+use palisade_sandbox::{Cluster, ClusterSpec, PodTemplate};
 use serde_json::Value;
+use support::l7::*;
 use support::*;
 
 const WAYPOINT_ID: &str = "spiffe://cluster.local/ns/shop/sa/waypoint";
@@ -67,10 +67,7 @@ fn cluster() -> Cluster {
     let mut spec = ClusterSpec::uniform(&id, palisade_sandbox::test_state_dir(&id), 0, 0);
     spec.nodes = vec![vec![pod("client", "client")], vec![pod("web", "web")]];
     spec.policy = POLICY.to_string();
-    spec.ztunnel = Some(palisade_sandbox::workspace_bin("ztunnel").expect("ztunnel binary"));
-    spec.waypoints = vec![WaypointSpec::new("waypoint", "shop", 1)];
-    spec.waypoint = Some(palisade_sandbox::workspace_bin("waypoint").expect("waypoint binary"));
-    start_spec(spec)
+    start_with_waypoint(spec)
 }
 
 /// The cluster's resources with the waypoint's Gateway labelled `istio.io/waypoint-for:
@@ -97,42 +94,15 @@ fn label_waypoint(cluster: &Cluster, value: &str) {
     }
 }
 
-/// An HTTP/1.1 server in a pod answering every request with its `name`; killed on drop.
-struct HttpServer(Child);
-
-impl Drop for HttpServer {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn http_server(cluster: &Cluster, pod: &str) -> HttpServer {
-    use std::io::BufRead;
-    let mut child = cluster
-        .command(pod, palisade_sandbox::workspace_bin("palisade-probe").unwrap())
-        .unwrap()
-        .args(["http-serve", "--port", "8080", "--name", pod])
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("start the HTTP server");
-    let mut line = String::new();
-    std::io::BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
-    assert!(line.contains("listening"), "HTTP server in {pod}: {line:?}");
-    HttpServer(child)
-}
-
 /// `count` GETs of `path` from `pod` to `to`; the probe's report (statuses, bodies, errors).
 fn get(cluster: &Cluster, pod: &str, to: &str, path: &str, count: usize) -> Value {
-    let mut cmd = cluster.command(pod, palisade_sandbox::workspace_bin("palisade-probe").unwrap()).unwrap();
-    cmd.args(["http-get", "--to", to, "--path", path, "--count", &count.to_string(), "--timeout-ms", "5000"]);
-    let out = cmd.stderr(Stdio::inherit()).output().expect("run the HTTP client");
-    let text = String::from_utf8_lossy(&out.stdout);
-    serde_json::from_str(text.trim()).unwrap_or_else(|e| panic!("http-get output {text:?}: {e}"))
+    let count = count.to_string();
+    probe_report(cluster, pod, &["http-get", "--to", to, "--path", path, "--count", &count, "--timeout-ms", "5000"])
 }
 
-fn count(report: &Value, section: &str, key: &str) -> u64 {
-    report[section][key].as_u64().unwrap_or(0)
+/// An HTTP/1.1 server in `pod` answering every request with the pod's name.
+fn http_server(cluster: &Cluster, pod: &str) -> Proc {
+    probe_server(cluster, pod, &["http-serve", "--port", "8080", "--name", pod])
 }
 
 /// What a hand-made tunnel needs: a certificate for `ns/sa` signed by the cluster's CA, the

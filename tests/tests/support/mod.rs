@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 
 pub mod ca;
 pub mod flood;
+pub mod l7;
 
 use palisade_sandbox::{Cluster, ClusterSpec, PodTemplate};
 use serde_json::Value;
