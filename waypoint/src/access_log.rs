@@ -43,6 +43,22 @@ pub struct AccessRecord {
     pub trace_id: Option<String>,
 }
 
+impl AccessRecord {
+    /// The record of a request from `down`, before anything about it was decided.
+    pub(crate) fn of_request<B>(down: &crate::engine::Downstream, req: &http::Request<B>) -> Self {
+        AccessRecord {
+            source_identity: down.identity.clone(),
+            source: Some(down.peer),
+            destination: Some(down.destination),
+            protocol: if req.version() == http::Version::HTTP_2 { "HTTP/2" } else { "HTTP/1.1" },
+            method: req.method().to_string(),
+            path: req.uri().path().to_string(),
+            authz_verdict: "none",
+            ..Default::default()
+        }
+    }
+}
+
 pub fn emit(record: AccessRecord, sink: &broadcast::Sender<Arc<AccessRecord>>) {
     let r = &record;
     tracing::info!(

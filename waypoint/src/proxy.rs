@@ -77,16 +77,7 @@ pub(crate) async fn handle(
     down: Arc<Downstream>,
     mut req: Request<Incoming>,
 ) -> Response<ProxyBody> {
-    let rec = AccessRecord {
-        source_identity: down.identity.clone(),
-        source: Some(down.peer),
-        destination: Some(down.destination),
-        protocol: if req.version() == Version::HTTP_2 { "HTTP/2" } else { "HTTP/1.1" },
-        method: req.method().to_string(),
-        path: req.uri().path().to_string(),
-        authz_verdict: "none",
-        ..Default::default()
-    };
+    let rec = AccessRecord::of_request(&down, &req);
     let mut ex = Exchange { inner: Arc::clone(&inner), rec, start: Instant::now() };
     let snapshot = inner.snapshot();
     let Some(svc) = snapshot.services.get(&down.destination).cloned() else {

@@ -50,15 +50,9 @@ pub(crate) fn wanted<B>(req: &Request<B>) -> bool {
 /// arbitrary TCP through HTTP), with its access-log line.
 pub(crate) fn refuse_connect<B>(inner: &Inner, down: &Downstream, req: &Request<B>) -> Response<ProxyBody> {
     let rec = AccessRecord {
-        source_identity: down.identity.clone(),
-        source: Some(down.peer),
-        destination: Some(down.destination),
-        protocol: if req.version() == Version::HTTP_2 { "HTTP/2" } else { "HTTP/1.1" },
-        method: req.method().to_string(),
-        authz_verdict: "none",
         status: StatusCode::NOT_IMPLEMENTED.as_u16(),
         complete: true,
-        ..Default::default()
+        ..AccessRecord::of_request(down, req)
     };
     finish(inner, rec, Instant::now());
     let mut resp = Response::new(full("CONNECT is not supported by the waypoint\n"));
