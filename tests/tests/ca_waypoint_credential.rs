@@ -4,10 +4,11 @@
 //! refuses everything else a workload certificate asks (another identity, a non-waypoint
 //! identity renewing itself, an identity that stopped being a waypoint's); expired and foreign
 //! certificates never get past the handshake. Node credentials keep working as before.
-use std::net::SocketAddr;
+mod support;
+
 use std::os::unix::fs::PermissionsExt;
 use std::path::PathBuf;
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Command, Output};
 use std::time::{Duration, Instant, SystemTime};
 
 use palisade_ca::authority::CertificateAuthority;
@@ -15,15 +16,12 @@ use palisade_mesh::ca_api::{SignRequest, new_key_and_csr};
 use palisade_mesh::ca_client::{CaClient, CaClientError};
 use palisade_mesh::identity::SpiffeId;
 use palisade_mesh::tls::{Credential, CredentialSlot, TrustBundle};
+use support::ca_serve::{CaServe, palisade};
 
 const TD: &str = "cluster.local";
 /// Bounds waits for what happens at once when the code is right, so a regression fails the
 /// test instead of hanging it.
 const HANG_GUARD: Duration = Duration::from_secs(60);
-
-fn palisade() -> PathBuf {
-    palisade_sandbox::workspace_bin("palisade").expect("palisade binary (cargo build --bins)")
-}
 
 fn id(ns: &str, sa: &str) -> SpiffeId {
     SpiffeId::new(TD, ns, sa)
@@ -59,8 +57,7 @@ fn inventory(with_gateway: bool) -> String {
 /// serve` over it; the directory is removed and the process killed on drop (panics included).
 struct Bed {
     root: PathBuf,
-    child: Option<Child>,
-    addr: SocketAddr,
+    ca: Option<CaServe>,
 }
 
 impl Bed {
@@ -69,7 +66,7 @@ impl Bed {
         let _ = std::fs::remove_dir_all(&root);
         std::fs::create_dir_all(&root).unwrap();
         std::fs::write(root.join("inventory.yaml"), inventory(true)).unwrap();
-        let bed = Bed { root, child: None, addr: SocketAddr::from(([127, 0, 0, 1], 0)) };
+        let bed = Bed { root, ca: None };
         let node_1 = bed.path("node-1");
         for args in [vec!["init"], vec!["node-credential", "--node", "node-1", "--out", &node_1]] {
             let out = bed.palisade_ca(&args);
@@ -104,42 +101,12 @@ impl Bed {
     }
 
     fn serve(&mut self) {
-        let log = std::fs::File::create(self.root.join("ca.log")).unwrap();
-        let child = Command::new(palisade())
-            .arg("ca")
-            .arg("--dir")
-            .arg(self.root.join("ca"))
-            .args(["serve", "--listen", "127.0.0.1:0", "--inventory"])
-            .arg(self.root.join("inventory.yaml"))
-            .env("RUST_LOG", "info")
-            .env("NO_COLOR", "1")
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .expect("start palisade ca serve");
-        self.child = Some(child);
-        let line = self.wait_log("the CA to listen", |l| l.contains("CA serving"));
-        let addr = line.split("addr=").nth(1).and_then(|a| a.split_whitespace().next()).expect("addr in log");
-        self.addr = addr.parse().unwrap_or_else(|e| panic!("CA address {addr:?}: {e}"));
+        let (ca_dir, inventory) = (self.root.join("ca"), self.root.join("inventory.yaml"));
+        self.ca = Some(CaServe::start(&ca_dir, &inventory, self.root.join("ca.log"), None));
     }
 
-    fn log(&self) -> String {
-        std::fs::read_to_string(self.root.join("ca.log")).unwrap_or_default()
-    }
-
-    fn wait_log(&mut self, what: &str, pred: impl Fn(&str) -> bool) -> String {
-        let deadline = Instant::now() + HANG_GUARD;
-        loop {
-            if let Some(line) = self.log().lines().find(|l| pred(l)) {
-                return line.to_string();
-            }
-            if let Some(status) = self.child.as_mut().and_then(|c| c.try_wait().unwrap()) {
-                panic!("the CA exited ({status}) while waiting for {what}; log:\n{}", self.log());
-            }
-            assert!(Instant::now() < deadline, "timed out waiting for {what}; log:\n{}", self.log());
-            std::thread::sleep(Duration::from_millis(50));
-        }
+    fn ca(&mut self) -> &mut CaServe {
+        self.ca.as_mut().expect("the CA serves (Bed::serve)")
     }
 
     fn bundle(&self) -> TrustBundle {
@@ -153,7 +120,8 @@ impl Bed {
 
     /// Asks the CA for `id` showing `credential`; on success, the new credential.
     async fn sign(&self, credential: Credential, id: &SpiffeId) -> Result<Credential, CaClientError> {
-        let client = CaClient::new(self.addr, CredentialSlot::new(credential));
+        let addr = self.ca.as_ref().expect("the CA serves (Bed::serve)").addr;
+        let client = CaClient::new(addr, CredentialSlot::new(credential));
         let (key, csr_pem) = new_key_and_csr().unwrap();
         let response = client.sign(&self.bundle(), &SignRequest { identity: id.clone(), csr_pem }).await?;
         Ok(Credential::from_pem(&response.chain_pem, &key).unwrap())
@@ -162,10 +130,7 @@ impl Bed {
 
 impl Drop for Bed {
     fn drop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
+        self.ca = None;
         let _ = std::fs::remove_dir_all(&self.root);
     }
 }
@@ -257,7 +222,7 @@ async fn a_waypoint_credential_renews_its_own_identity_and_nothing_else() {
         }
     };
     assert_forbidden(refused, "a renewal after the Gateway was removed", "not the identity of a waypoint");
-    bed.wait_log("the refusal to name the workload that asked", |l| {
+    bed.ca().wait_log("the refusal to name the workload that asked", |l| {
         l.contains("refused") && l.contains("caller=workload spiffe://cluster.local/ns/shop/sa/waypoint")
     });
 }
@@ -287,6 +252,14 @@ async fn expired_and_foreign_workload_certificates_fail_the_handshake() {
     let foreign_dir = bed.root.join("foreign-ca");
     let foreign = CertificateAuthority::init(&foreign_dir, TD).unwrap().0;
     assert_refused_at_handshake(bed.sign(issue(&foreign, None), &waypoint).await, "a foreign root's certificate");
-    let refusals = bed.log().lines().filter(|l| l.contains("CA client refused at TLS")).count();
-    assert!(refusals >= 2, "the CA logged {refusals} TLS refusals; log:\n{}", bed.log());
+    // The CA logs a refusal after the client has seen it: wait for both lines.
+    let deadline = Instant::now() + HANG_GUARD;
+    loop {
+        let refusals = bed.ca().log().lines().filter(|l| l.contains("CA client refused at TLS")).count();
+        if refusals >= 2 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the CA logged {refusals} TLS refusals; log:\n{}", bed.ca().log());
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }

@@ -3,26 +3,24 @@
 //! inventory goes bad (or absurdly deep) keeps its last good one; the control plane's own
 //! identities are never issued to a node; `palisade validate` refuses endless and deeply
 //! nested files at once.
+mod support;
+
 use std::io::Read;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use palisade_mesh::ca_api::{CONTROL_PLANE_NAMESPACE, SignRequest, ca_identity, new_key_and_csr};
 use palisade_mesh::ca_client::{CaClient, CaClientError};
 use palisade_mesh::identity::SpiffeId;
 use palisade_mesh::tls::{Credential, CredentialSlot, TrustBundle};
+use support::ca_serve::{CaServe, palisade};
 
 const TD: &str = "cluster.local";
 /// Bounds a wait for something that happens at once when the code is right, so that a
 /// regression fails the test instead of hanging it.
 const HANG_GUARD: Duration = Duration::from_secs(60);
-
-fn palisade() -> PathBuf {
-    palisade_sandbox::workspace_bin("palisade").expect("palisade binary (cargo build --bins)")
-}
 
 fn workload(name: &str, ns: &str, sa: &str, ip: &str) -> String {
     format!(
@@ -44,9 +42,8 @@ fn deeply_nested() -> String {
 /// `palisade ca serve` as a child process in a scratch directory (removed on drop, the
 /// process killed, also when the test panics).
 struct CaProcess {
-    child: Child,
+    serve: CaServe,
     root: PathBuf,
-    addr: SocketAddr,
 }
 
 impl CaProcess {
@@ -63,62 +60,20 @@ impl CaProcess {
         run(&["init"]);
         run(&["node-credential", "--node", "node-1", "--out", root.join("node-1").to_str().unwrap()]);
         std::fs::write(root.join("inventory.yaml"), inventory).unwrap();
-        let log = std::fs::File::create(root.join("ca.log")).unwrap();
-        let mut cmd = Command::new(palisade());
-        cmd.arg("ca")
-            .arg("--dir")
-            .arg(&ca_dir)
-            .args(["serve", "--listen", "127.0.0.1:0", "--inventory"])
-            .arg(root.join("inventory.yaml"))
-            .env("RUST_LOG", "info")
-            .env("NO_COLOR", "1")
-            .stdin(Stdio::null())
-            // tracing writes to stdout.
-            .stdout(log.try_clone().unwrap())
-            .stderr(log);
-        if let Some(limit) = max_files {
-            // SAFETY: setrlimit is async-signal-safe; nothing else runs in the child.
-            unsafe {
-                cmd.pre_exec(move || {
-                    let rlim = libc::rlimit { rlim_cur: limit, rlim_max: limit };
-                    if libc::setrlimit(libc::RLIMIT_NOFILE, &rlim) != 0 {
-                        return Err(std::io::Error::last_os_error());
-                    }
-                    Ok(())
-                });
-            }
-        }
-        let child = cmd.spawn().expect("start palisade ca serve");
-        let mut ca = CaProcess { child, root, addr: SocketAddr::from(([127, 0, 0, 1], 0)) };
-        let line = ca.wait_log("the CA to listen", |l| l.contains("CA serving"));
-        let addr = line.split("addr=").nth(1).and_then(|a| a.split_whitespace().next()).expect("addr in log");
-        ca.addr = addr.parse().unwrap_or_else(|e| panic!("CA address {addr:?}: {e}"));
-        ca
+        let serve = CaServe::start(&ca_dir, &root.join("inventory.yaml"), root.join("ca.log"), max_files);
+        CaProcess { serve, root }
     }
 
     fn log(&self) -> String {
-        std::fs::read_to_string(self.root.join("ca.log")).unwrap_or_default()
+        self.serve.log()
     }
 
-    /// Waits for a log line matching `pred`; panics with the log if the CA exits first.
     fn wait_log(&mut self, what: &str, pred: impl Fn(&str) -> bool) -> String {
-        let deadline = Instant::now() + HANG_GUARD;
-        loop {
-            if let Some(line) = self.log().lines().find(|l| pred(l)) {
-                return line.to_string();
-            }
-            if let Some(status) = self.child.try_wait().unwrap() {
-                panic!("the CA exited ({status}) while waiting for {what}; log:\n{}", self.log());
-            }
-            assert!(Instant::now() < deadline, "timed out waiting for {what}; log:\n{}", self.log());
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        self.serve.wait_log(what, pred)
     }
 
     fn assert_alive(&mut self) {
-        if let Some(status) = self.child.try_wait().unwrap() {
-            panic!("the CA exited ({status}); log:\n{}", self.log());
-        }
+        self.serve.assert_alive();
     }
 
     fn client(&self) -> (CaClient, TrustBundle) {
@@ -126,7 +81,7 @@ impl CaProcess {
         let read = |f: &str| std::fs::read_to_string(dir.join(f)).unwrap();
         let credential = Credential::from_pem(&read("node.pem"), &read("node-key.pem")).unwrap();
         let bundle = TrustBundle::from_pem(&read("bundle.pem"), TD).unwrap();
-        (CaClient::new(self.addr, CredentialSlot::new(credential)), bundle)
+        (CaClient::new(self.serve.addr, CredentialSlot::new(credential)), bundle)
     }
 
     /// Asks for a certificate for `id` as node-1.
@@ -144,8 +99,6 @@ impl CaProcess {
 
 impl Drop for CaProcess {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
         let _ = std::fs::remove_dir_all(&self.root);
     }
 }
@@ -173,7 +126,7 @@ async fn the_ca_keeps_serving_when_idle_connections_exhaust_its_descriptors() {
 
     // 100 idle connections from one address: beyond 16 they are closed at once, so the CA
     // keeps its descriptors and a client from elsewhere is served while they stay open.
-    let one_source = idle_connections(Ipv4Addr::new(127, 0, 0, 2), ca.addr, 100).await;
+    let one_source = idle_connections(Ipv4Addr::new(127, 0, 0, 2), ca.serve.addr, 100).await;
     ca.sign(&web).await.expect("signing while one address holds 100 idle connections");
     ca.assert_alive();
     drop(one_source);
@@ -182,7 +135,7 @@ async fn the_ca_keeps_serving_when_idle_connections_exhaust_its_descriptors() {
     // CA may open. accept() fails with EMFILE; the CA must wait it out, not exit.
     let mut many_sources = Vec::new();
     for i in 0..10 {
-        many_sources.extend(idle_connections(Ipv4Addr::new(127, 0, 0, 10 + i), ca.addr, 10).await);
+        many_sources.extend(idle_connections(Ipv4Addr::new(127, 0, 0, 10 + i), ca.serve.addr, 10).await);
     }
     ca.wait_log("an accept failure", |l| l.contains("accept failed") && l.contains("Too many open files"));
     ca.assert_alive();

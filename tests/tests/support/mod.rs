@@ -9,6 +9,7 @@ use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
 pub mod ca;
+pub mod ca_serve;
 pub mod flood;
 pub mod l7;
 
