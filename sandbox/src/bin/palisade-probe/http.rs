@@ -10,7 +10,7 @@
 //! and prints `{"statuses": {code: n}, "bodies": {body: n}, "errors": n, "last_error": …}`.
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::time::Duration;
 
 use serde_json::json;
@@ -55,12 +55,16 @@ pub(crate) fn read_head(reader: &mut impl BufRead) -> std::io::Result<Option<Vec
     }
 }
 
-fn content_length(head: &[String]) -> usize {
+/// The value of header `name` in `head` (the first if repeated).
+pub(crate) fn header<'a>(head: &'a [String], name: &str) -> Option<&'a str> {
     head.iter()
         .filter_map(|l| l.split_once(':'))
-        .find(|(k, _)| k.trim().eq_ignore_ascii_case("content-length"))
-        .and_then(|(_, v)| v.trim().parse().ok())
-        .unwrap_or(0)
+        .find(|(k, _)| k.trim().eq_ignore_ascii_case(name))
+        .map(|(_, v)| v.trim())
+}
+
+pub(crate) fn content_length(head: &[String]) -> usize {
+    header(head, "content-length").and_then(|v| v.parse().ok()).unwrap_or(0)
 }
 
 fn answer(stream: TcpStream, name: &str) -> std::io::Result<()> {
@@ -77,7 +81,7 @@ fn answer(stream: TcpStream, name: &str) -> std::io::Result<()> {
 }
 
 pub fn get(args: &[String]) -> serde_json::Value {
-    let to = arg(args, "--to").expect("--to IP:PORT");
+    let to: SocketAddr = arg(args, "--to").and_then(|a| a.parse().ok()).expect("--to IP:PORT");
     let path = arg(args, "--path").unwrap_or("/");
     let count: usize = arg(args, "--count").and_then(|c| c.parse().ok()).unwrap_or(1);
     let timeout = Duration::from_millis(arg(args, "--timeout-ms").and_then(|t| t.parse().ok()).unwrap_or(5000));
@@ -92,7 +96,7 @@ pub fn get(args: &[String]) -> serde_json::Value {
     let mut conn: Option<BufReader<TcpStream>> = None;
     for _ in 0..count {
         match exchange(&mut conn, to, &request, timeout) {
-            Ok((status, body)) => {
+            Ok(Answer { status, body, .. }) => {
                 *statuses.entry(status.to_string()).or_default() += 1;
                 *bodies.entry(body).or_default() += 1;
             }
@@ -106,17 +110,23 @@ pub fn get(args: &[String]) -> serde_json::Value {
     json!({"statuses": statuses, "bodies": bodies, "errors": errors, "last_error": last_error})
 }
 
-/// One request on the kept connection (opened when there is none); the response's status and
-/// body. A response that asks to close, or a connection the server closed, is not reused.
-fn exchange(
+/// A response: its status, its body and its head (status line and header lines).
+pub(crate) struct Answer {
+    pub status: u16,
+    pub body: String,
+    pub head: Vec<String>,
+}
+
+/// One request on the kept connection (opened when there is none); the response. A response
+/// that asks to close, or a connection the server closed, is not reused.
+pub(crate) fn exchange(
     conn: &mut Option<BufReader<TcpStream>>,
-    to: &str,
+    to: SocketAddr,
     request: &str,
     timeout: Duration,
-) -> std::io::Result<(u16, String)> {
+) -> std::io::Result<Answer> {
     if conn.is_none() {
-        let addr = to.parse().map_err(std::io::Error::other)?;
-        let stream = TcpStream::connect_timeout(&addr, timeout)?;
+        let stream = TcpStream::connect_timeout(&to, timeout)?;
         stream.set_read_timeout(Some(timeout))?;
         stream.set_nodelay(true)?;
         *conn = Some(BufReader::new(stream));
@@ -131,9 +141,8 @@ fn exchange(
         .ok_or_else(|| std::io::Error::other(format!("bad status line {:?}", head.first())))?;
     let mut body = vec![0; content_length(&head)];
     reader.read_exact(&mut body)?;
-    let close = head.iter().any(|l| l.to_ascii_lowercase().replace(' ', "") == "connection:close");
-    if close {
+    if header(&head, "connection").is_some_and(|v| v.eq_ignore_ascii_case("close")) {
         *conn = None;
     }
-    Ok((status, String::from_utf8_lossy(&body).into_owned()))
+    Ok(Answer { status, body: String::from_utf8_lossy(&body).into_owned(), head })
 }

@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 use serde_json::json;
 
 use crate::arg;
-use crate::http::read_head;
+use crate::http::{Answer, exchange, header, read_head};
 
 fn num<T: std::str::FromStr>(args: &[String], name: &str, default: T) -> T {
     arg(args, name).and_then(|v| v.parse().ok()).unwrap_or(default)
@@ -43,13 +43,6 @@ pub fn serve(args: &[String]) {
             let _ = answer(stream, &name, delay, status, log.as_deref());
         });
     }
-}
-
-fn header<'a>(head: &'a [String], name: &str) -> Option<&'a str> {
-    head.iter()
-        .filter_map(|l| l.split_once(':'))
-        .find(|(k, _)| k.trim().eq_ignore_ascii_case(name))
-        .map(|(_, v)| v.trim())
 }
 
 fn answer(stream: TcpStream, name: &str, delay: Duration, status: u16, log: Option<&str>) -> std::io::Result<()> {
@@ -111,10 +104,10 @@ pub fn many(args: &[String]) -> serde_json::Value {
                     let result = exchange(&mut conn, to, &request, timeout);
                     let mut t = tally.lock().expect("tally");
                     match result {
-                        Ok((status, body, overflow)) => {
+                        Ok(Answer { status, body, head }) => {
                             *t.statuses.entry(status.to_string()).or_default() += 1;
-                            if let Some(o) = overflow {
-                                *t.overflow.entry(o).or_default() += 1;
+                            if let Some(o) = header(&head, "x-palisade-overflow") {
+                                *t.overflow.entry(o.to_string()).or_default() += 1;
                             }
                             if let Some((_, k)) = key {
                                 t.keys.entry(k).or_default().insert(body.clone());
@@ -137,36 +130,6 @@ pub fn many(args: &[String]) -> serde_json::Value {
     let t = tally.lock().expect("tally");
     json!({"statuses": t.statuses, "bodies": t.bodies, "overflow": t.overflow, "keys": t.keys,
         "errors": t.errors, "last_error": t.last_error})
-}
-
-/// One request on the kept connection; status, body and the overflow header's value.
-fn exchange(
-    conn: &mut Option<BufReader<TcpStream>>,
-    to: SocketAddr,
-    request: &str,
-    timeout: Duration,
-) -> std::io::Result<(u16, String, Option<String>)> {
-    if conn.is_none() {
-        let stream = TcpStream::connect_timeout(&to, timeout)?;
-        stream.set_read_timeout(Some(timeout))?;
-        stream.set_nodelay(true)?;
-        *conn = Some(BufReader::new(stream));
-    }
-    let reader = conn.as_mut().expect("connection");
-    reader.get_mut().write_all(request.as_bytes())?;
-    let head = read_head(reader)?.ok_or_else(|| std::io::Error::other("connection closed before a response"))?;
-    let status = head
-        .first()
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|s| s.parse().ok())
-        .ok_or_else(|| std::io::Error::other(format!("bad status line {:?}", head.first())))?;
-    let mut body = vec![0; header(&head, "content-length").and_then(|v| v.parse().ok()).unwrap_or(0)];
-    reader.read_exact(&mut body)?;
-    let overflow = header(&head, "x-palisade-overflow").map(str::to_string);
-    if header(&head, "connection").is_some_and(|v| v.eq_ignore_ascii_case("close")) {
-        *conn = None;
-    }
-    Ok((status, String::from_utf8_lossy(&body).into_owned(), overflow))
 }
 
 pub fn slowloris(args: &[String]) -> serde_json::Value {
