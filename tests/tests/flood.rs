@@ -126,10 +126,14 @@ fn a_handshake_flood_neither_starves_legitimate_clients_nor_keeps_memory() {
 
     // Ordinary loads (400 concurrent 1 MiB echoes) leave little behind and do not make memory
     // grow load after load (with heap-allocated copy buffers it grew by 4 to 10 MiB per load).
+    // Each load is measured after ztunnel's next trim that follows it (its trimmer runs every
+    // 5 s once activity stops), not after a fixed wait that a busy machine may outlast.
+    let trims = || metric(&cluster, "node-2", "palisade_malloc_trims_total");
     let settle = |what: &str| {
         let r = support::connect_with(&cluster, "p1-1", &dst, 1 << 20, &["--parallel", "400"]);
         assert_eq!(r["verified_count"], 400, "{r}");
-        std::thread::sleep(Duration::from_secs(6));
+        let after_load = trims();
+        wait_until("a trim after the load", Duration::from_secs(30), || trims() > after_load);
         let rss = rss_kib(pid);
         eprintln!("RSS after {what} load of 400 x 1 MiB: {rss} KiB (before the flood {before} KiB)");
         rss

@@ -228,5 +228,5 @@ fn mesh(config: &Config, ca_addr: std::net::SocketAddr) -> anyhow::Result<crate:
 fn process_limits(metrics: &Arc<Metrics>) {
     crate::limits::init_process();
     let metrics = metrics.clone();
-    tokio::spawn(crate::limits::trim_memory_after_activity(move || metrics.active_connections()));
+    tokio::spawn(crate::limits::trim_memory_after_activity(move || metrics.closed_connections()));
 }

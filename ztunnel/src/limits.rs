@@ -179,22 +179,24 @@ pub fn init_process() {
 
 static TRIMS: AtomicU64 = AtomicU64::new(0);
 
-/// Returns freed heap memory to the kernel once a burst of activity is over. `active` counts
-/// the connections carried now. Runs until the runtime stops.
+/// Returns freed heap memory to the kernel once a burst of activity is over. `closed` counts
+/// the proxied connections that have ended so far. Runs until the runtime stops.
 ///
-/// Activity is new admissions, or connections that ended since the last trim: a trim that
-/// fell in the middle of a load (its connections admitted, their buffers still live) would
-/// otherwise be the last one, and the load's freed buffers would stay in the heap for good.
-pub async fn trim_memory_after_activity(active: impl Fn() -> i64) {
-    let mut trimmed_at = (fds().admitted_total(), active());
-    let mut previous = trimmed_at.0;
+/// Activity is new admissions or ended connections since the last trim. Ended connections
+/// count because admissions alone miss a load carried on pooled tunnels (no new socket on
+/// this node), and a trim that fell in the middle of a load (its buffers still live) would
+/// otherwise be the last one: the load's freed buffers would stay in the heap for good.
+pub async fn trim_memory_after_activity(closed: impl Fn() -> u64) {
+    let activity = || fds().admitted_total() + closed();
+    let mut trimmed_at = activity();
+    let mut previous = fds().admitted_total();
     loop {
         tokio::time::sleep(TRIM_EVERY).await;
-        let now = (fds().admitted_total(), active());
-        let quiet = now.0 - previous < TRIM_QUIET_BELOW;
-        previous = now.0;
-        let ended_since_trim = now.1 < trimmed_at.1;
-        if !quiet || (now.0 == trimmed_at.0 && !ended_since_trim) {
+        let admitted = fds().admitted_total();
+        let quiet = admitted - previous < TRIM_QUIET_BELOW;
+        previous = admitted;
+        let now = activity();
+        if !quiet || now == trimmed_at {
             continue;
         }
         trimmed_at = now;

@@ -61,6 +61,12 @@ impl Metrics {
     pub fn active_connections(&self) -> i64 {
         self.active.iter().map(|a| a.load(Relaxed)).sum()
     }
+    /// Proxied connections that have ended, both directions.
+    pub fn closed_connections(&self) -> u64 {
+        let opened: u64 = self.proxied.iter().map(|p| p.load(Relaxed)).sum();
+        let active: i64 = self.active.iter().map(|a| a.load(Relaxed)).sum();
+        opened.saturating_sub(active.max(0) as u64)
+    }
     pub fn proxy_error(&self, direction: Direction) {
         self.proxy_errors[direction.index()].fetch_add(1, Relaxed);
     }
