@@ -1,5 +1,6 @@
-//! One access-log line per request (and per passed-through TCP connection), on the tracing
-//! target `access` with flat fields so a JSON subscriber prints one JSON object per line.
+//! One access-log line per request (and per passed-through TCP connection), of target `access`
+//! with flat fields (one JSON object per line with `--log-json`), filtered by `RUST_LOG` like
+//! every other line but formatted by hand: it is the one line per request.
 //! The same record goes to subscribers of `Engine::access_records` (flow events, tests),
 //! shared rather than copied per subscriber.
 //! The query string is never logged: it often carries tokens.
@@ -7,6 +8,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use palisade_mesh::logging::Line;
 use tokio::sync::broadcast;
 
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -60,37 +62,50 @@ impl AccessRecord {
 }
 
 pub fn emit(record: AccessRecord, sink: &broadcast::Sender<Arc<AccessRecord>>) {
-    let r = &record;
-    tracing::info!(
-        target: "access",
-        src_identity = r.source_identity.as_deref().unwrap_or("-"),
-        src_addr = %opt(r.source),
-        dst_addr = %opt(r.destination),
-        dst_service = r.service.as_deref().unwrap_or("-"),
-        protocol = r.protocol,
-        method = %r.method,
-        path = %r.path,
-        route = r.route.as_deref().unwrap_or("-"),
-        authz_verdict = r.authz_verdict,
-        authz_rule = r.authz_rule.as_deref().unwrap_or("-"),
-        backend = r.backend.as_deref().unwrap_or("-"),
-        upstream_addr = %opt(r.upstream),
-        upstream_workload = r.upstream_workload.as_deref().unwrap_or("-"),
-        upstream_identity = r.upstream_identity.as_deref().unwrap_or("-"),
-        status = r.status,
-        overflow = r.overflow.unwrap_or("-"),
-        attempts = r.attempts,
-        complete = r.complete,
-        duration_ms = r.duration.as_secs_f64() * 1000.0,
-        trace_id = r.trace_id.as_deref().unwrap_or("-"),
-        "request"
-    );
+    if tracing::enabled!(target: "access", tracing::Level::INFO) {
+        write_line(&record);
+    }
     if sink.receiver_count() > 0 {
         // Lagging receivers lose old records rather than slow requests down.
         let _ = sink.send(Arc::new(record));
     }
 }
 
-fn opt(a: Option<SocketAddr>) -> String {
-    a.map_or_else(|| "-".to_string(), |a| a.to_string())
+/// The line, formatted by hand (one per request: see `palisade_mesh::logging::Line`), with
+/// the fields an `info!` event of target `access` would have.
+fn write_line(r: &AccessRecord) {
+    Line::new("access", "request")
+        .str("src_identity", r.source_identity.as_deref().unwrap_or("-"))
+        .display("src_addr", Opt(r.source))
+        .display("dst_addr", Opt(r.destination))
+        .str("dst_service", r.service.as_deref().unwrap_or("-"))
+        .str("protocol", r.protocol)
+        .display("method", &r.method)
+        .display("path", &r.path)
+        .str("route", r.route.as_deref().unwrap_or("-"))
+        .str("authz_verdict", r.authz_verdict)
+        .str("authz_rule", r.authz_rule.as_deref().unwrap_or("-"))
+        .str("backend", r.backend.as_deref().unwrap_or("-"))
+        .display("upstream_addr", Opt(r.upstream))
+        .str("upstream_workload", r.upstream_workload.as_deref().unwrap_or("-"))
+        .str("upstream_identity", r.upstream_identity.as_deref().unwrap_or("-"))
+        .value("status", r.status)
+        .str("overflow", r.overflow.unwrap_or("-"))
+        .value("attempts", r.attempts)
+        .value("complete", r.complete)
+        .value("duration_ms", r.duration.as_secs_f64() * 1000.0)
+        .str("trace_id", r.trace_id.as_deref().unwrap_or("-"))
+        .emit();
+}
+
+/// An address, or `-`.
+struct Opt(Option<SocketAddr>);
+
+impl std::fmt::Display for Opt {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.0 {
+            Some(a) => a.fmt(f),
+            None => f.write_str("-"),
+        }
+    }
 }

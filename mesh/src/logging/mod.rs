@@ -12,9 +12,12 @@
 //! [`dropped_lines`] counts them for a metric. Lines still buffered when the process is
 //! killed (SIGKILL) are lost: at most [`GATHER`]'s worth.
 use std::io::{IsTerminal, Write};
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock};
 use std::time::Duration;
+
+mod line;
+pub use line::Line;
 
 /// How long the writer waits for more lines after the first one of a batch.
 pub const GATHER: Duration = Duration::from_millis(5);
@@ -22,6 +25,23 @@ pub const GATHER: Duration = Duration::from_millis(5);
 pub const MAX_BUFFERED: usize = 8 << 20;
 
 static DROPPED: AtomicU64 = AtomicU64::new(0);
+/// The buffer of the installed logging, for lines formatted outside the subscriber ([`Line`]).
+static SINK: OnceLock<Arc<Shared>> = OnceLock::new();
+static JSON: AtomicBool = AtomicBool::new(false);
+
+fn json() -> bool {
+    JSON.load(Relaxed)
+}
+
+/// Appends one whole line to the log, as the subscriber's own lines are.
+fn write_line(line: &[u8]) {
+    match SINK.get() {
+        Some(shared) => shared.append(line),
+        None => {
+            let _ = std::io::stderr().write_all(line);
+        }
+    }
+}
 
 /// Log lines dropped since start because the writer could not keep up.
 pub fn dropped_lines() -> u64 {
@@ -52,19 +72,27 @@ impl Shared {
 #[derive(Clone)]
 struct LineWriter(Arc<Shared>);
 
-impl Write for LineWriter {
-    fn write(&mut self, line: &[u8]) -> std::io::Result<usize> {
-        let mut buffer = self.0.lock();
+impl Shared {
+    /// Buffers a line (or drops and counts it when the buffer is full); wakes the writer for
+    /// the first line of a batch.
+    fn append(&self, line: &[u8]) {
+        let mut buffer = self.lock();
         if buffer.bytes.len() + line.len() > MAX_BUFFERED {
             DROPPED.fetch_add(1, Relaxed);
-            return Ok(line.len());
+            return;
         }
         let first = buffer.bytes.is_empty();
         buffer.bytes.extend_from_slice(line);
         drop(buffer);
         if first {
-            self.0.wake.notify_one();
+            self.wake.notify_one();
         }
+    }
+}
+
+impl Write for LineWriter {
+    fn write(&mut self, line: &[u8]) -> std::io::Result<usize> {
+        self.0.append(line);
         Ok(line.len())
     }
 
@@ -95,6 +123,8 @@ impl Logging {
             .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
         let ansi = std::io::stderr().is_terminal();
         let shared = Arc::new(Shared::default());
+        JSON.store(json, Relaxed);
+        let _ = SINK.set(shared.clone());
         let writer = {
             let shared = shared.clone();
             std::thread::Builder::new()
