@@ -25,6 +25,8 @@ use palisade_mesh::accept::HandshakeLimit;
 pub const HBONE_HANDSHAKES: usize = 1024;
 /// Concurrent inbound HBONE handshakes from one source address.
 pub const HBONE_HANDSHAKES_PER_SOURCE: usize = 32;
+/// Connections an HBONE listener refuses in a row before it lets the worker run other tasks.
+pub const REFUSALS_PER_YIELD: u32 = 8;
 /// Descriptors kept for the control path: this many, or a tenth of the limit if more.
 pub const FD_RESERVE: u64 = 64;
 /// How often the descriptors in use are counted (and the limit re-read) at most.

@@ -157,20 +157,26 @@ pub async fn serve_inbound(
     };
     let mut stop = shutdown.clone();
     let mut acceptor = Acceptor::new(format!("hbone {}", pod.name), listener);
+    let mut refused = 0u32;
     loop {
         tokio::select! {
             (tcp, peer) = acceptor.accept() => {
                 // Over a bound, close at once (a reset: no TIME_WAIT is kept for a flood), so
                 // that the accept queue keeps moving for legitimate clients.
-                let Ok(permit) = limits::hbone_handshakes().try_admit(peer.ip()) else {
+                let admitted = limits::hbone_handshakes().try_admit(peer.ip());
+                // The tunnel's socket and the first stream's upstream socket.
+                let Some(permit) = admitted.ok().filter(|_| limits::fds().admit(2)) else {
                     let _ = socket_reset(&tcp);
+                    refused = refused.wrapping_add(1);
+                    // A flood keeps the backlog full, so accept() never waits and this loop
+                    // would refuse a whole coop budget of connections (128) before the worker
+                    // turned to established connections: on one worker, legitimate requests
+                    // would wait behind the flood.
+                    if refused.is_multiple_of(limits::REFUSALS_PER_YIELD) {
+                        tokio::task::yield_now().await;
+                    }
                     continue;
                 };
-                // The tunnel's socket and the first stream's upstream socket.
-                if !limits::fds().admit(2) {
-                    let _ = socket_reset(&tcp);
-                    continue;
-                }
                 if bundles.has_changed().unwrap_or(false)
                     && let Ok(t) = make_tls(&bundles.borrow_and_update())
                 {
