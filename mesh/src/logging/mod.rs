@@ -66,13 +66,7 @@ impl Shared {
         // A panic while appending leaves whole lines at worst: keep logging.
         self.buffer.lock().unwrap_or_else(|e| e.into_inner())
     }
-}
 
-/// What `tracing-subscriber` writes each formatted line into.
-#[derive(Clone)]
-struct LineWriter(Arc<Shared>);
-
-impl Shared {
     /// Buffers a line (or drops and counts it when the buffer is full); wakes the writer for
     /// the first line of a batch.
     fn append(&self, line: &[u8]) {
@@ -89,6 +83,10 @@ impl Shared {
         }
     }
 }
+
+/// What `tracing-subscriber` writes each formatted line into.
+#[derive(Clone)]
+struct LineWriter(Arc<Shared>);
 
 impl Write for LineWriter {
     fn write(&mut self, line: &[u8]) -> std::io::Result<usize> {
