@@ -37,11 +37,10 @@ impl<'a> Line<'a> {
     }
 
     fn name(&mut self, name: &str) {
-        if self.json {
-            let _ = write!(self.out, ",\"{name}\":");
-        } else {
-            let _ = write!(self.out, " {name}=");
-        }
+        let (before, after): (&[u8], &[u8]) = if self.json { (b",\"", b"\":") } else { (b" ", b"=") };
+        self.out.extend_from_slice(before);
+        self.out.extend_from_slice(name.as_bytes());
+        self.out.extend_from_slice(after);
     }
 
     /// A string field: quoted and escaped, as the subscriber writes a `&str` field.
@@ -49,6 +48,12 @@ impl<'a> Line<'a> {
         self.name(name);
         if self.json {
             json_string(&mut self.out, value);
+        } else if value.bytes().all(|b| (b' '..=b'~').contains(&b) && b != b'"' && b != b'\\') {
+            // Printable ASCII without quotes or backslashes (identities, names, rules): what
+            // `Debug` would write, without its per-char escaping pass.
+            self.out.push(b'"');
+            self.out.extend_from_slice(value.as_bytes());
+            self.out.push(b'"');
         } else {
             let _ = write!(self.out, "{value:?}");
         }
@@ -115,6 +120,14 @@ fn json_string(out: &mut Vec<u8>, s: &str) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn plain_and_escaped_strings_are_written_as_debug_writes_them() {
+        for value in ["spiffe://td/ns/a/sa/b", "ns/r#rule", "-", "a \"b\"", "back\\slash", "tab\t", "é", ""] {
+            let text = String::from_utf8(Line::start("t", "m", false).str("f", value).finish()).unwrap();
+            assert!(text.ends_with(&format!(" f={value:?}\n")), "{value:?}: {text}");
+        }
+    }
 
     fn fields(line: Line<'_>) -> String {
         let bytes = line
