@@ -37,7 +37,7 @@ use crate::upstream::{BoxedIo, Upstream};
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// Used when the backend's TrafficPolicy sets no idle timeout.
 pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
-/// Idle HTTP/1.1 connections kept per endpoint; more are closed when they come back.
+/// HTTP/1.1 connections kept per endpoint; more are closed when their exchange is over.
 const MAX_IDLE_PER_ENDPOINT: usize = 64;
 /// How long an endpoint of an undeclared Service that answered the HTTP/2 preface as an
 /// HTTP/1.1 server is sent HTTP/1.1 without asking again (a new pod may reuse the address).
@@ -118,9 +118,12 @@ impl SendError {
     }
 }
 
-struct IdleH1 {
+/// An HTTP/1.1 connection in the pool: idle, or busy with the response it was given back
+/// with (not ready until that exchange is over).
+struct PooledH1 {
     sender: http1::SendRequest<ProxyBody>,
     uses: u32,
+    /// When it was given back; older than the idle timeout, it is forgotten.
     since: Instant,
 }
 
@@ -129,11 +132,9 @@ struct SharedH2 {
     uses: Arc<AtomicU32>,
 }
 
-type IdleMap = Arc<Mutex<HashMap<SocketAddr, Vec<IdleH1>>>>;
-
 pub struct Pool {
     upstream: Arc<dyn Upstream>,
-    idle: IdleMap,
+    h1: Mutex<HashMap<SocketAddr, Vec<PooledH1>>>,
     h2: Mutex<HashMap<SocketAddr, SharedH2>>,
     /// Endpoints of undeclared Services found to speak HTTP/1.1 only, since when.
     http1_only: Mutex<HashMap<SocketAddr, Instant>>,
@@ -149,7 +150,7 @@ impl Pool {
     pub fn new(upstream: Arc<dyn Upstream>) -> Self {
         Pool {
             upstream,
-            idle: IdleMap::default(),
+            h1: Mutex::default(),
             h2: Mutex::default(),
             http1_only: Mutex::default(),
             http1_known: AtomicUsize::new(0),
@@ -242,12 +243,15 @@ impl Pool {
         let endpoint = ep.endpoint.address;
         let idle_timeout = traffic.idle_timeout.unwrap_or(DEFAULT_IDLE_TIMEOUT);
         let reused = {
-            let mut idle = lock(&self.idle);
-            let list = idle.entry(endpoint).or_default();
+            let now = Instant::now();
+            let mut h1 = lock(&self.h1);
+            let list = h1.entry(endpoint).or_default();
+            list.retain(|c| !c.sender.is_closed() && now.duration_since(c.since) < idle_timeout);
             // Newest first: the most recently used connection is the least likely to have
-            // been closed by the backend's own idle timeout.
-            std::iter::from_fn(|| list.pop())
-                .find(|c| !c.sender.is_closed() && c.sender.is_ready() && c.since.elapsed() < idle_timeout)
+            // been closed by the backend's own idle timeout. One whose response is still
+            // being read is not ready (hyper takes no second request before the first
+            // exchange is over) and stays for later.
+            list.iter().rposition(|c| c.sender.is_ready()).map(|i| list.remove(i))
         };
         let mut req = req;
         if let Some(pooled) = reused {
@@ -279,11 +283,13 @@ impl Pool {
         Ok(response)
     }
 
-    /// Returns an HTTP/1.1 connection to the pool once the response that is using it has
-    /// been read (a small task waits for that), unless it served its allowance of requests.
+    /// Returns an HTTP/1.1 connection to the pool as soon as its response head is in, unless
+    /// it served its allowance of requests; it is reused once that exchange is over (see the
+    /// pick in [`Pool::send_h1`]). Nothing waits for the body's end: a task per request to
+    /// wait for it cost more than the pick's check.
     fn give_back(
         &self,
-        mut sender: http1::SendRequest<ProxyBody>,
+        sender: http1::SendRequest<ProxyBody>,
         endpoint: SocketAddr,
         uses: u32,
         traffic: &TrafficPolicy,
@@ -291,16 +297,11 @@ impl Pool {
         if traffic.limits.max_requests_per_connection.is_some_and(|max| uses >= max) {
             return;
         }
-        let idle = Arc::clone(&self.idle);
-        tokio::spawn(async move {
-            if sender.ready().await.is_ok() {
-                let mut idle = lock(&idle);
-                let list = idle.entry(endpoint).or_default();
-                if list.len() < MAX_IDLE_PER_ENDPOINT {
-                    list.push(IdleH1 { sender, uses, since: Instant::now() });
-                }
-            }
-        });
+        let mut h1 = lock(&self.h1);
+        let list = h1.entry(endpoint).or_default();
+        if list.len() < MAX_IDLE_PER_ENDPOINT {
+            list.push(PooledH1 { sender, uses, since: Instant::now() });
+        }
     }
 
     async fn send_h2(
