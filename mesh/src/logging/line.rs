@@ -7,6 +7,7 @@
 //! check `tracing::enabled!` for their target first, so `RUST_LOG` still decides.
 use std::fmt::Display;
 use std::io::Write;
+use std::net::SocketAddr;
 
 /// One INFO line: `Line::new`, fields in order, then `emit`.
 pub struct Line<'a> {
@@ -31,7 +32,10 @@ impl<'a> Line<'a> {
             json_string(&mut out, message);
         } else {
             timestamp(&mut out);
-            let _ = write!(out, "  INFO {target}: {message}");
+            out.extend_from_slice(b"  INFO ");
+            out.extend_from_slice(target.as_bytes());
+            out.extend_from_slice(b": ");
+            out.extend_from_slice(message.as_bytes());
         }
         Line { out, target, json }
     }
@@ -73,6 +77,45 @@ impl<'a> Line<'a> {
         self
     }
 
+    /// A string recorded by `Display` (`%value`), as [`Line::display`] writes it without
+    /// going through `fmt`.
+    pub fn bare(mut self, name: &str, value: &str) -> Self {
+        self.name(name);
+        if self.json {
+            json_string(&mut self.out, value);
+        } else {
+            self.out.extend_from_slice(value.as_bytes());
+        }
+        self
+    }
+
+    /// An address recorded by `Display`, or `-` for none: as [`Line::display`] writes it,
+    /// IPv4 digits written directly (two or three addresses per request).
+    pub fn addr(mut self, name: &str, addr: Option<SocketAddr>) -> Self {
+        let Some(SocketAddr::V4(a)) = addr else {
+            return match addr {
+                Some(a) => self.display(name, a),
+                None => self.bare(name, "-"),
+            };
+        };
+        self.name(name);
+        if self.json {
+            self.out.push(b'"');
+        }
+        for (i, octet) in a.ip().octets().into_iter().enumerate() {
+            if i > 0 {
+                self.out.push(b'.');
+            }
+            decimal(&mut self.out, octet.into());
+        }
+        self.out.push(b':');
+        decimal(&mut self.out, a.port().into());
+        if self.json {
+            self.out.push(b'"');
+        }
+        self
+    }
+
     /// A number or boolean field: bare in both formats.
     pub fn value(mut self, name: &str, value: impl Display) -> Self {
         self.name(name);
@@ -98,18 +141,39 @@ impl<'a> Line<'a> {
 
 /// UTC now, as the subscriber stamps its lines: `2026-12-05T13:40:01.123456Z`.
 fn timestamp(out: &mut Vec<u8>) {
-    let now = time::OffsetDateTime::now_utc();
-    let _ = write!(
-        out,
-        "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}.{:06}Z",
-        now.year(),
-        u8::from(now.month()),
-        now.day(),
-        now.hour(),
-        now.minute(),
-        now.second(),
-        now.microsecond()
-    );
+    stamp(out, time::OffsetDateTime::now_utc());
+}
+
+fn stamp(out: &mut Vec<u8>, now: time::OffsetDateTime) {
+    let parts: [(u32, usize, u8); 7] = [
+        (now.year().clamp(0, 9999) as u32, 4, b'-'),
+        (u8::from(now.month()).into(), 2, b'-'),
+        (now.day().into(), 2, b'T'),
+        (now.hour().into(), 2, b':'),
+        (now.minute().into(), 2, b':'),
+        (now.second().into(), 2, b'.'),
+        (now.microsecond(), 6, b'Z'),
+    ];
+    for (value, width, then) in parts {
+        zero_padded(out, value, width);
+        out.push(then);
+    }
+}
+
+/// `value` in `width` decimal digits, zero-padded (`value` fits).
+fn zero_padded(out: &mut Vec<u8>, mut value: u32, width: usize) {
+    let start = out.len();
+    out.resize(start + width, b'0');
+    for digit in out[start..].iter_mut().rev() {
+        *digit = b'0' + (value % 10) as u8;
+        value /= 10;
+    }
+}
+
+/// `value` in decimal, no padding.
+fn decimal(out: &mut Vec<u8>, value: u32) {
+    let width = value.checked_ilog10().unwrap_or(0) as usize + 1;
+    zero_padded(out, value, width);
 }
 
 fn json_string(out: &mut Vec<u8>, s: &str) {
@@ -129,10 +193,27 @@ mod tests {
         }
     }
 
+    #[test]
+    fn stamps_are_zero_padded_to_the_microsecond() {
+        let mut out = Vec::new();
+        let day = time::Date::from_calendar_date(2026, time::Month::January, 2).unwrap();
+        let at = day.with_hms_micro(3, 4, 5, 6).unwrap().assume_utc();
+        stamp(&mut out, at);
+        assert_eq!(String::from_utf8(out).unwrap(), "2026-01-02T03:04:05.000006Z");
+        let mut out = Vec::new();
+        decimal(&mut out, 0);
+        decimal(&mut out, 65535);
+        assert_eq!(out, b"065535");
+    }
+
     fn fields(line: Line<'_>) -> String {
         let bytes = line
             .str("who", "spiffe://td/ns/a/sa/b \"x\"\n")
             .display("addr", std::net::SocketAddr::from(([10, 0, 0, 1], 80)))
+            .addr("v4", Some(SocketAddr::from(([10, 200, 0, 9], 15008))))
+            .addr("v6", Some("[fd00::1]:8080".parse().unwrap()))
+            .addr("none", None)
+            .bare("path", "/a b\"c")
             .value("status", 200u16)
             .value("complete", true)
             .value("ms", 1.5f64)
@@ -148,8 +229,8 @@ mod tests {
         assert!(stamp.ends_with('Z') && stamp.as_bytes()[10] == b'T', "{text}");
         assert_eq!(
             rest,
-            "INFO access: request who=\"spiffe://td/ns/a/sa/b \\\"x\\\"\\n\" addr=10.0.0.1:80 status=200 \
-             complete=true ms=1.5\n"
+            "INFO access: request who=\"spiffe://td/ns/a/sa/b \\\"x\\\"\\n\" addr=10.0.0.1:80 v4=10.200.0.9:15008 \
+             v6=[fd00::1]:8080 none=- path=/a b\"c status=200 complete=true ms=1.5\n"
         );
     }
 
@@ -163,6 +244,10 @@ mod tests {
         assert_eq!(v["fields"]["message"], "request");
         assert_eq!(v["fields"]["who"], "spiffe://td/ns/a/sa/b \"x\"\n");
         assert_eq!(v["fields"]["addr"], "10.0.0.1:80");
+        assert_eq!(v["fields"]["v4"], "10.200.0.9:15008");
+        assert_eq!(v["fields"]["v6"], "[fd00::1]:8080");
+        assert_eq!(v["fields"]["none"], "-");
+        assert_eq!(v["fields"]["path"], "/a b\"c");
         assert_eq!(v["fields"]["status"], 200);
         assert_eq!(v["fields"]["complete"], true);
         assert_eq!(v["fields"]["ms"], 1.5);
