@@ -1,11 +1,13 @@
 //! One access-log line per request (and per passed-through TCP connection), of target `access`
 //! with flat fields (one JSON object per line with `--log-json`), filtered by `RUST_LOG` like
 //! every other line but formatted by hand: it is the one line per request.
-//! The same record goes to subscribers of `Engine::access_records` (flow events, tests),
-//! shared rather than copied per subscriber.
+//! The same record is kept among the engine's recent ones (`Engine::recent_records`, the
+//! waypoint's `/flows`) and goes to subscribers of `Engine::access_records` (tests), shared
+//! rather than copied.
 //! The query string is never logged: it often carries tokens.
+use std::collections::VecDeque;
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use palisade_mesh::logging::Line;
@@ -61,14 +63,40 @@ impl AccessRecord {
     }
 }
 
-pub fn emit(record: AccessRecord, sink: &broadcast::Sender<Arc<AccessRecord>>) {
+/// Records kept for `/flows` (see [`Recent`]).
+pub const HISTORY: usize = 1024;
+
+/// The last [`HISTORY`] records, oldest first, kept as they are: they are turned into JSON
+/// only when read. Kept here, in the request's own call, rather than by a subscriber task:
+/// a channel send and a task wake per request cost more than the push.
+#[derive(Default)]
+pub struct Recent(Mutex<VecDeque<Arc<AccessRecord>>>);
+
+impl Recent {
+    fn push(&self, record: Arc<AccessRecord>) {
+        let mut recent = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        if recent.len() == HISTORY {
+            recent.pop_front();
+        }
+        recent.push_back(record);
+    }
+
+    pub fn records(&self) -> Vec<Arc<AccessRecord>> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).iter().cloned().collect()
+    }
+}
+
+/// Logs `record` and keeps it in `recent`; subscribers of `sink` (tests) get it too.
+pub fn emit(record: AccessRecord, recent: &Recent, sink: &broadcast::Sender<Arc<AccessRecord>>) {
     if tracing::enabled!(target: "access", tracing::Level::INFO) {
         write_line(&record);
     }
+    let record = Arc::new(record);
     if sink.receiver_count() > 0 {
         // Lagging receivers lose old records rather than slow requests down.
-        let _ = sink.send(Arc::new(record));
+        let _ = sink.send(Arc::clone(&record));
     }
+    recent.push(record);
 }
 
 /// The line, formatted by hand (one per request: see `palisade_mesh::logging::Line`), with
@@ -76,17 +104,17 @@ pub fn emit(record: AccessRecord, sink: &broadcast::Sender<Arc<AccessRecord>>) {
 fn write_line(r: &AccessRecord) {
     Line::new("access", "request")
         .str("src_identity", r.source_identity.as_deref().unwrap_or("-"))
-        .display("src_addr", Opt(r.source))
-        .display("dst_addr", Opt(r.destination))
+        .addr("src_addr", r.source)
+        .addr("dst_addr", r.destination)
         .str("dst_service", r.service.as_deref().unwrap_or("-"))
         .str("protocol", r.protocol)
-        .display("method", &r.method)
-        .display("path", &r.path)
+        .bare("method", &r.method)
+        .bare("path", &r.path)
         .str("route", r.route.as_deref().unwrap_or("-"))
         .str("authz_verdict", r.authz_verdict)
         .str("authz_rule", r.authz_rule.as_deref().unwrap_or("-"))
         .str("backend", r.backend.as_deref().unwrap_or("-"))
-        .display("upstream_addr", Opt(r.upstream))
+        .addr("upstream_addr", r.upstream)
         .str("upstream_workload", r.upstream_workload.as_deref().unwrap_or("-"))
         .str("upstream_identity", r.upstream_identity.as_deref().unwrap_or("-"))
         .value("status", r.status)
@@ -96,16 +124,4 @@ fn write_line(r: &AccessRecord) {
         .value("duration_ms", r.duration.as_secs_f64() * 1000.0)
         .str("trace_id", r.trace_id.as_deref().unwrap_or("-"))
         .emit();
-}
-
-/// An address, or `-`.
-struct Opt(Option<SocketAddr>);
-
-impl std::fmt::Display for Opt {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self.0 {
-            Some(a) => a.fmt(f),
-            None => f.write_str("-"),
-        }
-    }
 }

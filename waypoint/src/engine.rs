@@ -10,7 +10,7 @@ use palisade_model::waypoint::config::{Backend, Filter, ServiceL7, WaypointConfi
 use prometheus_client::registry::Registry;
 use tokio::sync::{Semaphore, broadcast};
 
-use crate::access_log::AccessRecord;
+use crate::access_log::{AccessRecord, Recent};
 use crate::admission::Admission;
 use crate::balance::BackendState;
 use crate::metrics::Metrics;
@@ -98,6 +98,7 @@ pub(crate) struct Inner {
     /// The destination's L4 policy against the original client (none in tests of L7 alone).
     pub admission: Option<Arc<dyn Admission>>,
     pub metrics: Metrics,
+    pub recent: Recent,
     pub access: broadcast::Sender<Arc<AccessRecord>>,
     pub connections: Arc<Semaphore>,
     pub mirrors: Arc<Semaphore>,
@@ -157,6 +158,7 @@ impl Engine {
             updating: Mutex::default(),
             pool: Pool::new(upstream),
             metrics: Metrics::new(registry),
+            recent: Recent::default(),
             access: broadcast::channel(1024).0,
         };
         let engine = Engine { inner: Arc::new(inner) };
@@ -202,7 +204,12 @@ impl Engine {
         crate::serve::serve(Arc::clone(&self.inner), io, downstream).await;
     }
 
-    /// Every finished request's access record (flow events, tests). Slow receivers lose the
+    /// The last finished requests' access records, oldest first (flow events).
+    pub fn recent_records(&self) -> Vec<Arc<AccessRecord>> {
+        self.inner.recent.records()
+    }
+
+    /// Every finished request's access record from now on (tests). Slow receivers lose the
     /// oldest records.
     pub fn access_records(&self) -> broadcast::Receiver<Arc<AccessRecord>> {
         self.inner.access.subscribe()

@@ -64,11 +64,8 @@ pub fn with_path(uri: &Uri, path: &str) -> Uri {
 }
 
 /// The request's host: the URI authority (HTTP/2, absolute form) or the Host header.
-pub fn request_host(uri: &Uri, headers: &HeaderMap) -> String {
-    uri.authority()
-        .map(|a| a.as_str().to_string())
-        .or_else(|| headers.get(HOST).and_then(|h| h.to_str().ok()).map(str::to_string))
-        .unwrap_or_default()
+pub fn request_host<'a>(uri: &'a Uri, headers: &'a HeaderMap) -> &'a str {
+    uri.authority().map(|a| a.as_str()).or_else(|| headers.get(HOST).and_then(|h| h.to_str().ok())).unwrap_or_default()
 }
 
 /// The redirect answer. Unset parts keep the request's (scheme defaults to `http`, since
@@ -76,7 +73,7 @@ pub fn request_host(uri: &Uri, headers: &HeaderMap) -> String {
 pub fn redirect(r: &Redirect, uri: &Uri, headers: &HeaderMap, prefix: Option<&str>) -> Response<ProxyBody> {
     let scheme = r.scheme.clone().unwrap_or_else(|| "http".into());
     let host = request_host(uri, headers);
-    let bare = host.rsplit_once(':').filter(|(_, p)| p.parse::<u16>().is_ok()).map_or(host.as_str(), |(h, _)| h);
+    let bare = host.rsplit_once(':').filter(|(_, p)| p.parse::<u16>().is_ok()).map_or(host, |(h, _)| h);
     let hostname = r.hostname.clone().unwrap_or_else(|| bare.to_string());
     let default_port = if scheme == "https" { 443 } else { 80 };
     let port = match r.port {

@@ -161,10 +161,13 @@ fn upstream_request(
 ) -> Request<ProxyBody> {
     let mut headers = headers.clone();
     strip_hop_by_hop(&mut headers);
-    let host = filters::request_host(uri, &headers);
-    let authority = if host.is_empty() { endpoint.to_string() } else { host };
+    let authority = |headers: &HeaderMap| match filters::request_host(uri, headers) {
+        "" => endpoint.to_string(),
+        host => host.to_string(),
+    };
     let pq = uri.path_and_query().cloned().unwrap_or_else(|| PathAndQuery::from_static("/"));
     let uri = if h2 {
+        let authority = authority(&headers);
         headers.remove(HOST);
         Uri::builder()
             .scheme("http")
@@ -174,7 +177,7 @@ fn upstream_request(
             .unwrap_or_else(|_| Uri::from(pq))
     } else {
         if !headers.contains_key(HOST)
-            && let Ok(v) = HeaderValue::from_str(&authority)
+            && let Ok(v) = HeaderValue::from_str(&authority(&headers))
         {
             headers.insert(HOST, v);
         }

@@ -46,7 +46,7 @@ pub(crate) fn finish(inner: &Inner, mut rec: AccessRecord, start: Instant) {
     };
     inner.metrics.requests.get_or_create(&labels).inc();
     inner.metrics.duration.get_or_create(&labels).observe(rec.duration.as_secs_f64());
-    access_log::emit(rec, &inner.access);
+    access_log::emit(rec, &inner.recent, &inner.access);
 }
 
 impl Exchange {
@@ -91,7 +91,7 @@ pub(crate) async fn handle(
         source_ip: down.peer.ip(),
         principal: down.identity.as_deref().map(Attributes::principal_of),
         destination_port: down.destination.port(),
-        http: Some(Http { method: req.method().as_str(), path: req.uri().path(), host: &host, headers: req.headers() }),
+        http: Some(Http { method: req.method().as_str(), path: req.uri().path(), host, headers: req.headers() }),
     };
     let decision = authz::authorize(&svc.config.authorization, &attrs);
     for rule in &decision.audited {

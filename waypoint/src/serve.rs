@@ -127,7 +127,7 @@ async fn passthrough<I: Io>(inner: &Inner, mut io: I, down: Downstream, activity
     let snapshot = inner.snapshot();
     let emit = |mut rec: AccessRecord| {
         rec.duration = start.elapsed();
-        access_log::emit(rec, &inner.access);
+        access_log::emit(rec, &inner.recent, &inner.access);
     };
     let Some(svc) = snapshot.services.get(&down.destination) else { return emit(rec) };
     rec.service = Some(svc.config.service.clone());

@@ -249,7 +249,7 @@ struct Held {
 fn upstream_request(req: Request<Incoming>, endpoint: std::net::SocketAddr) -> Request<ProxyBody> {
     let (mut parts, body) = req.into_parts();
     let token = parts.headers.get(UPGRADE).cloned();
-    let host = filters::request_host(&parts.uri, &parts.headers);
+    let host = filters::request_host(&parts.uri, &parts.headers).to_string();
     strip_hop_by_hop(&mut parts.headers);
     parts.headers.remove(http::header::TE);
     if !parts.headers.contains_key(HOST) {

@@ -61,15 +61,15 @@ pub enum Served {
     /// `/metrics` and `/ready`.
     Public(Arc<AdminState>),
     /// `/flows`.
-    Debug(Arc<super::flows::Flows>),
+    Debug(crate::engine::Engine),
 }
 
 fn answer(served: &Served, req: &Request<Incoming>) -> Response<Full<Bytes>> {
     let state = match served {
         Served::Public(state) => state,
-        Served::Debug(flows) => {
+        Served::Debug(engine) => {
             let (status, body) = match req.uri().path() {
-                "/flows" => (StatusCode::OK, flows.json()),
+                "/flows" => (StatusCode::OK, super::flows::json(&engine.recent_records())),
                 _ => (StatusCode::NOT_FOUND, "not found\n".into()),
             };
             let mut resp = Response::new(Full::new(Bytes::from(body)));

@@ -126,12 +126,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
 
     let admin_state = Arc::new(AdminState::new(registry));
     let admin_task = tokio::spawn(admin::serve(admin_listener, Arc::new(Served::Public(admin_state.clone()))));
-    let flows = Arc::new(flows::Flows::default());
-    tokio::spawn({
-        let (flows, records) = (flows.clone(), engine.access_records());
-        async move { flows.follow(records).await }
-    });
-    let debug_task = tokio::spawn(admin::serve(debug_listener, Arc::new(Served::Debug(flows))));
+    let debug_task = tokio::spawn(admin::serve(debug_listener, Arc::new(Served::Debug(engine.clone()))));
     let hbone_task =
         tokio::spawn(hbone::serve(hbone_listener, engine.clone(), credential, secrets.watch_bundle(), shutdown));
     admin_state.ready.store(true, Ordering::Release);
