@@ -18,8 +18,8 @@ fn the_benchmark_runs_end_to_end_with_tiny_sizes() {
     let names: Vec<&String> = report.figures.iter().map(|f| &f.name).collect();
     // The data path, idle and scale sections (21 figures), restarts (5), hostile peers (8) and
     // the control plane (3 on a small cluster, 3 with the scale policy in the store) and the
-    // waypoint (4 at a fixed rate, 1 against haproxy).
-    assert_eq!(report.figures.len(), 45, "{names:#?}");
+    // waypoint (5 at a fixed rate, 1 against haproxy).
+    assert_eq!(report.figures.len(), 46, "{names:#?}");
     let restart: Vec<&String> = report.figures.iter().filter(|f| f.group == "restart").map(|f| &f.name).collect();
     assert_eq!(restart.len(), 5, "{names:#?}");
     for f in &report.figures {

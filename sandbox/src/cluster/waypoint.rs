@@ -150,7 +150,6 @@ impl Cluster {
         Ok(out)
     }
 
-    /// Where waypoint `name` logs (its access log lines included).
     /// Kills a waypoint's process with SIGKILL (a crash, as its clients see it); teardown reaps it.
     pub fn kill_waypoint(&self, name: &str) -> Result<()> {
         let pid = *self.waypoint_pids.get(name).with_context(|| format!("no waypoint process {name}"))?;
@@ -173,6 +172,7 @@ impl Cluster {
         Ok(serde_json::from_str(&text)?)
     }
 
+    /// Where waypoint `name` logs (its access log lines included).
     pub fn waypoint_log(&self, name: &str) -> PathBuf {
         self.info.state_dir.join(format!("waypoint-{name}.log"))
     }
