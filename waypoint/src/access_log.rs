@@ -3,7 +3,9 @@
 //! every other line but formatted by hand: it is the one line per request.
 //! The same record is kept among the engine's recent ones (`Engine::recent_records`, the
 //! waypoint's `/flows`) and goes to subscribers of `Engine::access_records` (tests), shared
-//! rather than copied.
+//! rather than copied. Names that come from the configuration (service, route, backend,
+//! endpoint) and the client's identity are `Arc<str>` shared with the snapshot and the
+//! connection, so a record allocates only its path and trace id.
 //! The query string is never logged: it often carries tokens.
 use std::collections::VecDeque;
 use std::net::SocketAddr;
@@ -16,26 +18,26 @@ use tokio::sync::broadcast;
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct AccessRecord {
     /// Proven SPIFFE ID of the source (from its tunnel's certificate).
-    pub source_identity: Option<String>,
+    pub source_identity: Option<Arc<str>>,
     pub source: Option<SocketAddr>,
     /// The VIP:port the client dialled.
     pub destination: Option<SocketAddr>,
     /// `namespace/name` of the Service.
-    pub service: Option<String>,
+    pub service: Option<Arc<str>>,
     /// `HTTP/1.1`, `HTTP/2` or `tcp`.
     pub protocol: &'static str,
-    pub method: String,
+    pub method: http::Method,
     pub path: String,
-    pub route: Option<String>,
+    pub route: Option<Arc<str>>,
     /// `allow`, `deny` or `none` (not reached).
     pub authz_verdict: &'static str,
     /// The policy rule that decided (`namespace/name#rule`).
     pub authz_rule: Option<String>,
-    pub backend: Option<String>,
+    pub backend: Option<Arc<str>>,
     pub upstream: Option<SocketAddr>,
-    pub upstream_workload: Option<String>,
+    pub upstream_workload: Option<Arc<str>>,
     /// The SPIFFE ID the upstream endpoint must prove.
-    pub upstream_identity: Option<String>,
+    pub upstream_identity: Option<Arc<str>>,
     pub status: u16,
     /// The circuit-breaker limit that answered, if one did.
     pub overflow: Option<&'static str>,
@@ -44,10 +46,17 @@ pub struct AccessRecord {
     /// Whether the response body was sent in full.
     pub complete: bool,
     pub duration: Duration,
-    pub trace_id: Option<String>,
+    pub trace_id: Option<crate::trace::TraceId>,
 }
 
 impl AccessRecord {
+    /// Names the endpoint a request or connection went to.
+    pub(crate) fn upstream(&mut self, ep: &crate::balance::EndpointState) {
+        self.upstream = Some(ep.endpoint.address);
+        self.upstream_workload = Some(Arc::clone(&ep.workload));
+        self.upstream_identity = Some(Arc::clone(&ep.identity));
+    }
+
     /// The record of a request from `down`, before anything about it was decided.
     pub(crate) fn of_request<B>(down: &crate::engine::Downstream, req: &http::Request<B>) -> Self {
         AccessRecord {
@@ -55,7 +64,7 @@ impl AccessRecord {
             source: Some(down.peer),
             destination: Some(down.destination),
             protocol: if req.version() == http::Version::HTTP_2 { "HTTP/2" } else { "HTTP/1.1" },
-            method: req.method().to_string(),
+            method: req.method().clone(),
             path: req.uri().path().to_string(),
             authz_verdict: "none",
             ..Default::default()
@@ -108,7 +117,7 @@ fn write_line(r: &AccessRecord) {
         .addr("dst_addr", r.destination)
         .str("dst_service", r.service.as_deref().unwrap_or("-"))
         .str("protocol", r.protocol)
-        .bare("method", &r.method)
+        .bare("method", r.method.as_str())
         .bare("path", &r.path)
         .str("route", r.route.as_deref().unwrap_or("-"))
         .str("authz_verdict", r.authz_verdict)
@@ -121,7 +130,7 @@ fn write_line(r: &AccessRecord) {
         .str("overflow", r.overflow.unwrap_or("-"))
         .value("attempts", r.attempts)
         .value("complete", r.complete)
-        .value("duration_ms", r.duration.as_secs_f64() * 1000.0)
-        .str("trace_id", r.trace_id.as_deref().unwrap_or("-"))
+        .millis("duration_ms", r.duration)
+        .str("trace_id", r.trace_id.as_ref().map_or("-", crate::trace::TraceId::as_str))
         .emit();
 }

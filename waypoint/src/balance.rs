@@ -7,6 +7,7 @@
 //! tried (to go elsewhere), outlier ejection (to hide endpoints) and endpoint state that
 //! survives configuration updates. All of that is a table of [`EndpointState`] behind one
 //! snapshot lock, read per pick.
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
@@ -27,6 +28,9 @@ const RING_POINTS: usize = 160;
 #[derive(Debug)]
 pub struct EndpointState {
     pub endpoint: BackendEndpoint,
+    /// `endpoint.workload` and `endpoint.identity`, shared with the access records.
+    pub workload: Arc<str>,
+    pub identity: Arc<str>,
     /// Requests in flight to it (least request's load measure).
     active: AtomicU32,
     pub outlier: Outlier,
@@ -34,7 +38,13 @@ pub struct EndpointState {
 
 impl EndpointState {
     fn new(endpoint: BackendEndpoint) -> Self {
-        EndpointState { endpoint, active: AtomicU32::new(0), outlier: Outlier::default() }
+        EndpointState {
+            workload: endpoint.workload.as_str().into(),
+            identity: endpoint.identity.as_str().into(),
+            endpoint,
+            active: AtomicU32::new(0),
+            outlier: Outlier::default(),
+        }
     }
 
     /// Counts a request in flight until the returned guard drops.
@@ -61,15 +71,18 @@ impl Drop for InFlight {
 #[derive(Debug, Default)]
 struct Table {
     endpoints: Vec<Arc<EndpointState>>,
+    /// `0..endpoints.len()`: the candidates when every endpoint is usable (the common case,
+    /// which then allocates nothing).
+    every: Vec<usize>,
     /// Sorted (hash, index into `endpoints`); empty unless the policy is ring hash.
     ring: Vec<(u64, usize)>,
-    traffic: TrafficPolicy,
+    traffic: Arc<TrafficPolicy>,
 }
 
 /// One backend (a Service port): its endpoints, policy and circuit-breaker counters.
 #[derive(Debug)]
 pub struct BackendState {
-    pub name: String,
+    pub name: Arc<str>,
     table: RwLock<Arc<Table>>,
     pub counters: Arc<Counters>,
     next: AtomicUsize,
@@ -78,7 +91,7 @@ pub struct BackendState {
 impl BackendState {
     pub fn new(backend: &Backend) -> Self {
         let state = BackendState {
-            name: backend.name.clone(),
+            name: backend.name.as_str().into(),
             table: RwLock::default(),
             counters: Arc::default(),
             next: AtomicUsize::new(0),
@@ -106,7 +119,8 @@ impl BackendState {
             LoadBalancer::RingHash(_) => build_ring(&endpoints),
             _ => Vec::new(),
         };
-        let table = Arc::new(Table { endpoints, ring, traffic: backend.traffic.clone() });
+        let every = (0..endpoints.len()).collect();
+        let table = Arc::new(Table { endpoints, every, ring, traffic: Arc::new(backend.traffic.clone()) });
         *self.table.write().unwrap_or_else(|e| e.into_inner()) = table;
     }
 
@@ -114,8 +128,9 @@ impl BackendState {
         Arc::clone(&self.table.read().unwrap_or_else(|e| e.into_inner()))
     }
 
-    pub fn traffic(&self) -> TrafficPolicy {
-        self.table().traffic.clone()
+    /// The policy in force, shared: requests read it, they do not copy it.
+    pub fn traffic(&self) -> Arc<TrafficPolicy> {
+        Arc::clone(&self.table().traffic)
     }
 
     pub fn endpoints(&self) -> Vec<Arc<EndpointState>> {
@@ -134,15 +149,23 @@ impl BackendState {
         let now = Instant::now();
         let healthy = |e: &EndpointState| !e.outlier.is_ejected(now);
         let fresh = |e: &EndpointState| !exclude.contains(&e.endpoint.address);
-        let mut usable: Vec<usize> = (0..table.endpoints.len())
-            .filter(|&i| healthy(&table.endpoints[i]) && fresh(&table.endpoints[i]))
-            .collect();
-        if usable.is_empty() {
-            usable = (0..table.endpoints.len()).filter(|&i| healthy(&table.endpoints[i])).collect();
-        }
-        if usable.is_empty() {
-            usable = (0..table.endpoints.len()).collect();
-        }
+        let usable: Cow<'_, [usize]> = if table.endpoints.iter().all(|e| healthy(e) && fresh(e)) {
+            Cow::Borrowed(&table.every)
+        } else {
+            let mut some: Vec<usize> = table
+                .every
+                .iter()
+                .copied()
+                .filter(|&i| healthy(&table.endpoints[i]) && fresh(&table.endpoints[i]))
+                .collect();
+            if some.is_empty() {
+                some = table.every.iter().copied().filter(|&i| healthy(&table.endpoints[i])).collect();
+            }
+            if some.is_empty() {
+                some.clone_from(&table.every);
+            }
+            Cow::Owned(some)
+        };
         let chosen = match (&table.traffic.load_balancer, key) {
             (LoadBalancer::RingHash(_), Some(key)) => ring_lookup(&table.ring, key, &usable),
             (LoadBalancer::LeastRequest, _) => least_request(&table.endpoints, &usable),

@@ -3,7 +3,6 @@
 //! [`Tracked`], which holds what a request took (limit guards, the endpoint's in-flight
 //! count) until the last byte is written or the client goes away, and then finishes the
 //! request's access log line and metrics.
-use std::any::Any;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
@@ -38,23 +37,20 @@ where
 #[error("request timeout ({0:?}) reached while streaming the response")]
 pub struct DeadlineExceeded(std::time::Duration);
 
-/// Called once when the response body is finished or dropped; `complete` says whether the
-/// body reached its end.
-pub type OnFinish = Box<dyn FnOnce(bool) + Send>;
-
 /// A response body that keeps `held` alive until it ends, enforces the request deadline on
-/// a streaming body, and calls `on_finish` exactly once.
-pub struct Tracked {
-    inner: ProxyBody,
-    held: Vec<Box<dyn Any + Send>>,
+/// a streaming body, and calls `on_finish` exactly once with whether the body reached its end.
+/// Generic rather than boxed: one per request, and each box was an allocation.
+pub struct Tracked<B: Body + Unpin, H, F: FnOnce(bool)> {
+    inner: B,
+    held: Option<H>,
     deadline: Option<(Pin<Box<Sleep>>, std::time::Duration)>,
-    on_finish: Option<OnFinish>,
+    on_finish: Option<F>,
     complete: bool,
 }
 
-impl Tracked {
-    pub fn new(inner: ProxyBody, held: Vec<Box<dyn Any + Send>>, on_finish: OnFinish) -> Self {
-        Tracked { inner, held, deadline: None, on_finish: Some(on_finish), complete: false }
+impl<B: Body + Unpin, H, F: FnOnce(bool)> Tracked<B, H, F> {
+    pub fn new(inner: B, held: H, on_finish: F) -> Self {
+        Tracked { inner, held: Some(held), deadline: None, on_finish: Some(on_finish), complete: false }
     }
 
     /// The body fails (the stream is reset) if it is still streaming at `at`.
@@ -66,14 +62,20 @@ impl Tracked {
     fn finish(&mut self) {
         // A body with nothing to send (HEAD, 204) may be dropped unpolled: it is complete.
         self.complete |= self.inner.is_end_stream();
-        self.held.clear();
+        self.held = None;
         if let Some(f) = self.on_finish.take() {
             f(self.complete);
         }
     }
 }
 
-impl Body for Tracked {
+impl<B, H, F> Body for Tracked<B, H, F>
+where
+    B: Body<Data = Bytes> + Unpin,
+    B::Error: Into<BoxError>,
+    H: Unpin,
+    F: FnOnce(bool) + Unpin,
+{
     type Data = Bytes;
     type Error = BoxError;
 
@@ -86,7 +88,7 @@ impl Body for Tracked {
             this.finish();
             return Poll::Ready(Some(Err(Box::new(DeadlineExceeded(timeout)))));
         }
-        let polled = Pin::new(&mut this.inner).poll_frame(cx);
+        let polled = Pin::new(&mut this.inner).poll_frame(cx).map(|frame| frame.map(|r| r.map_err(Into::into)));
         match &polled {
             Poll::Ready(None) => {
                 this.complete = true;
@@ -107,7 +109,7 @@ impl Body for Tracked {
     }
 }
 
-impl Drop for Tracked {
+impl<B: Body + Unpin, H, F: FnOnce(bool)> Drop for Tracked<B, H, F> {
     fn drop(&mut self) {
         self.finish();
     }

@@ -23,7 +23,7 @@ use crate::upstream::{Io, Upstream};
 pub struct Downstream {
     pub peer: SocketAddr,
     /// The source's SPIFFE ID as its HBONE tunnel's certificate proved it; never a header.
-    pub identity: Option<String>,
+    pub identity: Option<Arc<str>>,
     /// The VIP:port the client dialled.
     pub destination: SocketAddr,
 }
@@ -79,6 +79,8 @@ pub enum ConfigError {
 /// One Service ready to serve.
 pub(crate) struct ServiceState {
     pub config: ServiceL7,
+    /// `config.service`, shared with the access records and metric labels.
+    pub name: Arc<str>,
     pub routes: RouteTable,
 }
 
@@ -193,7 +195,8 @@ impl Engine {
                 };
                 backends.insert(backend.name.clone(), state);
             }
-            services.insert(svc.vip, Arc::new(ServiceState { config: svc, routes }));
+            let name = svc.service.as_str().into();
+            services.insert(svc.vip, Arc::new(ServiceState { config: svc, name, routes }));
         }
         *self.inner.snapshot.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(Snapshot { services, backends });
         Ok(())

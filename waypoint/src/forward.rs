@@ -222,9 +222,20 @@ fn http1_fields(headers: &mut HeaderMap) {
     }
 }
 
+const KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
+const PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
+
 /// Removes headers that belong to one connection only (RFC 9110 §7.6.1), keeping
 /// `te: trailers`, which gRPC needs end to end.
 pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    // Most messages carry none (names a `Connection` header lists come with one): one pass
+    // over the names says so, where each removal below is a lookup.
+    let hop = |n: &HeaderName| {
+        [CONNECTION, TRANSFER_ENCODING, UPGRADE, TE].contains(n) || *n == KEEP_ALIVE || *n == PROXY_CONNECTION
+    };
+    if !headers.keys().any(hop) {
+        return;
+    }
     let listed: Vec<HeaderName> = headers
         .get_all(CONNECTION)
         .iter()
@@ -240,8 +251,8 @@ pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap) {
     for name in [CONNECTION, TRANSFER_ENCODING, UPGRADE, TE] {
         headers.remove(name);
     }
-    headers.remove("keep-alive");
-    headers.remove("proxy-connection");
+    headers.remove(KEEP_ALIVE);
+    headers.remove(PROXY_CONNECTION);
     if trailers {
         headers.insert(TE, HeaderValue::from_static("trailers"));
     }
@@ -302,4 +313,38 @@ pub(crate) fn spawn_mirror(
             tracing::debug!(error = %e, "mirror failed");
         }
     });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hop_by_hop_headers_go_and_te_trailers_stays() {
+        let mut h = HeaderMap::new();
+        h.insert(CONNECTION, HeaderValue::from_static("keep-alive, x-hop"));
+        h.insert("x-hop", HeaderValue::from_static("1"));
+        h.insert(KEEP_ALIVE, HeaderValue::from_static("timeout=5"));
+        h.insert(PROXY_CONNECTION, HeaderValue::from_static("close"));
+        h.insert(UPGRADE, HeaderValue::from_static("websocket"));
+        h.insert(TE, HeaderValue::from_static("trailers, deflate"));
+        h.insert("x-end-to-end", HeaderValue::from_static("kept"));
+        strip_hop_by_hop(&mut h);
+        let mut names: Vec<&str> = h.keys().map(HeaderName::as_str).collect();
+        names.sort_unstable();
+        assert_eq!(names, ["te", "x-end-to-end"]);
+        assert_eq!(h[TE], "trailers");
+
+        // Nothing hop-by-hop: nothing changes (the fast path).
+        let mut plain = HeaderMap::new();
+        plain.insert(HOST, HeaderValue::from_static("web"));
+        plain.insert("x-a", HeaderValue::from_static("1"));
+        let before = plain.clone();
+        strip_hop_by_hop(&mut plain);
+        assert_eq!(plain, before);
+        // A lone transfer-encoding is caught by the same pass.
+        plain.insert(TRANSFER_ENCODING, HeaderValue::from_static("chunked"));
+        strip_hop_by_hop(&mut plain);
+        assert_eq!(plain, before);
+    }
 }

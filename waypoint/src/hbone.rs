@@ -152,7 +152,7 @@ async fn handle(engine: Engine, stream: InboundStream) {
     let peer = forwarded_for(stream.forwarded_for.as_deref())
         .filter(|f| f.ip() == stream.peer_addr.ip())
         .unwrap_or(stream.peer_addr);
-    let identity = stream.peer.to_string();
+    let identity: Arc<str> = stream.peer.to_string().into();
     let Ok((send, recv)) = stream.accept() else { return };
     let downstream = Downstream { peer, identity: Some(identity), destination };
     engine.serve(TunnelIo::new(send, recv, ()), downstream).await;

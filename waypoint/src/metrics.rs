@@ -1,6 +1,9 @@
 //! Prometheus metrics (`prometheus-client`), registered under the `waypoint` prefix of the
 //! caller's registry: request count and duration by service, route, backend and status;
-//! circuit-breaker overflows by limit; outlier ejections; downstream connections.
+//! circuit-breaker overflows by limit; outlier ejections; downstream connections. Label names
+//! are the snapshot's own `Arc<str>`: a request clones pointers, not strings.
+use std::sync::Arc;
+
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -10,15 +13,15 @@ use prometheus_client::registry::Registry;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RequestLabels {
-    pub service: String,
-    pub route: String,
-    pub backend: String,
+    pub service: Arc<str>,
+    pub route: Arc<str>,
+    pub backend: Arc<str>,
     pub status: u16,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct OverflowLabels {
-    pub backend: String,
+    pub backend: Arc<str>,
     pub limit: String,
 }
 

@@ -265,7 +265,7 @@ mod tests {
         };
         let front = Downstream {
             peer: "10.1.0.3:40000".parse().unwrap(),
-            identity: Some(format!("spiffe://{TD}/ns/front/sa/frontend")),
+            identity: Some(format!("spiffe://{TD}/ns/front/sa/frontend").into()),
             destination: "10.96.0.10:80".parse().unwrap(),
         };
         // Asked twice: the second answer is the remembered one, and the same.

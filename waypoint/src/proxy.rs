@@ -36,12 +36,17 @@ struct Exchange {
     start: Instant,
 }
 
+/// The label value of a name a request never reached (no service, route or backend).
+pub(crate) fn none() -> Arc<str> {
+    Arc::from("")
+}
+
 pub(crate) fn finish(inner: &Inner, mut rec: AccessRecord, start: Instant) {
     rec.duration = start.elapsed();
     let labels = RequestLabels {
-        service: rec.service.clone().unwrap_or_default(),
-        route: rec.route.clone().unwrap_or_default(),
-        backend: rec.backend.clone().unwrap_or_default(),
+        service: rec.service.clone().unwrap_or_else(none),
+        route: rec.route.clone().unwrap_or_else(none),
+        backend: rec.backend.clone().unwrap_or_else(none),
         status: rec.status,
     };
     inner.metrics.requests.get_or_create(&labels).inc();
@@ -63,7 +68,7 @@ impl Exchange {
 
     fn overflow(mut self, o: Overflow) -> Response<ProxyBody> {
         let labels =
-            OverflowLabels { backend: self.rec.backend.clone().unwrap_or_default(), limit: o.limit.name().into() };
+            OverflowLabels { backend: self.rec.backend.clone().unwrap_or_else(none), limit: o.limit.name().into() };
         self.inner.metrics.overflows.get_or_create(&labels).inc();
         self.rec.overflow = Some(o.limit.name());
         let mut resp = self.local(StatusCode::SERVICE_UNAVAILABLE, "upstream overflow\n");
@@ -83,7 +88,7 @@ pub(crate) async fn handle(
     let Some(svc) = snapshot.services.get(&down.destination).cloned() else {
         return ex.local(StatusCode::NOT_FOUND, "no service at this address\n");
     };
-    ex.rec.service = Some(svc.config.service.clone());
+    ex.rec.service = Some(Arc::clone(&svc.name));
     ex.rec.trace_id = Some(trace::propagate(req.headers_mut()));
 
     let host = filters::request_host(req.uri(), req.headers());
@@ -103,25 +108,13 @@ pub(crate) async fn handle(
         return ex.local(StatusCode::FORBIDDEN, DENIED);
     }
 
-    let default_route;
-    let (route, prefix): (&Route, Option<String>) = if svc.routes.is_empty() {
-        default_route = Route {
-            name: "default".into(),
-            matches: Vec::new(),
-            backends: Vec::new(),
-            filters: Vec::new(),
-            request_timeout: None,
-            backend_timeout: None,
-            retry: None,
-        };
-        (&default_route, None)
-    } else {
-        match svc.routes.find(req.method(), req.uri(), req.headers()) {
-            Some(m) => (&m.route.route, m.prefix.map(str::to_string)),
-            None => return ex.local(StatusCode::NOT_FOUND, "no route\n"),
+    let (route, prefix): (&Route, Option<String>) = match svc.routes.find(req.method(), req.uri(), req.headers()) {
+        Some(m) => {
+            ex.rec.route = Some(Arc::clone(&m.route.name));
+            (&m.route.route, m.prefix.map(str::to_string))
         }
+        None => return ex.local(StatusCode::NOT_FOUND, "no route\n"),
     };
-    ex.rec.route = Some(route.name.clone());
 
     let mut response_headers = None;
     let mut mirrors = Vec::new();
@@ -154,8 +147,8 @@ pub(crate) async fn handle(
         }
     }
 
-    // A rule without backends (or no routes at all) sends to the Service itself, as a
-    // GAMMA route attached to its own Service does.
+    // A rule without backends (the default route among them) sends to the Service itself, as
+    // a GAMMA route attached to its own Service does.
     let backend: &Backend = if route.backends.is_empty() {
         &svc.config.default_backend
     } else {
@@ -164,10 +157,11 @@ pub(crate) async fn handle(
             None => return ex.local(StatusCode::INTERNAL_SERVER_ERROR, "no backend with weight\n"),
         }
     };
-    ex.rec.backend = Some(backend.name.clone());
     let Some(state) = snapshot.backends.get(&backend.name).cloned() else {
+        ex.rec.backend = Some(backend.name.as_str().into());
         return ex.local(StatusCode::SERVICE_UNAVAILABLE, "backend unknown\n");
     };
+    ex.rec.backend = Some(Arc::clone(&state.name));
     let traffic = state.traffic();
     let active = match state.counters.acquire(Limit::ActiveRequests, traffic.limits.max_active_requests) {
         Ok(g) => g,
@@ -226,9 +220,7 @@ pub(crate) async fn handle(
     };
     ex.rec.attempts = tries;
     if let Some(ep) = &endpoint {
-        ex.rec.upstream = Some(ep.endpoint.address);
-        ex.rec.upstream_workload = Some(ep.endpoint.workload.clone());
-        ex.rec.upstream_identity = Some(ep.endpoint.identity.clone());
+        ex.rec.upstream(ep);
     }
     if let Some(o) = retry_overflow {
         // The retry budget is spent: the failed attempt's answer goes back, marked with the
@@ -236,7 +228,7 @@ pub(crate) async fn handle(
         if result.is_err() {
             return ex.overflow(o);
         }
-        let labels = OverflowLabels { backend: backend.name.clone(), limit: o.limit.name().into() };
+        let labels = OverflowLabels { backend: Arc::clone(&state.name), limit: o.limit.name().into() };
         inner.metrics.overflows.get_or_create(&labels).inc();
         ex.rec.overflow = Some(o.limit.name());
     }
@@ -272,13 +264,12 @@ pub(crate) async fn handle(
     ex.rec.status = head.status.as_u16();
     let (rec, start) = (ex.rec, ex.start);
     let on_finish_inner = Arc::clone(&inner);
-    let on_finish = Box::new(move |complete: bool| {
+    let on_finish = move |complete: bool| {
         let mut rec = rec;
         rec.complete = complete;
         finish(&on_finish_inner, rec, start);
-    });
-    let held: Vec<Box<dyn std::any::Any + Send>> = vec![Box::new(active), Box::new(in_flight)];
-    let mut tracked = Tracked::new(boxed(upstream_body), held, on_finish);
+    };
+    let mut tracked = Tracked::new(upstream_body, (active, in_flight), on_finish);
     if let Some((at, timeout)) = deadline {
         tracked = tracked.with_deadline(at, timeout);
     }

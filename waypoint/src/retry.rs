@@ -70,6 +70,8 @@ impl RequestBody {
     /// A copy for a mirror, if the body is replayable.
     pub fn copy(&self) -> Option<ProxyBody> {
         match self {
+            // Most requests (GET) have no body: an empty body is boxed without allocating.
+            RequestBody::Replayable { data, trailers: None } if data.is_empty() => Some(crate::body::empty()),
             RequestBody::Replayable { data, trailers } => {
                 Some(boxed(Replay { data: Some(data.clone()).filter(|d| !d.is_empty()), trailers: trailers.clone() }))
             }

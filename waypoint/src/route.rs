@@ -2,6 +2,8 @@
 //! built, methods parsed), then matched per request in the precedence order the control plane
 //! already sorted them into. A rule's matches are ORed; within a match everything is ANDed
 //! (Gateway API).
+use std::sync::Arc;
+
 use http::{HeaderMap, Method, Uri};
 use palisade_model::waypoint::config::{PathMatch, Route, RouteMatch, StringMatch, ValueMatch, WeightedBackend};
 use rand::Rng;
@@ -54,6 +56,8 @@ struct Match {
 #[derive(Debug)]
 pub struct CompiledRoute {
     pub route: Route,
+    /// `route.name`, shared with the access records and metric labels.
+    pub name: Arc<str>,
     matches: Vec<Match>,
 }
 
@@ -107,7 +111,7 @@ fn compile_match(route: &str, m: &RouteMatch) -> Result<Match, RouteError> {
 impl CompiledRoute {
     pub fn compile(route: &Route) -> Result<Self, RouteError> {
         let matches = route.matches.iter().map(|m| compile_match(&route.name, m)).collect::<Result<_, _>>()?;
-        Ok(CompiledRoute { route: route.clone(), matches })
+        Ok(CompiledRoute { route: route.clone(), name: route.name.as_str().into(), matches })
     }
 }
 
@@ -205,19 +209,29 @@ impl Match {
     }
 }
 
-/// A Service's routes in precedence order.
-#[derive(Debug, Default)]
+/// A Service's routes in precedence order. A Service without routes has one, `default`: it
+/// matches everything and sends to the Service itself, as a GAMMA route attached to its own
+/// Service without backends does.
+#[derive(Debug)]
 pub struct RouteTable {
     routes: Vec<CompiledRoute>,
 }
 
 impl RouteTable {
     pub fn compile(routes: &[Route]) -> Result<Self, RouteError> {
+        if routes.is_empty() {
+            let default = Route {
+                name: "default".into(),
+                matches: Vec::new(),
+                backends: Vec::new(),
+                filters: Vec::new(),
+                request_timeout: None,
+                backend_timeout: None,
+                retry: None,
+            };
+            return Ok(RouteTable { routes: vec![CompiledRoute::compile(&default)?] });
+        }
         Ok(RouteTable { routes: routes.iter().map(CompiledRoute::compile).collect::<Result<_, _>>()? })
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.routes.is_empty()
     }
 
     /// The first route with a matching match (a route without matches matches everything).

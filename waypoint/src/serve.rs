@@ -130,7 +130,7 @@ async fn passthrough<I: Io>(inner: &Inner, mut io: I, down: Downstream, activity
         access_log::emit(rec, &inner.recent, &inner.access);
     };
     let Some(svc) = snapshot.services.get(&down.destination) else { return emit(rec) };
-    rec.service = Some(svc.config.service.clone());
+    rec.service = Some(Arc::clone(&svc.name));
     let attrs = Attributes {
         source_ip: down.peer.ip(),
         principal: down.identity.as_deref().map(Attributes::principal_of),
@@ -144,13 +144,14 @@ async fn passthrough<I: Io>(inner: &Inner, mut io: I, down: Downstream, activity
         return emit(rec);
     }
     let backend = &svc.config.default_backend;
-    rec.backend = Some(backend.name.clone());
-    let Some(state) = snapshot.backends.get(&backend.name) else { return emit(rec) };
+    let Some(state) = snapshot.backends.get(&backend.name) else {
+        rec.backend = Some(backend.name.as_str().into());
+        return emit(rec);
+    };
+    rec.backend = Some(Arc::clone(&state.name));
     let traffic = state.traffic();
     let Some(ep) = state.pick(hash_key(&traffic, &http::HeaderMap::new(), down.peer), &[]) else { return emit(rec) };
-    rec.upstream = Some(ep.endpoint.address);
-    rec.upstream_workload = Some(ep.endpoint.workload.clone());
-    rec.upstream_identity = Some(ep.endpoint.identity.clone());
+    rec.upstream(&ep);
     rec.attempts = 1;
     if let Some(gate) = &inner.admission
         && let Err(refusal) = gate.admit(&down, &ep.endpoint)

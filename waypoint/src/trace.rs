@@ -2,10 +2,28 @@
 //! `traceparent` keeps its trace id and flags and gets a new parent id (ours); a missing or
 //! malformed one is replaced by a fresh trace, not sampled, since the waypoint records no
 //! spans itself.
-use http::{HeaderMap, HeaderValue};
+use http::{HeaderMap, HeaderName, HeaderValue};
 use rand::Rng;
 
-pub const TRACEPARENT: &str = "traceparent";
+/// A name made once: inserting by `&str` would allocate it per request.
+pub const TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
+
+/// A trace id, 32 lower-case hex digits, kept inline (no allocation per request).
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub struct TraceId([u8; 32]);
+
+impl TraceId {
+    pub fn as_str(&self) -> &str {
+        // Only hex digits are ever stored.
+        std::str::from_utf8(&self.0).unwrap_or_default()
+    }
+}
+
+impl std::fmt::Debug for TraceId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
 
 fn is_hex(s: &str, len: usize) -> bool {
     s.len() == len && s.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
@@ -27,7 +45,7 @@ fn parse(value: &str) -> Option<(&str, &str)> {
 
 /// Sets the outgoing `traceparent`; returns the trace id for the access log. Written into
 /// one stack buffer (once per request: `format!` of its three parts cost more than the rest).
-pub fn propagate(headers: &mut HeaderMap) -> String {
+pub fn propagate(headers: &mut HeaderMap) -> TraceId {
     let mut rng = rand::rng();
     // 00-<trace id: 32>-<parent id: 16>-<flags: 2>
     let mut value = *b"00-00000000000000000000000000000000-0000000000000000-00";
@@ -40,9 +58,10 @@ pub fn propagate(headers: &mut HeaderMap) -> String {
         None => hex(&mut value[3..35], rng.random_range(1..=u128::MAX)),
     }
     hex(&mut value[36..52], u128::from(rng.random_range(1..=u64::MAX)));
-    let trace = String::from_utf8_lossy(&value[3..35]).into_owned();
+    let mut trace = [0; 32];
+    trace.copy_from_slice(&value[3..35]);
     headers.insert(TRACEPARENT, HeaderValue::from_bytes(&value).expect("hex digits and dashes are a valid header"));
-    trace
+    TraceId(trace)
 }
 
 /// `v`'s low hex digits, lower case, filling `out`.
@@ -62,13 +81,13 @@ mod tests {
         let mut h = HeaderMap::new();
         let incoming = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
         h.insert(TRACEPARENT, incoming.parse().unwrap());
-        assert_eq!(propagate(&mut h), "4bf92f3577b34da6a3ce929d0e0e4736");
+        assert_eq!(propagate(&mut h).as_str(), "4bf92f3577b34da6a3ce929d0e0e4736");
         let out = h[TRACEPARENT].to_str().unwrap().to_string();
         assert!(out.starts_with("00-4bf92f3577b34da6a3ce929d0e0e4736-") && out.ends_with("-01"));
         assert_ne!(out, incoming);
         let mut h = HeaderMap::new();
         h.insert(TRACEPARENT, "garbage".parse().unwrap());
         let trace = propagate(&mut h);
-        assert!(parse(h[TRACEPARENT].to_str().unwrap()).is_some_and(|(t, _)| t == trace));
+        assert!(parse(h[TRACEPARENT].to_str().unwrap()).is_some_and(|(t, _)| t == trace.as_str()));
     }
 }

@@ -113,9 +113,7 @@ pub(crate) async fn forward(mut x: Exchange<'_>, mut req: Request<Incoming>) -> 
     let Some(ep) = x.state.pick(x.key, &[]) else {
         return x.local(StatusCode::SERVICE_UNAVAILABLE, "no healthy upstream\n");
     };
-    x.rec.upstream = Some(ep.endpoint.address);
-    x.rec.upstream_workload = Some(ep.endpoint.workload.clone());
-    x.rec.upstream_identity = Some(ep.endpoint.identity.clone());
+    x.rec.upstream(&ep);
     if let Some(gate) = &x.inner.admission
         && let Err(refusal) = gate.admit(x.down, &ep.endpoint)
     {
@@ -140,8 +138,10 @@ pub(crate) async fn forward(mut x: Exchange<'_>, mut req: Request<Incoming>) -> 
     let (mut sender, connection) = match connected.await {
         Ok(c) => c,
         Err(SendError::Overflow(o)) => {
-            let labels =
-                OverflowLabels { backend: x.rec.backend.clone().unwrap_or_default(), limit: o.limit.name().into() };
+            let labels = OverflowLabels {
+                backend: x.rec.backend.clone().unwrap_or_else(crate::proxy::none),
+                limit: o.limit.name().into(),
+            };
             x.inner.metrics.overflows.get_or_create(&labels).inc();
             x.rec.overflow = Some(o.limit.name());
             let mut resp = x.local(StatusCode::SERVICE_UNAVAILABLE, "upstream overflow\n");
@@ -196,12 +196,12 @@ pub(crate) async fn forward(mut x: Exchange<'_>, mut req: Request<Incoming>) -> 
     let (inner, rec, start) = (Arc::clone(x.inner), x.rec, x.start);
     let Some(upstream) = upstream else {
         // Not switched: an ordinary response (the connection closes after it).
-        let on_finish = Box::new(move |complete: bool| {
+        let on_finish = move |complete: bool| {
             let mut rec = rec;
             rec.complete = complete;
             finish(&inner, rec, start);
-        });
-        let tracked = Tracked::new(boxed(body), vec![Box::new(held)], on_finish);
+        };
+        let tracked = Tracked::new(body, held, on_finish);
         return Response::from_parts(head, boxed(tracked));
     };
     head.headers.insert(CONNECTION, HeaderValue::from_static("upgrade"));

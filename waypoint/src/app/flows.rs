@@ -17,25 +17,25 @@ pub fn json(records: &[Arc<AccessRecord>]) -> String {
 
 fn event(r: &AccessRecord) -> Value {
     json!({
-        "src_identity": r.source_identity,
+        "src_identity": r.source_identity.as_deref(),
         "src": r.source.map(|a| a.to_string()),
         "dst": r.destination.map(|a| a.to_string()),
-        "service": r.service,
+        "service": r.service.as_deref(),
         "protocol": r.protocol,
-        "method": r.method,
+        "method": r.method.as_str(),
         "path": r.path,
-        "route": r.route,
+        "route": r.route.as_deref(),
         "verdict": r.authz_verdict,
         "rule": r.authz_rule,
-        "backend": r.backend,
+        "backend": r.backend.as_deref(),
         "upstream": r.upstream.map(|a| a.to_string()),
-        "upstream_workload": r.upstream_workload,
-        "upstream_identity": r.upstream_identity,
+        "upstream_workload": r.upstream_workload.as_deref(),
+        "upstream_identity": r.upstream_identity.as_deref(),
         "status": r.status,
         "overflow": r.overflow,
         "attempts": r.attempts,
         "complete": r.complete,
         "duration_ms": r.duration.as_secs_f64() * 1e3,
-        "trace_id": r.trace_id,
+        "trace_id": r.trace_id.as_ref().map(crate::trace::TraceId::as_str),
     })
 }

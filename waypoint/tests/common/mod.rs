@@ -157,7 +157,7 @@ pub async fn waypoint(config: WaypointConfig, settings: Settings, identity: &str
         let mut conns = tokio::task::JoinSet::new();
         loop {
             let Ok((stream, peer)) = listener.accept().await else { continue };
-            let down = Downstream { peer, identity: Some(identity.clone()), destination: VIP };
+            let down = Downstream { peer, identity: Some(identity.as_str().into()), destination: VIP };
             let engine = serving.clone();
             conns.spawn(async move { engine.serve(stream, down).await });
         }
