@@ -12,6 +12,9 @@ use std::io::Write;
 use std::net::SocketAddr;
 use std::time::Duration;
 
+/// The largest buffer a thread keeps between lines.
+const KEEP: usize = 4096;
+
 thread_local! {
     /// The last line's buffer, kept for the thread's next line.
     static SPARE: Cell<Vec<u8>> = const { Cell::new(Vec::new()) };
@@ -153,7 +156,10 @@ impl<'a> Line<'a> {
     pub fn emit(self) {
         let line = self.finish();
         super::write_line(&line);
-        SPARE.set(line);
+        // A rare huge line (a long path) is not kept for the thread's life.
+        if line.capacity() <= KEEP {
+            SPARE.set(line);
+        }
     }
 
     fn finish(mut self) -> Vec<u8> {
