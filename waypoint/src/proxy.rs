@@ -37,7 +37,7 @@ struct Exchange {
 }
 
 /// The label value of a name a request never reached (no service, route or backend).
-pub(crate) fn none() -> Arc<str> {
+fn none() -> Arc<str> {
     Arc::from("")
 }
 
@@ -54,6 +54,23 @@ pub(crate) fn finish(inner: &Inner, mut rec: AccessRecord, start: Instant) {
     access_log::emit(rec, &inner.recent, &inner.access);
 }
 
+/// Counts an answer of a circuit-breaker limit (by backend and limit) and names the limit in
+/// the request's access record.
+pub(crate) fn count_overflow(inner: &Inner, rec: &mut AccessRecord, o: &Overflow) {
+    let labels = OverflowLabels { backend: rec.backend.clone().unwrap_or_else(none), limit: o.limit.name().into() };
+    inner.metrics.overflows.get_or_create(&labels).inc();
+    rec.overflow = Some(o.limit.name());
+}
+
+/// What finishes a request whose response body streams: called by the body's tracker with
+/// whether the body reached its end.
+pub(crate) fn finisher(inner: Arc<Inner>, mut rec: AccessRecord, start: Instant) -> impl FnOnce(bool) + Send + Unpin {
+    move |complete| {
+        rec.complete = complete;
+        finish(&inner, rec, start);
+    }
+}
+
 impl Exchange {
     /// An answer of the waypoint's own (no upstream response).
     fn local(mut self, status: StatusCode, body: &'static str) -> Response<ProxyBody> {
@@ -67,10 +84,7 @@ impl Exchange {
     }
 
     fn overflow(mut self, o: Overflow) -> Response<ProxyBody> {
-        let labels =
-            OverflowLabels { backend: self.rec.backend.clone().unwrap_or_else(none), limit: o.limit.name().into() };
-        self.inner.metrics.overflows.get_or_create(&labels).inc();
-        self.rec.overflow = Some(o.limit.name());
+        count_overflow(&self.inner, &mut self.rec, &o);
         let mut resp = self.local(StatusCode::SERVICE_UNAVAILABLE, "upstream overflow\n");
         resp.headers_mut().insert(OVERFLOW_HEADER, HeaderValue::from_static(o.limit.name()));
         resp
@@ -228,9 +242,7 @@ pub(crate) async fn handle(
         if result.is_err() {
             return ex.overflow(o);
         }
-        let labels = OverflowLabels { backend: Arc::clone(&state.name), limit: o.limit.name().into() };
-        inner.metrics.overflows.get_or_create(&labels).inc();
-        ex.rec.overflow = Some(o.limit.name());
+        count_overflow(&inner, &mut ex.rec, &o);
     }
     let resp = match result {
         Ok(resp) => resp,
@@ -262,13 +274,7 @@ pub(crate) async fn handle(
         filters::modify_headers(m, &mut head.headers);
     }
     ex.rec.status = head.status.as_u16();
-    let (rec, start) = (ex.rec, ex.start);
-    let on_finish_inner = Arc::clone(&inner);
-    let on_finish = move |complete: bool| {
-        let mut rec = rec;
-        rec.complete = complete;
-        finish(&on_finish_inner, rec, start);
-    };
+    let on_finish = finisher(Arc::clone(&inner), ex.rec, ex.start);
     let mut tracked = Tracked::new(upstream_body, (active, in_flight), on_finish);
     if let Some((at, timeout)) = deadline {
         tracked = tracked.with_deadline(at, timeout);

@@ -36,7 +36,6 @@ use crate::engine::{Downstream, Inner};
 use crate::filters;
 use crate::forward::strip_hop_by_hop;
 use crate::limits::{Guard, OVERFLOW_HEADER};
-use crate::metrics::OverflowLabels;
 use crate::outlier::Outcome;
 use crate::pool::SendError;
 use crate::proxy::finish;
@@ -138,12 +137,7 @@ pub(crate) async fn forward(mut x: Exchange<'_>, mut req: Request<Incoming>) -> 
     let (mut sender, connection) = match connected.await {
         Ok(c) => c,
         Err(SendError::Overflow(o)) => {
-            let labels = OverflowLabels {
-                backend: x.rec.backend.clone().unwrap_or_else(crate::proxy::none),
-                limit: o.limit.name().into(),
-            };
-            x.inner.metrics.overflows.get_or_create(&labels).inc();
-            x.rec.overflow = Some(o.limit.name());
+            crate::proxy::count_overflow(x.inner, &mut x.rec, &o);
             let mut resp = x.local(StatusCode::SERVICE_UNAVAILABLE, "upstream overflow\n");
             resp.headers_mut().insert(OVERFLOW_HEADER, HeaderValue::from_static(o.limit.name()));
             return resp;
@@ -196,12 +190,7 @@ pub(crate) async fn forward(mut x: Exchange<'_>, mut req: Request<Incoming>) -> 
     let (inner, rec, start) = (Arc::clone(x.inner), x.rec, x.start);
     let Some(upstream) = upstream else {
         // Not switched: an ordinary response (the connection closes after it).
-        let on_finish = move |complete: bool| {
-            let mut rec = rec;
-            rec.complete = complete;
-            finish(&inner, rec, start);
-        };
-        let tracked = Tracked::new(body, held, on_finish);
+        let tracked = Tracked::new(body, held, crate::proxy::finisher(inner, rec, start));
         return Response::from_parts(head, boxed(tracked));
     };
     head.headers.insert(CONNECTION, HeaderValue::from_static("upgrade"));
